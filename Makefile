@@ -1,0 +1,29 @@
+# Every target installs what it needs first: on a fresh machine `make test`
+# and `make quickstart` are the whole set-up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint quickstart bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check cljax tests configs
+	$(BIN)/ruff format --check cljax tests configs
+
+quickstart: install
+	$(BIN)/python -m cljax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+clean:
+	rm -rf $(VENV) runs

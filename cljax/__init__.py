@@ -1,0 +1,1 @@
+"""cljax: contrastive and self-supervised image pretraining in JAX."""
