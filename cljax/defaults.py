@@ -1,0 +1,78 @@
+"""The base config every recipe in ``configs/`` starts from: all keys, SimCLR defaults."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every config key cljax reads, with SimCLR v1 (ResNet-50, ImageNet) defaults.
+
+  Recipes override fields; because configs are locked when loaded, a
+  ``--config.x.y=v`` override of a key that is not here is an error.
+  """
+  c = ml_collections.ConfigDict()
+  c.method = "simclr"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet"
+  c.model.depth = 50
+  c.model.width_multiplier = 1
+  c.model.num_filters = 64
+  c.model.stem = "imagenet"  # "imagenet" | "cifar"
+  c.model.stage_sizes = ()  # Non-empty overrides the depth's blocks per stage (toy models).
+  c.model.dtype = "bfloat16"  # Compute dtype; parameters are always float32.
+  c.model.bn_momentum = 0.9
+
+  c.head = ml_collections.ConfigDict()
+  c.head.num_layers = 2  # SimCLR v1: 2, v2: 3.
+  c.head.hidden_dim = 2048
+  c.head.output_dim = 128
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "lars"  # "lars" | "sgd" | "adamw"
+  c.optim.base_lr = 0.075
+  c.optim.lr_scaling = "sqrt"  # "linear": base_lr * B / 256; "sqrt": base_lr * sqrt(B).
+  c.optim.weight_decay = 1e-6
+  c.optim.momentum = 0.9
+  c.optim.trust_coefficient = 1e-3
+  c.optim.warmup_epochs = 10.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"  # "tfds" | "folder" | "npz" | "idx" | "encoded_npz" | "synthetic" | "embedded"
+  c.data.name = "imagenet2012"
+  c.data.data_dir = ""  # Empty: tfds's default (~/tensorflow_datasets) or the source's own.
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.num_examples = 0  # Only for "synthetic".
+  c.data.num_classes = 0  # Only for "synthetic".
+  c.data.image_size = 224
+  c.data.global_batch_size = 4096
+  c.data.num_workers = 8  # grain worker processes per host; 0 decodes in the main process.
+  c.data.strict = False  # True: an unreadable image in a folder is fatal, not skipped.
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.crop_area_min = 0.08
+  c.data.augment.flip = True
+  c.data.augment.photometric = True  # Colour jitter, grayscale, blur, solarize on device.
+  c.data.augment.color_strength = 1.0
+  c.data.augment.color_jitter_prob = 0.8
+  c.data.augment.grayscale_prob = 0.2
+  c.data.augment.blur_prob = 0.5
+  c.data.augment.solarize_prob = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.num_epochs = 100
+  c.train.num_steps = 0  # > 0 overrides num_epochs.
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 1000
+  c.train.max_to_keep = 3
+
+  c.evals = ml_collections.ConfigDict()
+  c.evals.knn_k = 200
+  c.evals.knn_temperature = 0.07
+  c.evals.batch_size = 512
+  return c

@@ -1,0 +1,46 @@
+"""Projection heads: the MLP between the encoder and the contrastive loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class ProjectionHead(nn.Module):
+  """SimCLR's projection MLP.
+
+  ``num_layers - 1`` hidden layers of Dense -> BatchNorm -> ReLU, then a
+  Dense to ``output_dim`` followed by BatchNorm without a bias (as in the
+  SimCLR v2 reference code). ``num_layers=2`` is SimCLR v1, 3 is v2.
+  """
+
+  num_layers: int = 2
+  hidden_dim: int = 2048
+  output_dim: int = 128
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    if self.num_layers < 1:
+      raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
+
+    def norm(**kwargs):
+      return nn.BatchNorm(
+          use_running_average=not train,
+          momentum=self.bn_momentum,
+          epsilon=1e-5,
+          dtype=self.dtype,
+          axis_name=self.bn_axis_name if train else None,
+          **kwargs,
+      )
+
+    for _ in range(self.num_layers - 1):
+      x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype)(x)
+      x = nn.relu(norm()(x))
+    x = nn.Dense(self.output_dim, use_bias=False, dtype=self.dtype)(x)
+    x = norm(use_bias=False)(x)
+    return x.astype(jnp.float32)

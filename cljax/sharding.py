@@ -1,0 +1,51 @@
+"""One data-parallel mesh over all devices of all processes, and batch placement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all of them).
+
+  The axis is Auto, not Explicit: under Explicit axes (the default of
+  ``jax.make_mesh`` in recent JAX) global-array code such as ``z @ z.T`` on a
+  batch-sharded ``z`` raises, and ``shard_map`` rejects closed-over values.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
+  """Raises a ValueError unless the batch splits evenly over devices and processes."""
+  num_devices = mesh.devices.size
+  num_processes = jax.process_count()
+  for count, what in ((num_devices, "devices"), (num_processes, "processes")):
+    if global_batch_size % count:
+      raise ValueError(
+          f"data.global_batch_size={global_batch_size} is not divisible by the number of "
+          f"{what} ({count}). Choose a multiple of {count}, e.g. "
+          f"--config.data.global_batch_size={max(count, global_batch_size // count * count)}."
+      )
+
+
+def host_to_global(batch: Any, mesh: Mesh) -> Any:
+  """Turns each process's local batch (a pytree of NumPy arrays) into global arrays."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

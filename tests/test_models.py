@@ -1,0 +1,104 @@
+"""ResNet sizes, stems, zero-init and heads."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cljax import defaults, models
+from cljax.models import heads, resnet
+
+
+def _num_params(module, image_size=224) -> int:
+  shapes = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)
+  )
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+class _WithClassifier(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    trunk = resnet.ResNet(stage_sizes=resnet.STAGE_SIZES[50], block_cls=resnet.BottleneckBlock)
+    return nn.Dense(1000)(trunk(x, train))
+
+
+@pytest.mark.parametrize(
+    "depth,width,expected_millions",
+    [(18, 1, 11.18), (50, 1, 23.51), (50, 2, 93.9), (50, 4, 375.0), (101, 1, 42.5)],
+)
+def test_resnet_parameter_counts(depth, width, expected_millions):
+  model = resnet.create_resnet(depth, width_multiplier=width)
+  got = _num_params(model) / 1e6
+  assert got == pytest.approx(expected_millions, rel=0.005)
+
+
+def test_resnet50_with_classifier_has_25_6m_parameters():
+  model = _WithClassifier()
+  assert _num_params(model) == 25_557_032  # torchvision's and Keras's ResNet-50 count.
+
+
+def test_feature_dim():
+  assert resnet.feature_dim(resnet.create_resnet(50)) == 2048
+  assert resnet.feature_dim(resnet.create_resnet(50, width_multiplier=4)) == 8192
+  assert resnet.feature_dim(resnet.create_resnet(18)) == 512
+
+
+def test_cifar_stem_keeps_resolution_and_imagenet_stem_reduces_it():
+  x = jnp.zeros((1, 32, 32, 3))
+  for stem, expected_hw in (("cifar", 32), ("imagenet", 8)):
+    model = resnet.ResNet(stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4, stem=stem)
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False, capture_intermediates=True, mutable=True)
+    block_out = state["intermediates"]["BasicBlock_0"]["__call__"][0]
+    assert block_out.shape[1:3] == (expected_hw, expected_hw)
+
+
+def test_last_batchnorm_scale_of_each_block_starts_at_zero():
+  params = resnet.create_resnet(50).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False
+  )["params"]
+  block = params["BottleneckBlock_0"]
+  assert np.all(block["BatchNorm_2"]["scale"] == 0)
+  assert np.all(block["BatchNorm_0"]["scale"] == 1)
+  assert np.all(block["norm_proj"]["scale"] == 1)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = resnet.ResNet(
+      stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4, dtype=jnp.bfloat16
+  )
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  out = model.apply(variables, jnp.ones((2, 16, 16, 3)), train=False)
+  assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_projection_head_layers_and_output(num_layers):
+  head = heads.ProjectionHead(num_layers=num_layers, hidden_dim=32, output_dim=8)
+  variables = head.init(jax.random.key(0), jnp.ones((4, 16)), train=False)
+  dense = [k for k in variables["params"] if k.startswith("Dense")]
+  norms = [k for k in variables["params"] if k.startswith("BatchNorm")]
+  assert len(dense) == num_layers and len(norms) == num_layers
+  # The last BatchNorm has no offset, as in SimCLR's reference head.
+  assert "bias" not in variables["params"][f"BatchNorm_{num_layers - 1}"]
+  out, _ = head.apply(variables, jnp.ones((4, 16)), train=True, mutable=["batch_stats"])
+  assert out.shape == (4, 8) and out.dtype == jnp.float32
+
+
+def test_create_model_from_config():
+  config = defaults.base_config()
+  config.model.depth = 18
+  config.model.stem = "cifar"
+  model = models.create_model(config)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
+  )
+  assert "encoder" in shapes["params"] and "head" in shapes["params"]
+  with pytest.raises(ValueError, match="depth"):
+    resnet.create_resnet(42)
+  config.model.dtype = "int8"
+  with pytest.raises(ValueError, match="model.dtype"):
+    models.create_model(config)

@@ -1,0 +1,84 @@
+"""LARS masks, learning-rate scaling and the warm-up + cosine schedule."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cljax import defaults, optim
+
+
+def _lars(lr, weight_decay=0.1):
+  config = defaults.base_config().optim
+  config.weight_decay = weight_decay
+  return optim.create_optimizer(config, optax.constant_schedule(lr))
+
+
+def _run(tx, params, grads_seq):
+  state = tx.init(params)
+  deltas = []
+  for g in grads_seq:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    deltas.append(updates)
+  return deltas
+
+
+def test_lars_mask_selects_kernels_only():
+  params = {
+      "conv": {"kernel": jnp.ones((3, 3, 2, 4))},
+      "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+      "dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)},
+  }
+  mask = optim.lars_mask(params)
+  assert mask == {
+      "conv": {"kernel": True},
+      "bn": {"scale": False, "bias": False},
+      "dense": {"kernel": True, "bias": False},
+  }
+
+
+def test_batchnorm_scale_update_is_plain_momentum_sgd_and_kernel_update_is_not():
+  rng = np.random.default_rng(0)
+  params = {
+      "bn": {"scale": jnp.asarray(rng.normal(size=8), jnp.float32)},
+      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 8)), jnp.float32)},
+  }
+  grads_seq = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+               for _ in range(3)]
+  lars = _run(_lars(0.5), params, grads_seq)
+  sgd = _run(optax.sgd(0.5, momentum=0.9), params, grads_seq)
+  for lars_step, sgd_step in zip(lars, sgd, strict=True):
+    np.testing.assert_allclose(lars_step["bn"]["scale"], sgd_step["bn"]["scale"], rtol=1e-6)
+    assert not np.allclose(lars_step["conv"]["kernel"], sgd_step["conv"]["kernel"], rtol=1e-2)
+
+  # The kernel's first update is exactly LARS: -lr * eta * ||w|| / ||g + wd w|| * (g + wd w).
+  w, g = params["conv"]["kernel"], grads_seq[0]["conv"]["kernel"]
+  d = g + 0.1 * w
+  expected = -0.5 * 1e-3 * jnp.linalg.norm(w) / jnp.linalg.norm(d) * d
+  np.testing.assert_allclose(lars[0]["conv"]["kernel"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "scaling,batch,expected",
+    [("linear", 512, 2.0), ("linear", 4096, 16.0), ("sqrt", 4096, 4.8), ("none", 4096, 1.0)],
+)
+def test_learning_rate_scaling(scaling, batch, expected):
+  base = 0.075 if scaling == "sqrt" else 1.0
+  assert optim.scaled_learning_rate(base, batch, scaling) == pytest.approx(expected)
+  with pytest.raises(ValueError, match="lr_scaling"):
+    optim.scaled_learning_rate(1.0, 256, "cubic")
+
+
+def test_schedule_warmup_end_and_last_step():
+  fn = optim.create_learning_rate_fn(peak_lr=4.8, warmup_steps=100, total_steps=1000)
+  assert float(fn(0)) == 0.0
+  assert float(fn(50)) == pytest.approx(2.4)
+  assert float(fn(100)) == pytest.approx(4.8)
+  # Half-way through the cosine part the rate is half the peak.
+  assert float(fn(550)) == pytest.approx(2.4, rel=1e-5)
+  assert float(fn(999)) == pytest.approx(4.8 * 0.5 * (1 + math.cos(math.pi * 899 / 900)), abs=1e-7)
+  assert float(fn(1000)) == pytest.approx(0.0, abs=1e-7)
