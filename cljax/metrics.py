@@ -60,7 +60,14 @@ def average(trees: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a metrics.jsonl file, restoring ``"nan"``/``"inf"``/``"-inf"`` to floats."""
+  """Reads a metrics.jsonl file.
+
+  Args:
+    path: a file written by ``MetricWriter``.
+
+  Returns:
+    One dict per line, with the strings "nan", "inf" and "-inf" turned back into floats.
+  """
   with open(path) as f:
     lines = [line for line in f if line.strip()]
   return [{k: _NON_FINITE.get(v, v) for k, v in json.loads(line).items()} for line in lines]
@@ -119,7 +126,12 @@ class MetricWriter:
     self._last: tuple[int, float] | None = None  # (step, monotonic time) of last write.
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    """Logs ``scalars`` (floats, NumPy or JAX scalars) at ``step`` to every sink."""
+    """Logs ``scalars`` at ``step`` to TensorBoard, metrics.jsonl and the terminal.
+
+    Args:
+      step: the training step (x axis); ints of any kind.
+      scalars: name -> value; Python, NumPy or (already fetched) JAX scalars.
+    """
     if not self._enabled:
       return
     step = int(step)
@@ -154,17 +166,18 @@ class MetricWriter:
         )
       # Postfix without a redraw, so the bar draws once per write with the new values.
       self._bar.set_postfix_str(" ".join(parts), refresh=False)
-      if step > self._bar.n:
-        self._bar.update(step - self._bar.n)
-      else:
-        self._bar.refresh()
+      self._bar.update(step - self._bar.n) if step > self._bar.n else self._bar.refresh()
     elif self._stream is not None:
       if rate is not None:
         parts.append(f"eta {_format_duration(max(self._total_steps - step, 0) / rate)}")
       print(" ".join([f"step {step}/{self._total_steps}", *parts]), file=self._stream, flush=True)
 
   def write_config(self, config_dict: Mapping[str, Any]) -> None:
-    """Saves the config as ``workdir/config.json`` and as text in TensorBoard."""
+    """Saves the config as ``workdir/config.json`` and as text in TensorBoard.
+
+    Args:
+      config_dict: the run's config, e.g. ``config.to_dict()``; non-JSON values as str().
+    """
     if not self._enabled:
       return
     text = json.dumps(config_dict, indent=2, sort_keys=True, default=str)
