@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 10.0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"  # "tfds" | "folder" | "npz" | "idx" | "encoded_npz" | "synthetic" | "embedded"
+  c.data.source = (
+    "tfds"  # "tfds" | "folder" | "npz" | "idx" | "encoded_npz" | "synthetic" | "embedded"
+  )
   c.data.name = "imagenet2012"
   c.data.data_dir = ""  # Empty: tfds's default (~/tensorflow_datasets) or the source's own.
   c.data.train_split = "train"
@@ -70,8 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
+  c.train.stop_at_step = 0  # > 0: save and stop there, e.g. to split a run into jobs.
 
   c.evals = ml_collections.ConfigDict()
+  c.evals.knn_at_end = True  # kNN on the eval split when training ends (labelled data).
+  c.evals.knn_baseline = False  # Also the kNN of the randomly initialised encoder.
   c.evals.knn_k = 200
   c.evals.knn_temperature = 0.07
   c.evals.batch_size = 512

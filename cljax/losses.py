@@ -48,14 +48,14 @@ def _global_offset(n_local: int, axis_name: str | None) -> jax.Array | int:
 
 
 def contrastive_logits(
-    queries: jax.Array,
-    keys: jax.Array,
-    positive_indices: jax.Array,
-    temperature: float,
-    *,
-    extra_negatives: jax.Array | None = None,
-    exclude_indices: jax.Array | None = None,
-    axis_name: str | None = None,
+  queries: jax.Array,
+  keys: jax.Array,
+  positive_indices: jax.Array,
+  temperature: float,
+  *,
+  extra_negatives: jax.Array | None = None,
+  exclude_indices: jax.Array | None = None,
+  axis_name: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Cosine-similarity logits of queries against keys, and the positive labels.
 
@@ -84,11 +84,11 @@ def contrastive_logits(
   _check_temperature(temperature)
   if queries.shape[1] != keys.shape[1]:
     raise ValueError(
-        f"queries and keys must share the embedding dim, got {queries.shape} and {keys.shape}."
+      f"queries and keys must share the embedding dim, got {queries.shape} and {keys.shape}."
     )
   if positive_indices.shape != (queries.shape[0],):
     raise ValueError(
-        f"positive_indices must have shape ({queries.shape[0]},), got {positive_indices.shape}."
+      f"positive_indices must have shape ({queries.shape[0]},), got {positive_indices.shape}."
     )
   q = l2_normalize(queries)
   k = l2_normalize(keys)
@@ -118,7 +118,7 @@ def _mean_over_batch(per_example: jax.Array, axis_name: str | None) -> jax.Array
 
 
 def softmax_cross_entropy(
-    logits: jax.Array, labels: jax.Array, axis_name: str | None = None
+  logits: jax.Array, labels: jax.Array, axis_name: str | None = None
 ) -> jax.Array:
   """Mean of ``-log softmax(logits)[label]`` over the (global) batch, in float32."""
   logits = logits.astype(jnp.float32)
@@ -128,7 +128,7 @@ def softmax_cross_entropy(
 
 
 def positive_accuracy(
-    logits: jax.Array, labels: jax.Array, axis_name: str | None = None
+  logits: jax.Array, labels: jax.Array, axis_name: str | None = None
 ) -> jax.Array:
   """Fraction of queries whose positive has the highest logit (top-1)."""
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
@@ -136,14 +136,14 @@ def positive_accuracy(
 
 
 def info_nce(
-    queries: jax.Array,
-    keys: jax.Array,
-    positive_indices: jax.Array,
-    temperature: float = 0.1,
-    *,
-    extra_negatives: jax.Array | None = None,
-    exclude_indices: jax.Array | None = None,
-    axis_name: str | None = None,
+  queries: jax.Array,
+  keys: jax.Array,
+  positive_indices: jax.Array,
+  temperature: float = 0.1,
+  *,
+  extra_negatives: jax.Array | None = None,
+  exclude_indices: jax.Array | None = None,
+  axis_name: str | None = None,
 ) -> jax.Array:
   r"""InfoNCE of queries against a key set, each query with one positive key.
 
@@ -161,19 +161,19 @@ def info_nce(
     Coding", 2018. https://arxiv.org/abs/1807.03748
   """
   logits, labels = contrastive_logits(
-      queries,
-      keys,
-      positive_indices,
-      temperature,
-      extra_negatives=extra_negatives,
-      exclude_indices=exclude_indices,
-      axis_name=axis_name,
+    queries,
+    keys,
+    positive_indices,
+    temperature,
+    extra_negatives=extra_negatives,
+    exclude_indices=exclude_indices,
+    axis_name=axis_name,
   )
   return softmax_cross_entropy(logits, labels, axis_name)
 
 
 def nt_xent_logits(
-    z_a: jax.Array, z_b: jax.Array, temperature: float = 0.1, axis_name: str | None = None
+  z_a: jax.Array, z_b: jax.Array, temperature: float = 0.1, axis_name: str | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """The (2n, 2N) NT-Xent logits with self-similarity masked, and the labels.
 
@@ -188,18 +188,16 @@ def nt_xent_logits(
   z = jnp.concatenate([z_a, z_b], axis=0)
   local = jnp.arange(2 * n)
   partner = jnp.concatenate([local[n:], local[:n]])
-  return contrastive_logits(
-      z, z, partner, temperature, exclude_indices=local, axis_name=axis_name
-  )
+  return contrastive_logits(z, z, partner, temperature, exclude_indices=local, axis_name=axis_name)
 
 
 def nt_xent(
-    z_a: jax.Array,
-    z_b: jax.Array,
-    temperature: float = 0.1,
-    axis_name: str | None = None,
-    *,
-    return_metrics: bool = False,
+  z_a: jax.Array,
+  z_b: jax.Array,
+  temperature: float = 0.1,
+  axis_name: str | None = None,
+  *,
+  return_metrics: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
   r"""SimCLR's normalised temperature-scaled cross entropy (NT-Xent).
 
@@ -242,8 +240,8 @@ def nt_xent(
   # Each row holds one positive, one masked self entry and 2N - 2 negatives.
   neg = (jnp.sum(cos, axis=-1) - pos) / (cos.shape[1] - 2)
   metrics = {
-      "accuracy": positive_accuracy(logits, labels, axis_name),
-      "positive_cosine": _mean_over_batch(pos, axis_name),
-      "negative_cosine": _mean_over_batch(neg, axis_name),
+    "accuracy": positive_accuracy(logits, labels, axis_name),
+    "positive_cosine": _mean_over_batch(pos, axis_name),
+    "negative_cosine": _mean_over_batch(neg, axis_name),
   }
   return loss, metrics

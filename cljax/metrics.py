@@ -8,9 +8,8 @@ the host once per log step, in one ``jax.device_get``. Layout written under ``wo
     config.json     the run's config, overwritten by each run
     tensorboard/    tensorboardX event files (scalars and the config as text)
 
-metrics.jsonl stores NaN/Inf as the strings "nan"/"inf"/"-inf" (strict JSON has no
-literals for them); ``read_jsonl`` restores them. A resumed run may re-log steps, so
-readers wanting one record per step should keep the last.
+Strict JSON has no NaN/Inf, so metrics.jsonl stores them as "nan"/"inf"/"-inf" and
+``read_jsonl`` restores them. A resumed run may re-log steps: keep the last per step.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ import jax
 import jax.numpy as jnp
 import tensorboardX
 import tqdm
-
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def to_host(metrics_tree: Mapping[str, Any]) -> dict[str, float]:
@@ -69,14 +66,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     One dict per line, with the strings "nan", "inf" and "-inf" turned back into floats.
   """
   with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  return [{k: _NON_FINITE.get(v, v) for k, v in json.loads(line).items()} for line in lines]
+    records = [json.loads(line) for line in f if line.strip()]
+  non_finite = ("nan", "inf", "-inf")
+  return [{k: float(v) if v in non_finite else v for k, v in r.items()} for r in records]
 
 
 def _format_duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
   if hours:
     return f"{hours}h{minutes:02d}m"
   return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
@@ -166,7 +163,10 @@ class MetricWriter:
         )
       # Postfix without a redraw, so the bar draws once per write with the new values.
       self._bar.set_postfix_str(" ".join(parts), refresh=False)
-      self._bar.update(step - self._bar.n) if step > self._bar.n else self._bar.refresh()
+      if step > self._bar.n:
+        self._bar.update(step - self._bar.n)
+      else:
+        self._bar.refresh()
     elif self._stream is not None:
       if rate is not None:
         parts.append(f"eta {_format_duration(max(self._total_steps - step, 0) / rate)}")
@@ -199,9 +199,3 @@ class MetricWriter:
     self._tb.close()
     if not self._jsonl.closed:
       self._jsonl.close()
-
-  def __enter__(self) -> MetricWriter:
-    return self
-
-  def __exit__(self, *exc_info: object) -> None:
-    self.close()

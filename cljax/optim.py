@@ -28,43 +28,45 @@ def create_learning_rate_fn(peak_lr: float, warmup_steps: int, total_steps: int)
   """Linear warm-up from 0 to ``peak_lr``, then cosine decay to 0 at ``total_steps``."""
   if total_steps <= 0:
     raise ValueError(f"total_steps must be > 0, got {total_steps}.")
-  warmup_steps = min(warmup_steps, total_steps)
+  if warmup_steps >= total_steps:
+    # A run shorter than its warm-up (a smoke test) never reaches the cosine.
+    return optax.linear_schedule(0.0, peak_lr, warmup_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=peak_lr,
-      warmup_steps=warmup_steps,
-      decay_steps=total_steps,
-      end_value=0.0,
+    init_value=0.0,
+    peak_value=peak_lr,
+    warmup_steps=warmup_steps,
+    decay_steps=total_steps,
+    end_value=0.0,
   )
 
 
 def lars_mask(params) -> object:
   """True for parameters LARS adapts and decays: everything but biases and BN params."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) not in _UNADAPTED_NAMES, params
+    lambda path, _: getattr(path[-1], "key", None) not in _UNADAPTED_NAMES, params
   )
 
 
 def create_optimizer(
-    optim_config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+  optim_config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
   """The optimiser named by ``optim_config.name`` ("lars", "sgd" or "adamw")."""
   name = optim_config.name
   if name == "lars":
     return optax.lars(
-        learning_rate=learning_rate_fn,
-        weight_decay=optim_config.weight_decay,
-        weight_decay_mask=lars_mask,
-        trust_coefficient=optim_config.trust_coefficient,
-        eps=0.0,
-        trust_ratio_mask=lars_mask,
-        momentum=optim_config.momentum,
-        nesterov=False,
+      learning_rate=learning_rate_fn,
+      weight_decay=optim_config.weight_decay,
+      weight_decay_mask=lars_mask,
+      trust_coefficient=optim_config.trust_coefficient,
+      eps=0.0,
+      trust_ratio_mask=lars_mask,
+      momentum=optim_config.momentum,
+      nesterov=False,
     )
   if name == "sgd":
     return optax.chain(
-        optax.add_decayed_weights(optim_config.weight_decay, mask=lars_mask),
-        optax.sgd(learning_rate_fn, momentum=optim_config.momentum),
+      optax.add_decayed_weights(optim_config.weight_decay, mask=lars_mask),
+      optax.sgd(learning_rate_fn, momentum=optim_config.momentum),
     )
   if name == "adamw":
     return optax.adamw(learning_rate_fn, weight_decay=optim_config.weight_decay, mask=lars_mask)

@@ -39,9 +39,9 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
   for count, what in ((num_devices, "devices"), (num_processes, "processes")):
     if global_batch_size % count:
       raise ValueError(
-          f"data.global_batch_size={global_batch_size} is not divisible by the number of "
-          f"{what} ({count}). Choose a multiple of {count}, e.g. "
-          f"--config.data.global_batch_size={max(count, global_batch_size // count * count)}."
+        f"data.global_batch_size={global_batch_size} is not divisible by the number of "
+        f"{what} ({count}). Choose a multiple of {count}, e.g. "
+        f"--config.data.global_batch_size={max(count, global_batch_size // count * count)}."
       )
 
 

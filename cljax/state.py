@@ -28,10 +28,10 @@ class TrainState:
   @classmethod
   def create(cls, *, apply_fn, params, batch_stats, tx) -> TrainState:
     return cls(
-        step=jax.numpy.zeros((), jax.numpy.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        apply_fn=apply_fn,
-        tx=tx,
+      step=jax.numpy.zeros((), jax.numpy.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      apply_fn=apply_fn,
+      tx=tx,
     )

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import functools
+import math
+import signal
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 
-from cljax import losses, models, optim, sharding
+from cljax import checkpoint, losses, metrics, models, optim, sharding
+from cljax.data import pipeline, sources
+from cljax.evaluate import features, knn
 from cljax.state import TrainState
 
 # Per-channel ImageNet statistics; inputs arrive as uint8 and are normalised
@@ -28,22 +35,22 @@ def normalize_images(images: jax.Array) -> jax.Array:
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict,
-    rng: jax.Array,
-    learning_rate_fn: optax.Schedule,
-    image_shape: tuple[int, int, int],
+  config: ml_collections.ConfigDict,
+  rng: jax.Array,
+  learning_rate_fn: optax.Schedule,
+  image_shape: tuple[int, int, int],
 ) -> TrainState:
   """Initialises parameters, BatchNorm statistics and the optimiser state."""
   model = models.create_model(config)
   variables = jax.jit(functools.partial(model.init, train=False))(
-      rng, jnp.zeros((2, *image_shape), jnp.float32)
+    rng, jnp.zeros((2, *image_shape), jnp.float32)
   )
   tx = optim.create_optimizer(config.optim, learning_rate_fn)
   return TrainState.create(
-      apply_fn=models.create_model(config, bn_axis_name=sharding.DATA_AXIS).apply,
-      params=variables["params"],
-      batch_stats=variables["batch_stats"],
-      tx=tx,
+    apply_fn=models.create_model(config, bn_axis_name=sharding.DATA_AXIS).apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=tx,
   )
 
 
@@ -61,13 +68,13 @@ def _augmented_views(batch: dict, rng: jax.Array, step: jax.Array, aug: Any) -> 
 
       keys = augment.example_keys(jax.random.fold_in(rng, v), step, index)
       x = augment.photometric_augment(
-          x,
-          keys,
-          color_strength=aug.color_strength,
-          color_jitter_prob=aug.color_jitter_prob,
-          grayscale_prob=aug.grayscale_prob,
-          blur_prob=aug.blur_prob,
-          solarize_prob=aug.solarize_prob,
+        x,
+        keys,
+        color_strength=aug.color_strength,
+        color_jitter_prob=aug.color_jitter_prob,
+        grayscale_prob=aug.grayscale_prob,
+        blur_prob=aug.blur_prob,
+        solarize_prob=aug.solarize_prob,
       )
     views.append(normalize_images(x))
   return jnp.concatenate(views, axis=0)
@@ -87,12 +94,12 @@ def _embedding_std(z: jax.Array) -> jax.Array:
 
 
 def train_step(
-    state: TrainState,
-    batch: dict,
-    rng: jax.Array,
-    *,
-    config: ml_collections.ConfigDict,
-    learning_rate_fn: optax.Schedule,
+  state: TrainState,
+  batch: dict,
+  rng: jax.Array,
+  *,
+  config: ml_collections.ConfigDict,
+  learning_rate_fn: optax.Schedule,
 ) -> tuple[TrainState, Metrics]:
   """One SimCLR step on one device's shard; runs inside ``shard_map`` over 'data'.
 
@@ -113,11 +120,11 @@ def train_step(
     variables = {"params": params, "batch_stats": state.batch_stats}
     (_, z), new_vars = state.apply_fn(variables, views, train=True, mutable=["batch_stats"])
     loss, metrics = losses.nt_xent(
-        z[:n],
-        z[n:],
-        config.loss.temperature,
-        axis_name=sharding.DATA_AXIS,
-        return_metrics=True,
+      z[:n],
+      z[n:],
+      config.loss.temperature,
+      axis_name=sharding.DATA_AXIS,
+      return_metrics=True,
     )
     return loss, (new_vars["batch_stats"], metrics, z)
 
@@ -128,34 +135,220 @@ def train_step(
   (loss, (batch_stats, metrics, z)), grads = grad_fn(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
-      batch_stats=batch_stats,
-      opt_state=opt_state,
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    batch_stats=batch_stats,
+    opt_state=opt_state,
   )
   metrics = dict(
-      metrics,
-      loss=loss,
-      learning_rate=learning_rate_fn(state.step),
-      grad_norm=optax.tree.norm(grads),
-      param_norm=optax.tree.norm(state.params),
-      embedding_std=_embedding_std(z),
+    metrics,
+    loss=loss,
+    learning_rate=learning_rate_fn(state.step),
+    grad_norm=optax.tree.norm(grads),
+    param_norm=optax.tree.norm(state.params),
+    embedding_std=_embedding_std(z),
   )
   return new_state, metrics
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, mesh: Mesh, learning_rate_fn: optax.Schedule
+  config: ml_collections.ConfigDict, mesh: Mesh, learning_rate_fn: optax.Schedule
 ):
   """``train_step`` jit-compiled over ``mesh``: state replicated and donated, batch sharded."""
   step_fn = functools.partial(train_step, config=config, learning_rate_fn=learning_rate_fn)
   data, rep = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
   mapped = jax.shard_map(
-      step_fn, mesh=mesh, in_specs=(rep, data, rep), out_specs=(rep, rep), check_vma=True
+    step_fn, mesh=mesh, in_specs=(rep, data, rep), out_specs=(rep, rep), check_vma=True
   )
   return jax.jit(
-      mapped,
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh), sharding.replicated(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=(0,),
+    mapped,
+    in_shardings=(
+      sharding.replicated(mesh),
+      sharding.batch_sharded(mesh),
+      sharding.replicated(mesh),
+    ),
+    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+    donate_argnums=(0,),
   )
+
+
+def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+  """``(steps_per_epoch, total_steps)``; ``train.num_steps > 0`` overrides the epochs."""
+  steps_per_epoch = num_examples // config.data.global_batch_size
+  if steps_per_epoch == 0 and config.train.num_steps <= 0:
+    raise ValueError(
+      f"The training set has {num_examples} examples, fewer than one global batch "
+      f"({config.data.global_batch_size}); lower data.global_batch_size."
+    )
+  if config.train.num_steps > 0:
+    return steps_per_epoch, config.train.num_steps
+  return steps_per_epoch, int(math.ceil(config.train.num_epochs * steps_per_epoch))
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, source: Any):
+  """This process's iterator of two-view batches (host crop and flip)."""
+  return pipeline.create_pretrain_iterator(
+    source,
+    seed=config.train.seed,
+    global_batch_size=config.data.global_batch_size,
+    image_size=config.data.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=config.data.num_workers,
+    crop_area=(config.data.augment.crop_area_min, 1.0),
+    flip=config.data.augment.flip,
+  )
+
+
+class _StopSignal:
+  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.received = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def knn_eval(config: ml_collections.ConfigDict, state: TrainState, mesh: Mesh) -> dict[str, float]:
+  """kNN top-1 of the encoder features, eval split against the train split."""
+  batches = {}
+  for split in ("train", "eval"):
+    source = sources.create_source(config.data, split)
+    it = pipeline.create_eval_iterator(
+      source,
+      batch_size=config.evals.batch_size,
+      image_size=config.data.image_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    batches[split] = features.extract_features(variables, state.apply_fn, it, mesh)
+  (train_x, train_y), (test_x, test_y) = batches["train"], batches["eval"]
+  if np.any(train_y < 0) or np.any(test_y < 0):
+    return {}
+  accuracy = knn.knn_accuracy(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes=int(max(train_y.max(), test_y.max())) + 1,
+    k=config.evals.knn_k,
+    temperature=config.evals.knn_temperature,
+  )
+  return {"knn_top1": float(accuracy)}
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, force_resume: bool = False
+) -> dict[str, float]:
+  """Pretrains as the config says, checkpointing into and resuming from ``workdir``.
+
+  Returns:
+    The last logged training metrics, plus kNN accuracies when evaluated.
+  """
+  mesh = sharding.create_mesh()
+  sharding.check_global_batch(config.data.global_batch_size, mesh)
+  source = sources.create_source(config.data, "train")
+  steps_per_epoch, num_steps = total_steps(config, len(source))
+  peak_lr = optim.scaled_learning_rate(
+    config.optim.base_lr, config.data.global_batch_size, config.optim.lr_scaling
+  )
+  warmup_steps = int(round(config.optim.warmup_epochs * max(steps_per_epoch, 1)))
+  learning_rate_fn = optim.create_learning_rate_fn(peak_lr, warmup_steps, num_steps)
+  batch = config.data.global_batch_size
+  logging.info(
+    "cljax: %d process(es), %d device(s) (%s); global batch %d images = %d views, %d "
+    "negatives per anchor; %d examples, %d steps per epoch, %d steps; peak LR %.4g.",
+    jax.process_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+    batch,
+    2 * batch,
+    2 * batch - 2,
+    len(source),
+    steps_per_epoch,
+    num_steps,
+    peak_lr,
+  )
+  logging.info("Config:\n%s", config)
+
+  rng = jax.random.key(config.train.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  state = create_train_state(config, init_rng, learning_rate_fn, image_shape)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  train_iter = create_train_iterator(config, source)
+
+  manager = checkpoint.create_manager(workdir, config)
+  start_step = 0
+  if manager.latest_step() is not None:
+    start_step = manager.latest_step()
+    checkpoint.check_resumable(manager, start_step, config, force_resume)
+    state = checkpoint.restore(manager, start_step, state, train_iter)
+    logging.info("Resumed from %s at step %d.", manager.directory, start_step)
+
+  writer = metrics.MetricWriter(
+    workdir, total_steps=num_steps, views_per_step=2 * batch, enabled=jax.process_index() == 0
+  )
+  writer.write_config(config.to_dict())
+  step_fn = make_train_step(config, mesh, learning_rate_fn)
+  stop_at = config.train.stop_at_step or num_steps
+  stop = _StopSignal()
+  history, last = [], {}
+  step = start_step
+  try:
+    while step < min(num_steps, stop_at) and not stop.received:
+      host_batch = next(train_iter)
+      device_batch = sharding.host_to_global(
+        {"view_a": host_batch["view_a"], "view_b": host_batch["view_b"]}, mesh
+      )
+      # Dispatch is asynchronous: the host fetches the next batch while the
+      # device runs this step. Metrics stay on device until a log step.
+      state, step_metrics = step_fn(state, device_batch, step_rng)
+      history.append(step_metrics)
+      step += 1
+      if step % config.train.log_every_steps == 0 or step == num_steps:
+        last = metrics.to_host(metrics.average(history))
+        last["epoch"] = step / max(steps_per_epoch, 1)
+        writer.write_scalars(step, last)
+        history = []
+      if step % config.train.checkpoint_every_steps == 0:
+        checkpoint.save(manager, step, state, train_iter, config)
+    if step > start_step or manager.latest_step() is None:
+      checkpoint.save(manager, step, state, train_iter, config, force=True)
+    manager.wait_until_finished()
+  finally:
+    stop.restore()
+    manager.close()
+
+  if step >= num_steps and config.evals.knn_at_end:
+    last.update(_final_knn(config, state, mesh, init_rng, learning_rate_fn, image_shape))
+    writer.write_scalars(step, last)
+  writer.close()
+  return last
+
+
+def _final_knn(config, state, mesh, init_rng, learning_rate_fn, image_shape) -> dict[str, float]:
+  """kNN of the trained encoder, and of the same encoder at random initialisation."""
+  t0 = time.time()
+  result = knn_eval(config, state, mesh)
+  if result and config.evals.knn_baseline:
+    init_state = create_train_state(config, init_rng, learning_rate_fn, image_shape)
+    baseline = knn_eval(config, jax.device_put(init_state, sharding.replicated(mesh)), mesh)
+    result["knn_top1_random_init"] = baseline["knn_top1"]
+  if result:
+    logging.info(
+      "kNN top-1 (k=%d, T=%g) on the eval split: %s (%.0fs).",
+      config.evals.knn_k,
+      config.evals.knn_temperature,
+      result,
+      time.time() - t0,
+    )
+  return result

@@ -15,6 +15,25 @@ ATOL = 1e-5
 
 NO_AUG = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
 ALL_ON = dict(color_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, solarize_prob=0.2)
+JITTER_ONLY = {**NO_AUG, "color_jitter_prob": 1.0}
+
+
+# Jitted once per configuration and shape; eager runs dispatch op by op and are slow.
+_augment = jax.jit(
+  augment.photometric_augment,
+  static_argnames=(
+    "color_strength",
+    "color_jitter_prob",
+    "grayscale_prob",
+    "blur_prob",
+    "solarize_prob",
+  ),
+)
+
+
+@jax.jit
+def _augment_one(image: jax.Array, key: jax.Array) -> jax.Array:
+  return augment.apply_params(image, augment.sample_params(key, **ALL_ON))
 
 
 def _image(seed: int = 0, size: int = 8) -> np.ndarray:
@@ -22,7 +41,7 @@ def _image(seed: int = 0, size: int = 8) -> np.ndarray:
   return np.random.default_rng(seed).uniform(0.05, 0.95, (size, size, 3))
 
 
-def _batch(b: int, size: int = 8, seed: int = 0) -> jax.Array:
+def _batch(b: int, size: int = 24, seed: int = 0) -> jax.Array:
   images = np.random.default_rng(seed).uniform(0.0, 1.0, (b, size, size, 3))
   return jnp.asarray(images, jnp.float32)
 
@@ -179,7 +198,7 @@ def test_color_jitter_order_changes_the_result():
 
 def test_sampled_orders_are_random_permutations_and_factors_in_range():
   keys = jax.random.split(jax.random.key(0), 256)
-  orders, factors = jax.vmap(augment.sample_color_jitter)(keys)
+  orders, factors = jax.jit(jax.vmap(augment.sample_color_jitter))(keys)
   orders, factors = np.asarray(orders), np.asarray(factors)
   np.testing.assert_array_equal(np.sort(orders, axis=1), np.tile(np.arange(4), (256, 1)))
   # 256 draws over 24 orders: missing more than 4 has probability ~1e-15.
@@ -192,14 +211,22 @@ def test_sampled_orders_are_random_permutations_and_factors_in_range():
   assert factors[:, 3].min() < -0.18 and factors[:, 3].max() > 0.18
 
 
-def test_color_strength_scales_the_factor_ranges():
+@pytest.mark.parametrize("strength", [0.5, 1.5])
+def test_color_strength_scales_the_factor_ranges(strength):
   keys = jax.random.split(jax.random.key(0), 256)
-  _, factors = jax.vmap(lambda k: augment.sample_color_jitter(k, 0.5))(keys)
+  _, factors = jax.jit(jax.vmap(lambda k: augment.sample_color_jitter(k, strength)))(keys)
   factors = np.asarray(factors)
-  assert np.all((factors[:, :3] >= 0.6) & (factors[:, :3] <= 1.4))
-  assert np.all(np.abs(factors[:, 3]) <= 0.1)
-  _, factors = augment.sample_color_jitter(jax.random.key(1), 0.0)
+  low, high = max(1 - 0.8 * strength, 0.0), 1 + 0.8 * strength
+  assert np.all((factors[:, :3] >= low) & (factors[:, :3] <= high))
+  assert np.all(np.abs(factors[:, 3]) <= 0.2 * strength)
+  assert factors[:, :3].max() > high - 0.05 and factors[:, 3].max() > 0.18 * strength
+
+
+def test_color_strength_zero_is_the_identity():
+  order, factors = augment.sample_color_jitter(jax.random.key(1), 0.0)
   np.testing.assert_array_equal(factors, [1.0, 1.0, 1.0, 0.0])
+  x = _image()
+  np.testing.assert_allclose(_run(augment.color_jitter, x, order, factors), x, atol=ATOL)
 
 
 # Sampling.
@@ -207,7 +234,7 @@ def test_color_strength_scales_the_factor_ranges():
 
 def test_sample_params_follows_the_probabilities():
   keys = jax.random.split(jax.random.key(0), 4000)
-  params = jax.vmap(lambda k: augment.sample_params(k, **ALL_ON))(keys)
+  params = jax.jit(jax.vmap(lambda k: augment.sample_params(k, **ALL_ON)))(keys)
   # 4000 draws: the standard error of a rate is at most 0.008; 0.04 is 5 sigma.
   assert abs(np.mean(params.jitter) - 0.8) < 0.04
   assert abs(np.mean(params.grayscale) - 0.2) < 0.04
@@ -229,38 +256,45 @@ def test_disabling_an_op_leaves_the_other_draws_unchanged():
   assert bool(full.solarize) == bool(part.solarize)
 
 
-# photometric_augment.
+# photometric_augment. Images are 24 px so that the blur kernel (10% of 24 -> 3 taps) is not a
+# no-op, and most tests share one shape and configuration to reuse one compilation.
 
 
 def test_output_shape_dtype_and_range():
   images = _batch(8)
-  out = augment.photometric_augment(images, _keys(8), **ALL_ON)
+  out = _augment(images, _keys(8), **ALL_ON)
   assert out.shape == images.shape and out.dtype == jnp.float32
   assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
-def test_batch_equals_per_example_params():
-  images = _batch(8, size=16)
-  keys = _keys(8)
-  out = augment.photometric_augment(images, keys, **ALL_ON)
-  expected = [
-    augment.apply_params(images[i], augment.sample_params(keys[i], **ALL_ON)) for i in range(8)
-  ]
-  np.testing.assert_allclose(out, np.stack(expected), atol=1e-6)
+@pytest.mark.parametrize("b", [1, 8])
+def test_batch_matches_per_example_params(b):
+  images, keys = _batch(b), _keys(b)
+  out = np.asarray(_augment(images, keys, **ALL_ON))
+  expected = np.stack([_augment_one(images[i], keys[i]) for i in range(b)])
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+  if b == 8:  # Not the identity.
+    changed = np.abs(out - np.asarray(images)).max(axis=(1, 2, 3)) > 1e-3
+    assert changed.any()
+
+
+def test_eager_matches_jit():
+  images, keys = _batch(8), _keys(8)
+  eager = augment.photometric_augment(images, keys, **ALL_ON)
+  np.testing.assert_allclose(eager, _augment(images, keys, **ALL_ON), atol=1e-6)
 
 
 def test_deterministic_for_the_same_keys_and_different_for_others():
   images = _batch(8)
-  a = augment.photometric_augment(images, _keys(8, step=0))
-  b = augment.photometric_augment(images, _keys(8, step=0))
-  c = augment.photometric_augment(images, _keys(8, step=1))
+  a = _augment(images, _keys(8, step=0), **ALL_ON)
+  b = _augment(images, _keys(8, step=0), **ALL_ON)
+  c = _augment(images, _keys(8, step=1), **ALL_ON)
   np.testing.assert_array_equal(a, b)
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
   # The same image with different keys gets different views (jitter always on,
-  # since with the defaults some views are left unchanged).
+  # since otherwise some views are left unchanged).
   same = jnp.broadcast_to(images[:1], images.shape)
-  cfg = {**NO_AUG, "color_jitter_prob": 1.0}
-  views = np.asarray(augment.photometric_augment(same, _keys(8), **cfg))
+  views = np.asarray(_augment(same, _keys(8), **JITTER_ONLY))
   assert np.abs(views[0] - views[1:]).max(axis=(1, 2, 3)).min() > 1e-3
 
 
@@ -268,15 +302,13 @@ def test_all_probabilities_zero_is_the_identity():
   images = _batch(8)
   out = augment.photometric_augment(images, _keys(8), **NO_AUG)
   np.testing.assert_array_equal(out, images)
-  out = jax.jit(lambda x, k: augment.photometric_augment(x, k, **NO_AUG))(images, _keys(8))
+  out = _augment(images, _keys(8), **NO_AUG)
   np.testing.assert_array_equal(out, images)
 
 
 def test_grayscale_always_gives_equal_channels():
   images = _batch(8)
-  out = np.asarray(
-    augment.photometric_augment(images, _keys(8), **{**NO_AUG, "grayscale_prob": 1.0})
-  )
+  out = np.asarray(_augment(images, _keys(8), **{**NO_AUG, "grayscale_prob": 1.0}))
   np.testing.assert_array_equal(out[..., 0], out[..., 1])
   np.testing.assert_array_equal(out[..., 0], out[..., 2])
   np.testing.assert_allclose(out, np.stack([_np_grayscale(x) for x in images]), atol=ATOL)
@@ -284,37 +316,29 @@ def test_grayscale_always_gives_equal_channels():
 
 def test_solarize_always_matches_numpy():
   images = _batch(8)
-  out = augment.photometric_augment(images, _keys(8), **{**NO_AUG, "solarize_prob": 1.0})
+  out = _augment(images, _keys(8), **{**NO_AUG, "solarize_prob": 1.0})
   np.testing.assert_allclose(out, _np_solarize(np.asarray(images, np.float64)), atol=ATOL)
 
 
 def test_jitter_always_matches_numpy_with_the_sampled_order():
-  images = _batch(4)
-  keys = _keys(4)
-  cfg = {**NO_AUG, "color_jitter_prob": 1.0}
-  out = np.asarray(augment.photometric_augment(images, keys, **cfg))
-  for i in range(4):
-    params = augment.sample_params(keys[i], **cfg)
+  images, keys = _batch(8), _keys(8)
+  out = np.asarray(_augment(images, keys, **JITTER_ONLY))
+  params = jax.vmap(lambda k: augment.sample_params(k, **JITTER_ONLY))(keys)
+  for i in range(8):
     x = np.asarray(images[i], np.float64)
-    order, factors = np.asarray(params.order), np.asarray(params.factors, np.float64)
+    order, factors = np.asarray(params.order[i]), np.asarray(params.factors[i], np.float64)
     np.testing.assert_allclose(out[i], _np_color_jitter(x, order, factors), atol=ATOL)
 
 
-def test_blur_runs_on_224_pixel_images():
-  images = _batch(2, size=224)
+@pytest.mark.parametrize(("size", "kernel_size"), [(24, 3), (224, 23)])
+def test_blur_always_matches_numpy(size, kernel_size):
+  images, keys = _batch(2, size=size), _keys(2)
   cfg = {**NO_AUG, "blur_prob": 1.0}
-  out = np.asarray(augment.photometric_augment(images, _keys(2), **cfg))
+  out = np.asarray(_augment(images, keys, **cfg))
+  sigmas = jax.vmap(lambda k: augment.sample_params(k, **cfg).sigma)(keys)
   for i in range(2):
-    sigma = float(augment.sample_params(_keys(2)[i], **cfg).sigma)
-    expected = _np_blur(np.asarray(images[i], np.float64), sigma, 23)
+    expected = _np_blur(np.asarray(images[i], np.float64), float(sigmas[i]), kernel_size)
     np.testing.assert_allclose(out[i], expected, atol=ATOL)
-
-
-@pytest.mark.parametrize("b", [1, 8])
-def test_jit_matches_eager(b):
-  images = _batch(b, size=16)
-  fn = lambda x, k: augment.photometric_augment(x, k, **ALL_ON)
-  np.testing.assert_allclose(jax.jit(fn)(images, _keys(b)), fn(images, _keys(b)), atol=1e-6)
 
 
 def test_compiles_once_and_does_not_loop_over_the_batch():
@@ -335,7 +359,8 @@ def test_shard_map_matches_single_device():
   sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec))
   images, keys = _batch(16), _keys(16)
   put = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
-  np.testing.assert_allclose(sharded(put(images), put(keys)), fn(images, keys), atol=1e-6)
+  expected = np.stack([_augment_one(images[i], keys[i]) for i in range(16)])
+  np.testing.assert_allclose(sharded(put(images), put(keys)), expected, atol=1e-6)
 
 
 def test_rejects_bad_arguments():

@@ -67,11 +67,11 @@ def test_info_nce_with_extra_negatives_matches_numpy():
   rng = np.random.default_rng(3)
   q, k, queue = rng.normal(size=(5, 8)), rng.normal(size=(5, 8)), rng.normal(size=(7, 8))
   got = losses.info_nce(
-      jnp.asarray(q, jnp.float32),
-      jnp.asarray(k, jnp.float32),
-      jnp.arange(5),
-      0.2,
-      extra_negatives=jnp.asarray(queue, jnp.float32),
+    jnp.asarray(q, jnp.float32),
+    jnp.asarray(k, jnp.float32),
+    jnp.arange(5),
+    0.2,
+    extra_negatives=jnp.asarray(queue, jnp.float32),
   )
 
   def unit(x):
@@ -92,13 +92,13 @@ def test_positive_accuracy_counts_top1_positives():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(z_a=np.zeros((4, 8)), z_b=np.zeros((5, 8))), "same shape"),
-        (dict(z_a=np.zeros((4,)), z_b=np.zeros((4,))), "shape"),
-        (dict(z_a=np.ones((4, 8)), z_b=np.ones((4, 8)), temperature=0.0), "temperature"),
-        (dict(z_a=np.ones((4, 8)), z_b=np.ones((4, 8)), temperature=-1.0), "temperature"),
-    ],
+  "kwargs,match",
+  [
+    (dict(z_a=np.zeros((4, 8)), z_b=np.zeros((5, 8))), "same shape"),
+    (dict(z_a=np.zeros((4,)), z_b=np.zeros((4,))), "shape"),
+    (dict(z_a=np.ones((4, 8)), z_b=np.ones((4, 8)), temperature=0.0), "temperature"),
+    (dict(z_a=np.ones((4, 8)), z_b=np.ones((4, 8)), temperature=-1.0), "temperature"),
+  ],
 )
 def test_nt_xent_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -113,10 +113,10 @@ def test_info_nce_rejects_mismatched_dims():
 def _sharded_loss(loss_fn, mesh):
   """Runs ``loss_fn(z_a, z_b, axis_name)`` per device, the batch split over 'data'."""
   return jax.shard_map(
-      lambda a, b: loss_fn(a, b, sharding.DATA_AXIS),
-      mesh=mesh,
-      in_specs=(P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
-      out_specs=P(),
+    lambda a, b: loss_fn(a, b, sharding.DATA_AXIS),
+    mesh=mesh,
+    in_specs=(P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
+    out_specs=P(),
   )
 
 
@@ -148,7 +148,7 @@ def test_sharded_nt_xent_and_gradient_equal_single_device():
 
   value, grads = jax.value_and_grad(global_loss, argnums=(0, 1))(z_a, z_b)
   s_value, s_grads = jax.jit(jax.value_and_grad(_sharded_loss(sharded, mesh), argnums=(0, 1)))(
-      z_a, z_b
+    z_a, z_b
   )
   np.testing.assert_allclose(float(s_value), float(value), rtol=1e-5)
   chex.assert_trees_all_close(s_grads, grads, rtol=1e-5, atol=1e-7)
@@ -157,7 +157,7 @@ def test_sharded_nt_xent_and_gradient_equal_single_device():
   # Teeth: without gradients through the gather the loss agrees but the
   # gradient does not, and this test's comparison catches it.
   w_value, w_grads = jax.jit(
-      jax.value_and_grad(_sharded_loss(_local_negatives_loss, mesh), argnums=(0, 1))
+    jax.value_and_grad(_sharded_loss(_local_negatives_loss, mesh), argnums=(0, 1))
   )(z_a, z_b)
   np.testing.assert_allclose(float(w_value), float(value), rtol=1e-5)
   with pytest.raises(AssertionError):
@@ -170,19 +170,19 @@ def test_sharded_info_nce_uses_global_negatives():
   q, k = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
   expected = losses.info_nce(q, k, jnp.arange(16), 0.3)
   f = jax.shard_map(
-      lambda a, b: losses.info_nce(a, b, jnp.arange(a.shape[0]), 0.3, axis_name="data"),
-      mesh=mesh,
-      in_specs=(P("data"), P("data")),
-      out_specs=P(),
+    lambda a, b: losses.info_nce(a, b, jnp.arange(a.shape[0]), 0.3, axis_name="data"),
+    mesh=mesh,
+    in_specs=(P("data"), P("data")),
+    out_specs=P(),
   )
   np.testing.assert_allclose(float(f(q, k)), float(expected), rtol=1e-5)
 
 
 def test_import_losses_is_light():
   code = (
-      "import sys, cljax.losses\n"
-      "heavy = [m for m in ('flax', 'grain', 'tensorflow_datasets', 'orbax', 'tensorflow')"
-      " if m in sys.modules]\n"
-      "assert not heavy, heavy\n"
+    "import sys, cljax.losses\n"
+    "heavy = [m for m in ('flax', 'grain', 'tensorflow_datasets', 'orbax', 'tensorflow')"
+    " if m in sys.modules]\n"
+    "assert not heavy, heavy\n"
   )
   subprocess.run([sys.executable, "-c", code], check=True)

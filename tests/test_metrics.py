@@ -69,8 +69,9 @@ def test_jsonl_round_trips_numpy_jax_and_non_finite_values(tmp_path):
     "inf": np.float64("inf"),
     "neg_inf": -math.inf,
   }
-  with metrics.MetricWriter(tmp_path, total_steps=10, views_per_step=4, progress=False) as w:
-    w.write_scalars(np.int64(3), scalars)
+  w = metrics.MetricWriter(tmp_path, total_steps=10, views_per_step=4, progress=False)
+  w.write_scalars(np.int64(3), scalars)
+  w.close()
 
   text = (tmp_path / "metrics.jsonl").read_text()
   # Strict JSON: a NaN/Infinity literal would make parse_constant raise.
@@ -105,9 +106,11 @@ def test_resumed_writer_appends_to_the_same_files(tmp_path, fake_time):
 
 
 def test_tensorboard_events_hold_scalars_and_config(tmp_path):
-  with metrics.MetricWriter(tmp_path, total_steps=10, views_per_step=4, progress=False) as w:
-    w.write_config({"model": {"depth": 18}, "lr": 0.1})
-    w.write_scalars(5, {"loss": 1.25, "lr": 0.5})
+  w = metrics.MetricWriter(tmp_path, total_steps=10, views_per_step=4, progress=False)
+  w.write_config({"model": {"depth": 18}, "lr": 0.1})
+  w.write_scalars(5, {"loss": 1.25, "lr": 0.5})
+  w.close()
+  w.close()  # A second close is harmless.
 
   assert ("loss", 5, 1.25) in _scalars(tmp_path / "tensorboard")
   assert ("lr", 5, 0.5) in _scalars(tmp_path / "tensorboard")

@@ -12,7 +12,7 @@ from cljax.models import heads, resnet
 
 def _num_params(module, image_size=224) -> int:
   shapes = jax.eval_shape(
-      lambda: module.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)
+    lambda: module.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)
   )
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
 
@@ -25,8 +25,8 @@ class _WithClassifier(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "depth,width,expected_millions",
-    [(18, 1, 11.18), (50, 1, 23.51), (50, 2, 93.9), (50, 4, 375.0), (101, 1, 42.5)],
+  "depth,width,expected_millions",
+  [(18, 1, 11.18), (50, 1, 23.51), (50, 2, 93.9), (50, 4, 375.0), (101, 1, 42.5)],
 )
 def test_resnet_parameter_counts(depth, width, expected_millions):
   model = resnet.create_resnet(depth, width_multiplier=width)
@@ -56,9 +56,9 @@ def test_cifar_stem_keeps_resolution_and_imagenet_stem_reduces_it():
 
 
 def test_last_batchnorm_scale_of_each_block_starts_at_zero():
-  params = resnet.create_resnet(50).init(
-      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False
-  )["params"]
+  params = resnet.create_resnet(50).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)[
+    "params"
+  ]
   block = params["BottleneckBlock_0"]
   assert np.all(block["BatchNorm_2"]["scale"] == 0)
   assert np.all(block["BatchNorm_0"]["scale"] == 1)
@@ -67,7 +67,7 @@ def test_last_batchnorm_scale_of_each_block_starts_at_zero():
 
 def test_bfloat16_compute_keeps_float32_params():
   model = resnet.ResNet(
-      stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4, dtype=jnp.bfloat16
+    stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4, dtype=jnp.bfloat16
   )
   variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
@@ -94,7 +94,7 @@ def test_create_model_from_config():
   config.model.stem = "cifar"
   model = models.create_model(config)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
+    lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
   )
   assert "encoder" in shapes["params"] and "head" in shapes["params"]
   with pytest.raises(ValueError, match="depth"):

@@ -29,26 +29,27 @@ def _run(tx, params, grads_seq):
 
 def test_lars_mask_selects_kernels_only():
   params = {
-      "conv": {"kernel": jnp.ones((3, 3, 2, 4))},
-      "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
-      "dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)},
+    "conv": {"kernel": jnp.ones((3, 3, 2, 4))},
+    "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+    "dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)},
   }
   mask = optim.lars_mask(params)
   assert mask == {
-      "conv": {"kernel": True},
-      "bn": {"scale": False, "bias": False},
-      "dense": {"kernel": True, "bias": False},
+    "conv": {"kernel": True},
+    "bn": {"scale": False, "bias": False},
+    "dense": {"kernel": True, "bias": False},
   }
 
 
 def test_batchnorm_scale_update_is_plain_momentum_sgd_and_kernel_update_is_not():
   rng = np.random.default_rng(0)
   params = {
-      "bn": {"scale": jnp.asarray(rng.normal(size=8), jnp.float32)},
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 8)), jnp.float32)},
+    "bn": {"scale": jnp.asarray(rng.normal(size=8), jnp.float32)},
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 8)), jnp.float32)},
   }
-  grads_seq = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-               for _ in range(3)]
+  grads_seq = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params) for _ in range(3)
+  ]
   lars = _run(_lars(0.5), params, grads_seq)
   sgd = _run(optax.sgd(0.5, momentum=0.9), params, grads_seq)
   for lars_step, sgd_step in zip(lars, sgd, strict=True):
@@ -63,8 +64,8 @@ def test_batchnorm_scale_update_is_plain_momentum_sgd_and_kernel_update_is_not()
 
 
 @pytest.mark.parametrize(
-    "scaling,batch,expected",
-    [("linear", 512, 2.0), ("linear", 4096, 16.0), ("sqrt", 4096, 4.8), ("none", 4096, 1.0)],
+  "scaling,batch,expected",
+  [("linear", 512, 2.0), ("linear", 4096, 16.0), ("sqrt", 4096, 4.8), ("none", 4096, 1.0)],
 )
 def test_learning_rate_scaling(scaling, batch, expected):
   base = 0.075 if scaling == "sqrt" else 1.0

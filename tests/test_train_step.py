@@ -6,9 +6,9 @@ import chex
 import jax
 import numpy as np
 import optax
+from helpers import tiny_config
 
 from cljax import optim, sharding, train
-from helpers import tiny_config
 
 
 def _batch(n=16, size=16, seed=0):
@@ -50,10 +50,10 @@ def test_train_step_on_8_devices_equals_1_device():
   # And the step did change the parameters and statistics.
   init = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
   assert not np.allclose(
-      init.params["encoder"]["conv_init"]["kernel"], state8.params["encoder"]["conv_init"]["kernel"]
+    init.params["encoder"]["conv_init"]["kernel"], state8.params["encoder"]["conv_init"]["kernel"]
   )
   assert not np.allclose(
-      init.batch_stats["encoder"]["bn_init"]["mean"], state8.batch_stats["encoder"]["bn_init"]["mean"]
+    init.batch_stats["encoder"]["bn_init"]["mean"], state8.batch_stats["encoder"]["bn_init"]["mean"]
   )
 
 
@@ -70,12 +70,15 @@ def test_batchnorm_statistics_are_global():
   init = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
   kernel = np.asarray(init.params["encoder"]["conv_init"]["kernel"], np.float64)
   conv = jax.lax.conv_general_dilated(
-      x[None].reshape(-1, 16, 16, 3), kernel, (1, 1), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    x[None].reshape(-1, 16, 16, 3),
+    kernel,
+    (1, 1),
+    "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
   )
   expected = 0.1 * np.asarray(conv).mean(axis=(0, 1, 2))
   np.testing.assert_allclose(
-      state8.batch_stats["encoder"]["bn_init"]["mean"], expected, rtol=1e-4, atol=1e-6
+    state8.batch_stats["encoder"]["bn_init"]["mean"], expected, rtol=1e-4, atol=1e-6
   )
 
 

@@ -209,6 +209,26 @@ def color_jitter(image: jax.Array, order: jax.Array, factors: jax.Array) -> jax.
   return jax.lax.fori_loop(0, NUM_JITTER_OPS, body, image)
 
 
+# Each example draws all its random numbers in one `uniform` call (one threefry
+# evaluation): separate `split`/`permutation`/`bernoulli` calls each inline their
+# own threefry, which made the sampler alone take over a second to compile.
+_JITTER_DRAWS = 2 * NUM_JITTER_OPS  # Sort keys for the order, then the factors.
+_COIN_DRAWS = 4  # Jitter, grayscale, blur, solarize.
+_NUM_DRAWS = _JITTER_DRAWS + _COIN_DRAWS + 1  # And the blur sigma.
+
+
+def _jitter_from_uniforms(u: jax.Array, color_strength: float) -> tuple[jax.Array, jax.Array]:
+  # The argsort of iid uniforms is a uniformly random permutation (ties have
+  # probability ~2^-23 and only bias the order, not the factors).
+  order = jnp.argsort(u[:NUM_JITTER_OPS]).astype(jnp.int32)
+  delta = 0.8 * color_strength
+  hue = 0.2 * color_strength
+  low = jnp.array([max(1.0 - delta, 0.0)] * 3 + [-hue], jnp.float32)
+  high = jnp.array([1.0 + delta] * 3 + [hue], jnp.float32)
+  factors = low + (high - low) * u[NUM_JITTER_OPS:_JITTER_DRAWS]
+  return order, factors
+
+
 def sample_color_jitter(key: jax.Array, color_strength: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """Draws a random op order and SimCLR's factors for strength ``s``.
 
@@ -219,20 +239,13 @@ def sample_color_jitter(key: jax.Array, color_strength: float = 1.0) -> tuple[ja
 
   Args:
     key: a PRNG key.
-    color_strength: SimCLR's ``s``, non-negative.
+    color_strength: SimCLR's ``s``, a non-negative Python float.
 
   Returns:
     ``(order, factors)``: (4,) int32 permutation and (4,) float32 factors, as
     taken by ``color_jitter``.
   """
-  order_key, factor_key = jax.random.split(key)
-  order = jax.random.permutation(order_key, NUM_JITTER_OPS)
-  delta = 0.8 * color_strength
-  hue = 0.2 * color_strength
-  low = jnp.array([max(1.0 - delta, 0.0)] * 3 + [-hue], jnp.float32)
-  high = jnp.array([1.0 + delta] * 3 + [hue], jnp.float32)
-  factors = jax.random.uniform(factor_key, (NUM_JITTER_OPS,), jnp.float32, low, high)
-  return order.astype(jnp.int32), factors
+  return _jitter_from_uniforms(jax.random.uniform(key, (_JITTER_DRAWS,)), color_strength)
 
 
 def sample_params(
@@ -246,8 +259,8 @@ def sample_params(
 ) -> AugmentParams:
   """Draws one example's augmentation; an op with probability 0 gets None fields.
 
-  Every op draws from its own sub-key, so disabling one op leaves the draws of
-  the others unchanged.
+  Each draw has a fixed slot in one uniform vector, so disabling one op leaves
+  the draws of the others unchanged.
 
   Args:
     key: one example's PRNG key.
@@ -260,24 +273,26 @@ def sample_params(
   Returns:
     The example's ``AugmentParams``.
   """
-  keys = jax.random.split(key, 6)
-  order, factors = sample_color_jitter(keys[1], color_strength)
-  sigma = jax.random.uniform(keys[4], (), jnp.float32, *BLUR_SIGMA_RANGE)
+  u = jax.random.uniform(key, (_NUM_DRAWS,))
+  order, factors = _jitter_from_uniforms(u[:_JITTER_DRAWS], color_strength)
+  coins = u[_JITTER_DRAWS : _JITTER_DRAWS + _COIN_DRAWS]
+  low, high = BLUR_SIGMA_RANGE
+  sigma = low + (high - low) * u[-1]
   jitter_on, blur_on = color_jitter_prob > 0, blur_prob > 0
+
+  def coin(i, p):
+    # `u < p` with u in [0, 1): p = 0 is never true and p = 1 always is.
+    return coins[i] < p if p > 0 else None
+
   return AugmentParams(
-    jitter=_coin(keys[0], color_jitter_prob),
+    jitter=coin(0, color_jitter_prob),
     order=order if jitter_on else None,
     factors=factors if jitter_on else None,
-    grayscale=_coin(keys[2], grayscale_prob),
-    blur=_coin(keys[3], blur_prob),
+    grayscale=coin(1, grayscale_prob),
+    blur=coin(2, blur_prob),
     sigma=sigma if blur_on else None,
-    solarize=_coin(keys[5], solarize_prob),
+    solarize=coin(3, solarize_prob),
   )
-
-
-def _coin(key: jax.Array, p: float) -> jax.Array | None:
-  # `uniform < p` with uniform in [0, 1): p = 0 is never true and p = 1 always is.
-  return jax.random.bernoulli(key, float(p)) if p > 0 else None
 
 
 def apply_params(image: jax.Array, params: AugmentParams) -> jax.Array:
@@ -296,9 +311,10 @@ def apply_params(image: jax.Array, params: AugmentParams) -> jax.Array:
     image = jnp.where(params.jitter, color_jitter(image, params.order, params.factors), image)
   if params.grayscale is not None:
     image = jnp.where(params.grayscale, to_grayscale(image), image)
-  if params.blur is not None:
-    # SimCLR sizes the kernel from the height only.
-    blurred = gaussian_blur(image, params.sigma, blur_kernel_size(image.shape[0]))
+  # SimCLR sizes the kernel from the height only; a 1-tap kernel is the identity.
+  kernel_size = blur_kernel_size(image.shape[0])
+  if params.blur is not None and kernel_size > 1:
+    blurred = gaussian_blur(image, params.sigma, kernel_size)
     image = jnp.where(params.blur, blurred, image)
   if params.solarize is not None:
     image = jnp.where(params.solarize, solarize(image), image)

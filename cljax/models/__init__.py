@@ -35,12 +35,12 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
   if model_config.name != "resnet":
     raise ValueError(f"Unknown model.name {model_config.name!r}; available: 'resnet'.")
   kwargs = dict(
-      width_multiplier=model_config.width_multiplier,
-      num_filters=model_config.num_filters,
-      stem=model_config.stem,
-      dtype=dtype_from_name(model_config.dtype),
-      bn_axis_name=bn_axis_name,
-      bn_momentum=model_config.bn_momentum,
+    width_multiplier=model_config.width_multiplier,
+    num_filters=model_config.num_filters,
+    stem=model_config.stem,
+    dtype=dtype_from_name(model_config.dtype),
+    bn_axis_name=bn_axis_name,
+    bn_momentum=model_config.bn_momentum,
   )
   if model_config.get("stage_sizes"):
     # Test and toy models: an explicit list of blocks per stage.
@@ -53,11 +53,11 @@ def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = N
   """Encoder + projection head for ``config.model`` and ``config.head``."""
   encoder = create_encoder(config.model, bn_axis_name)
   head = heads.ProjectionHead(
-      num_layers=config.head.num_layers,
-      hidden_dim=config.head.hidden_dim,
-      output_dim=config.head.output_dim,
-      dtype=dtype_from_name(config.model.dtype),
-      bn_axis_name=bn_axis_name,
-      bn_momentum=config.model.bn_momentum,
+    num_layers=config.head.num_layers,
+    hidden_dim=config.head.hidden_dim,
+    output_dim=config.head.output_dim,
+    dtype=dtype_from_name(config.model.dtype),
+    bn_axis_name=bn_axis_name,
+    bn_momentum=config.model.bn_momentum,
   )
   return EncoderWithHead(encoder=encoder, head=head)

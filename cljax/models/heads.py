@@ -30,12 +30,12 @@ class ProjectionHead(nn.Module):
 
     def norm(**kwargs):
       return nn.BatchNorm(
-          use_running_average=not train,
-          momentum=self.bn_momentum,
-          epsilon=1e-5,
-          dtype=self.dtype,
-          axis_name=self.bn_axis_name if train else None,
-          **kwargs,
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        axis_name=self.bn_axis_name if train else None,
+        **kwargs,
       )
 
     for _ in range(self.num_layers - 1):

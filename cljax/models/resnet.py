@@ -14,12 +14,12 @@ ModuleDef = Any
 # Blocks per stage for each depth, as in He et al. 2016 (and ResNet-200 of
 # He et al. "Identity Mappings", used by SimCLR's largest models).
 STAGE_SIZES = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
+  18: (2, 2, 2, 2),
+  34: (3, 4, 6, 3),
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
+  152: (3, 8, 36, 3),
+  200: (3, 24, 36, 3),
 }
 
 
@@ -95,12 +95,12 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME")
     norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=1e-5,
-        dtype=self.dtype,
-        axis_name=self.bn_axis_name if train else None,
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      axis_name=self.bn_axis_name if train else None,
     )
     width = self.num_filters * self.width_multiplier
     x = x.astype(self.dtype)
@@ -133,5 +133,3 @@ def feature_dim(model: ResNet) -> int:
   expansion = 4 if model.block_cls is BottleneckBlock else 1
   last = model.num_filters * model.width_multiplier * 2 ** (len(model.stage_sizes) - 1)
   return last * expansion
-
-

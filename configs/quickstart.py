@@ -1,0 +1,54 @@
+"""Quickstart: SimCLR on the Fashion-MNIST subset shipped inside cljax, on a CPU.
+
+    make quickstart
+    # = python -m cljax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+Hardware: any machine; sized for a 2-core CPU, where it takes about 4 minutes
+(install excluded). Needs no network and no data download: 10,000 training
+and 2,000 held-out images ship with the package.
+
+Expected result: the final JSON line reports the kNN top-1 (k=200, T=0.07) of
+the trained encoder on the 2,000 held-out images next to that of the same
+encoder at random initialisation; training should raise it by several points
+(about 0.55 -> 0.65 on a 2-core CPU).
+"""
+
+from cljax import defaults
+
+
+def get_config():
+  c = defaults.base_config()
+  c.model.depth = 18
+  c.model.stage_sizes = (1, 1, 1)
+  c.model.num_filters = 16
+  c.model.stem = "cifar"
+  c.model.dtype = "float32"  # bfloat16 is slow on CPUs.
+  c.head.num_layers = 2
+  c.head.hidden_dim = 256
+  c.head.output_dim = 64
+
+  c.loss.temperature = 0.2
+  c.optim.name = "lars"
+  c.optim.base_lr = 1.0
+  c.optim.lr_scaling = "linear"
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_epochs = 0.5
+
+  c.data.source = "embedded"
+  c.data.name = "fashion_mnist_subset"
+  c.data.image_size = 28
+  c.data.global_batch_size = 256
+  c.data.num_workers = 0
+  c.data.augment.crop_area_min = 0.2
+  c.data.augment.color_strength = 0.5
+  c.data.augment.blur_prob = 0.0
+
+  c.train.num_epochs = 4
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 50
+  c.train.max_to_keep = 2
+
+  c.evals.knn_at_end = True
+  c.evals.knn_baseline = True
+  c.evals.batch_size = 512
+  return c

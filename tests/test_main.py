@@ -1,0 +1,181 @@
+"""End to end: the command line, checkpoints, exact resume, plain-orbax restore."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import tiny_config
+
+from cljax import metrics, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _resume_config():
+  c = tiny_config()
+  c.data.source = "synthetic"
+  c.data.num_examples = 256
+  c.data.num_classes = 4
+  c.data.num_workers = 0
+  c.data.augment.photometric = True
+  c.train.num_steps = 6
+  c.train.log_every_steps = 1
+  c.train.checkpoint_every_steps = 100
+  c.evals.knn_at_end = False
+  return c
+
+
+def _losses(workdir) -> dict[int, float]:
+  # A resumed run may log a step twice; the last record of a step wins.
+  return {r["step"]: r["loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+
+
+def _restore_state(workdir, step):
+  return ocp.StandardCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", str(step), "state")
+  )
+
+
+def test_main_runs_quickstart_end_to_end(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [
+    sys.executable,
+    "-m",
+    "cljax.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=3",
+    "--config.train.log_every_steps=1",
+    "--config.data.global_batch_size=32",
+    "--config.evals.knn_at_end=False",
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "negatives per anchor" in out.stderr
+  final = json.loads(out.stdout.strip().splitlines()[-1])["final"]
+  assert np.isfinite(final["loss"])
+  records = metrics.read_jsonl(workdir / "metrics.jsonl")
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "checkpoints" / "3" / "state").is_dir()
+  assert (workdir / "checkpoints" / "3" / "data").is_dir()
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  cmd = [
+    sys.executable,
+    "-m",
+    "cljax.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={tmp_path}",
+    "--config.train.num_stepz=3",
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "num_stepz" in out.stderr
+
+
+def test_resume_is_exact(tmp_path):
+  config = _resume_config()
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(config, str(straight))
+
+  split = tmp_path / "split"
+  config.train.stop_at_step = 3
+  train.train_and_evaluate(config, str(split))
+  assert sorted(_losses(split)) == [1, 2, 3]
+  config.train.stop_at_step = 0
+  train.train_and_evaluate(config, str(split))
+
+  assert _losses(split) == _losses(straight)  # Bitwise equal floats.
+  a, b = _restore_state(straight, 6), _restore_state(split, 6)
+  assert int(a["step"]) == int(b["step"]) == 6
+  chex.assert_trees_all_equal(a, b)
+
+
+def readme_snippet(name: str) -> str:
+  """The fenced Python block after ``<!-- snippet: name -->`` in the README."""
+  text = (REPO / "README.md").read_text()
+  after = text.split(f"<!-- snippet: {name} -->", 1)[1]
+  return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_restore_snippet_with_plain_orbax_on_another_device_count(tmp_path):
+  config = _resume_config()
+  config.train.num_steps = 2
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  saved = _restore_state(workdir, 2)
+  np.save(tmp_path / "kernel.npy", saved["params"]["encoder"]["conv_init"]["kernel"])
+  snippet = readme_snippet("restore").replace('"runs/quickstart"', repr(str(workdir)))
+  check = f"""
+import numpy as np
+assert jax.device_count() == 1
+kernel = state["params"]["encoder"]["conv_init"]["kernel"]
+np.testing.assert_array_equal(kernel, np.load({str(tmp_path / "kernel.npy")!r}))
+assert int(state["step"]) == 2
+"""
+  # A fresh process that sees 1 device; the checkpoint was written from 8.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run(
+    [sys.executable, "-c", snippet + check], env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith("2 ['encoder', 'head']")
+
+
+def test_readme_losses_snippet_runs_on_8_devices():
+  out = subprocess.run(
+    [sys.executable, "-c", readme_snippet("losses")], capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_changed_config_refuses_to_resume_unless_forced(tmp_path):
+  config = _resume_config()
+  config.train.num_steps = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  config.loss.temperature = 0.3
+  config.train.num_steps = 3
+  with pytest.raises(ValueError, match=r"(?s)loss.temperature: saved 0.5, now 0.3.*--force_resume"):
+    train.train_and_evaluate(config, str(tmp_path))
+  result = train.train_and_evaluate(config, str(tmp_path), force_resume=True)
+  assert np.isfinite(result["loss"])
+
+
+def test_global_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
+  config = _resume_config()
+  config.data.global_batch_size = 12
+  with pytest.raises(ValueError, match=r"global_batch_size=12 is not divisible .* 8"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_every_config_builds_its_model_and_optimizer():
+  import importlib.util
+
+  import optax
+  from ml_collections import config_flags  # noqa: F401  (the loader main uses)
+
+  from cljax import models, optim
+
+  for path in sorted((REPO / "configs").glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert module.__doc__ and "python -m cljax.main" in module.__doc__ or "make " in module.__doc__
+    model = models.create_model(config)
+    size = config.data.image_size
+    shapes = jax.eval_shape(
+      lambda m=model, s=size: m.init(jax.random.key(0), jax.numpy.zeros((2, s, s, 3)), train=False)
+    )
+    tx = optim.create_optimizer(config.optim, optax.constant_schedule(0.1))
+    jax.eval_shape(tx.init, shapes["params"])
