@@ -3,8 +3,10 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -179,3 +181,31 @@ def test_every_config_builds_its_model_and_optimizer():
     )
     tx = optim.create_optimizer(config.optim, optax.constant_schedule(0.1))
     jax.eval_shape(tx.init, shapes["params"])
+
+
+def test_sigterm_saves_exits_cleanly_and_the_next_start_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [
+      sys.executable, "-m", "cljax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
+      "--config.train.num_steps=100000", "--config.train.log_every_steps=1",
+      "--config.data.global_batch_size=16", "--config.model.stage_sizes=(1,)",
+  ]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  jsonl = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  last_logged = max(_losses(workdir))
+  assert saved and saved[-1] >= last_logged >= 3
+
+  resume = cmd + [f"--config.train.stop_at_step={saved[-1] + 2}"]
+  out = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"at step {saved[-1]}." in out.stderr
+  assert max(_losses(workdir)) == saved[-1] + 2

@@ -1,0 +1,555 @@
+"""Random-access image sources (tfds ArrayRecord, image folders, arrays, synthetic) for grain."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import importlib.resources
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+# Every source returns examples of this form; the pipeline relies on nothing else.
+Example = dict[str, np.ndarray]
+
+FASHION_MNIST_CLASSES = tuple(
+  "T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|Sneaker|Bag|Ankle boot".split("|")
+)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The embedded Fashion-MNIST subset, written by tools/make_embedded_data.py.
+EMBEDDED_FILES = {
+  "train": ("fmnist-train-images-idx3-ubyte.gz", "fmnist-train-labels-idx1-ubyte.gz"),
+  "test": ("fmnist-test-images-idx3-ubyte.gz", "fmnist-test-labels-idx1-ubyte.gz"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+  """Decodes a PIL image of any common mode (L, P, RGBA, CMYK, I;16, ...) to (H, W, 3) uint8."""
+  if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    # convert("RGB") would clip 16-bit values at 255; keep the top 8 bits instead.
+    return array_to_rgb(np.clip(np.asarray(image), 0, 65535).astype(np.uint16))
+  if image.mode == "P" and "transparency" in image.info:
+    # Going through RGBA avoids Pillow's transparency warning and keeps the palette colours.
+    image = image.convert("RGBA")
+  if image.mode != "RGB":
+    image = image.convert("RGB")
+  return np.asarray(image, dtype=np.uint8)
+
+
+def array_to_rgb(array: np.ndarray) -> np.ndarray:
+  """Converts a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image to (H, W, 3) uint8.
+
+  uint16 pixels keep their top 8 bits, bool ones become 0/255, and alpha is dropped; other
+  dtypes and shapes raise ValueError.
+  """
+  if array.dtype == np.uint16:
+    array = (array >> 8).astype(np.uint8)
+  elif array.dtype == np.bool_:
+    array = array.astype(np.uint8) * 255
+  elif array.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 or uint16, got {array.dtype}")
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"image shape must be (H, W[, 1|3|4]), got {array.shape}")
+  if array.shape[-1] == 1:
+    return np.repeat(array, 3, axis=-1)
+  return np.ascontiguousarray(array[..., :3])
+
+
+def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
+  """Decodes a JPEG, PNG, ... file's bytes to (H, W, 3) uint8; ValueError naming `what` if bad."""
+  try:
+    with Image.open(io.BytesIO(memoryview(data))) as image:
+      return pil_to_rgb(image)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f"cannot decode {what}: {e}") from e
+
+
+def _example(image: np.ndarray, label: Any) -> Example:
+  return {"image": image, "label": np.int32(-1 if label is None else label)}
+
+
+def _default_tfds_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+  if name.split("/")[0].split(":")[0] == "imagenet2012":
+    return (
+      f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {data_dir}/downloads/manual "
+      f"and run, once, on a machine with TensorFlow installed (building needs it, reading does "
+      f"not): tfds build imagenet2012 --data_dir={data_dir} --file_format=array_record"
+    )
+  return f"prepare it with: tfds build {name} --data_dir={data_dir} --file_format=array_record"
+
+
+class TfdsSource:
+  """A prepared tfds data set in ArrayRecord format, read with `tfds.data_source` (no TensorFlow).
+
+  Attributes:
+    class_names: the label names when the label feature is a `ClassLabel`, else None.
+  """
+
+  def __init__(
+    self,
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None,
+    image_key: str = "image",
+    label_key: str | None = "label",
+  ):
+    """Opens `name` at `split` under `data_dir`, never downloading or building it.
+
+    Args:
+      name: tfds name, optionally with config and version (`imagenet2012:5.1.0`).
+      split: tfds split expression (`train`, `validation`, `train[:90%]`).
+      data_dir: the tfds data folder; None means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      image_key: feature holding the image.
+      label_key: feature holding the label; None (or absent from the data) gives label -1.
+
+    Raises:
+      FileNotFoundError: data_dir does not exist, or the data set is not prepared there.
+      ValueError: tfds has no data set called `name`.
+    """
+    import tensorflow_datasets as tfds  # Imported here: most runs never need it.
+
+    self.name, self.split = name, split
+    self.data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir or _default_tfds_dir())))
+    self.image_key, self.label_key = image_key, label_key
+    if not os.path.isdir(self.data_dir):
+      raise FileNotFoundError(
+        f"tfds data_dir {self.data_dir} does not exist; {_prepare_hint(name, self.data_dir)}"
+      )
+    try:
+      builder = tfds.builder(name, data_dir=self.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      # tfds's own message lists every registered data set; this one stays readable.
+      raise ValueError(
+        f"unknown tfds data set {name!r} (searched the tfds registry and {self.data_dir}); "
+        "see https://www.tensorflow.org/datasets/catalog for names"
+      ) from None
+    try:
+      # download=False: a missing data set must fail here, not start a download or a build.
+      self._ds = tfds.data_source(name, split=split, data_dir=self.data_dir, download=False)
+    except Exception as e:
+      if not builder.is_prepared():
+        raise FileNotFoundError(
+          f"tfds data set {name!r} is not prepared in {builder.data_dir}; "
+          f"{_prepare_hint(name, self.data_dir)}"
+        ) from e
+      raise ValueError(
+        f"cannot open split {split!r} of tfds data set {name!r} in {builder.data_dir} "
+        f"(grain needs file_format=array_record): {e}"
+      ) from e
+    features = builder.info.features
+    label = features[label_key] if label_key and label_key in features else None
+    self.class_names = tuple(label.names) if hasattr(label, "names") else None
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, index: int) -> Example:
+    record = self._ds[int(index)]
+    label = record.get(self.label_key) if self.label_key else None
+    return _example(array_to_rgb(np.asarray(record[self.image_key])), label)
+
+  def __repr__(self) -> str:
+    return (
+      f"TfdsSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r}, "
+      f"num_examples={len(self)})"
+    )
+
+
+class SkippedFile(NamedTuple):
+  """A file that ImageFolderSource left out, and why."""
+
+  path: str
+  reason: str
+
+
+def _check_image_file(path: str) -> str | None:
+  """Returns why `path` is unreadable, or None when it looks whole (a cheap, no-decode check)."""
+  try:
+    if os.path.getsize(path) == 0:
+      return "empty file (0 bytes)"
+    with Image.open(path) as image:
+      fmt = image.format
+      # verify() checks the structure, and for PNG every chunk's CRC up to the end marker.
+      image.verify()
+    if fmt == "JPEG":
+      # verify() does not read a JPEG's entropy-coded data, so a cut-off file passes it; a
+      # whole one ends with the EOI marker (some writers pad with NUL bytes after it).
+      with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        if not f.read().rstrip(b"\0").endswith(b"\xff\xd9"):
+          return "truncated JPEG (no end-of-image marker)"
+  except Exception as e:  # PIL raises many types for bad files; any of them means skip.
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+class ImageFolderSource:
+  """JPEG/PNG files, one subfolder per class (classes sorted by name), as torchvision lays out.
+
+  Unreadable files are found once, at construction, without decoding: 0-byte files, files
+  Pillow cannot identify, PNGs failing their CRC check and JPEGs without an end-of-image
+  marker (cut off). They are skipped, logged with their paths and listed in `skipped`; with
+  `strict=True` the first one is an error instead. A folder with no class subfolders is read
+  as unlabelled images (label -1).
+
+  Attributes:
+    class_names: the subfolder names, sorted; label i is class_names[i].
+    skipped: a SkippedFile (path, reason) for every file left out.
+  """
+
+  def __init__(
+    self,
+    root: str | os.PathLike,
+    *,
+    strict: bool = False,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    check_threads: int = 16,
+  ):
+    """Indexes and checks every image under `root`.
+
+    Args:
+      root: the folder; images are found recursively inside each class subfolder.
+      strict: raise on the first unreadable file instead of skipping it.
+      extensions: file name endings (case-insensitive) that count as images.
+      check_threads: threads for the file check (it is I/O bound).
+
+    Raises:
+      FileNotFoundError: root is not a folder.
+      ValueError: no readable image was found, or (strict) an unreadable one was.
+    """
+    self.root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(self.root):
+      raise FileNotFoundError(f"image folder {self.root} does not exist")
+    exts = tuple(e.lower() for e in extensions)
+    subdirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+    self.class_names = tuple(subdirs) if subdirs else None
+    candidates: list[tuple[str, int]] = []
+    for label, folder in enumerate(subdirs) if subdirs else [(-1, "")]:
+      base = os.path.join(self.root, folder)
+      walk = os.walk(base, followlinks=True) if subdirs else [(base, [], os.listdir(base))]
+      for dirpath, dirnames, filenames in walk:
+        dirnames.sort()
+        candidates += [
+          (os.path.join(dirpath, f), label) for f in sorted(filenames) if f.lower().endswith(exts)
+        ]
+    with concurrent.futures.ThreadPoolExecutor(max(1, check_threads)) as pool:
+      problems = list(pool.map(_check_image_file, [p for p, _ in candidates]))
+    self.skipped = [
+      SkippedFile(p, why) for (p, _), why in zip(candidates, problems, strict=True) if why
+    ]
+    if strict and self.skipped:
+      first = self.skipped[0]
+      raise ValueError(
+        f"{len(self.skipped)} unreadable image(s) in {self.root}; the first: {first.path} "
+        f"({first.reason}). Remove them, or pass strict=False to skip them."
+      )
+    for item in self.skipped:
+      logging.warning("ImageFolderSource: skipping %s (%s)", item.path, item.reason)
+    if self.skipped:
+      logging.warning("ImageFolderSource: skipped %d unreadable files", len(self.skipped))
+    good = [c for c, why in zip(candidates, problems, strict=True) if not why]
+    if not good:
+      raise ValueError(
+        f"no readable images ({', '.join(exts)}) in {self.root} "
+        f"({len(self.skipped)} unreadable); expected one subfolder of images per class"
+      )
+    self.paths = [p for p, _ in good]
+    self.labels = np.asarray([label for _, label in good], np.int32)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> Example:
+    path = self.paths[index]
+    with open(path, "rb") as f:
+      return _example(decode_image(f.read(), path), self.labels[index])
+
+  def __repr__(self) -> str:
+    return f"ImageFolderSource(root={self.root!r}, num_examples={len(self)})"
+
+
+class EncodedImages:
+  """A sequence of encoded images stored back to back: image i is data[offsets[i]:offsets[i+1]]."""
+
+  def __init__(self, data: np.ndarray, offsets: np.ndarray):
+    self.data, self.offsets = np.asarray(data, np.uint8), np.asarray(offsets, np.int64)
+    if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[-1] > len(self.data):
+      raise ValueError(f"bad offsets {self.offsets} for {len(self.data)} bytes of images")
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self.data[self.offsets[index] : self.offsets[index + 1]]
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads an IDX file (MNIST format), gzipped when its name ends with .gz."""
+  path = os.fspath(path)
+  with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+    raw = f.read()
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+  ndim = raw[3]
+  shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+  array = np.frombuffer(raw, _IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: header says {shape}, file holds {array.size} values")
+  return array.reshape(shape)
+
+
+def _meta_class_names(path: str) -> tuple[str, ...] | None:
+  # The shared data sets keep their class names in a meta.json beside the files.
+  meta = os.path.join(os.path.dirname(path), "meta.json")
+  if os.path.isfile(meta):
+    with open(meta) as f:
+      classes = json.load(f).get("classes")
+    return tuple(classes) if classes else None
+  return None
+
+
+def _pick(arrays: Any, keys: Sequence[str], path: str, required: bool = True) -> np.ndarray | None:
+  for key in keys:
+    if key in arrays:
+      return arrays[key]
+  if required:
+    raise ValueError(f"{path} has none of the keys {list(keys)} (found {list(arrays.keys())})")
+  return None
+
+
+class ArraySource:
+  """Images held in memory: a (N, H, W[, C]) uint8/uint16 array, or EncodedImages decoded lazily.
+
+  Built from arrays directly or with `from_npz` (decoded or encoded), `from_idx`, `embedded`.
+  A source built from files pickles as its file names (grain workers re-read the files
+  instead of receiving copies of the arrays).
+
+  Attributes:
+    class_names: label names, when known.
+  """
+
+  def __init__(
+    self,
+    images: np.ndarray | EncodedImages,
+    labels: np.ndarray | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    origin: str = "arrays",
+  ):
+    """Wraps `images` (decoded or encoded) and (N,) `labels` (None: unlabelled, -1).
+
+    `origin` says where the arrays came from, for repr. Raises ValueError for float images or
+    mismatched lengths.
+    """
+    if isinstance(images, np.ndarray) and images.dtype not in (np.uint8, np.uint16):
+      raise ValueError(f"images must be uint8 or uint16 (scale floats first), got {images.dtype}")
+    if labels is not None and len(labels) != len(images):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    self.images = images
+    self.labels = None if labels is None else np.asarray(labels, np.int32)
+    self.class_names = tuple(class_names) if class_names is not None else None
+    self.origin = origin
+    self._rebuild: tuple[Callable[..., ArraySource], tuple[Any, ...]] | None = None
+
+  @classmethod
+  def from_npz(cls, path: str | os.PathLike) -> ArraySource:
+    """Loads a NumPy .npz of decoded or encoded images, told apart by their keys.
+
+    Decoded: `images`/`labels` (or `image`/`label`, or `x`/`y`). Encoded (like the shared
+    CIFAR-10): `jpeg` (every file's bytes, concatenated), `offsets` (N+1) and `labels`;
+    images are decoded one at a time, when read.
+    """
+    path = os.fspath(path)
+    with np.load(path) as f:
+      if "offsets" in f:
+        images = EncodedImages(_pick(f, ("jpeg", "encoded"), path), f["offsets"])
+      else:
+        images = _pick(f, ("images", "image", "x"), path)
+      labels = _pick(f, ("labels", "label", "y"), path, required=False)
+    kind = "encoded_npz" if isinstance(images, EncodedImages) else "npz"
+    source = cls(images, labels, class_names=_meta_class_names(path), origin=f"{kind}:{path}")
+    source._rebuild = (cls.from_npz, (path,))
+    return source
+
+  @classmethod
+  def from_idx(
+    cls,
+    images_path: str | os.PathLike,
+    labels_path: str | os.PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+  ) -> ArraySource:
+    """Loads MNIST-style IDX files (`train-images-idx3-ubyte[.gz]`, `...-labels-idx1-ubyte`)."""
+    images_path = os.fspath(images_path)
+    labels_path = None if labels_path is None else os.fspath(labels_path)
+    labels = None if labels_path is None else read_idx(labels_path)
+    names = class_names or _meta_class_names(images_path)
+    source = cls(read_idx(images_path), labels, class_names=names, origin=f"idx:{images_path}")
+    source._rebuild = (cls.from_idx, (images_path, labels_path, names))
+    return source
+
+  @classmethod
+  def embedded(cls, split: str = "train") -> ArraySource:
+    """The Fashion-MNIST subset shipped in the package: 'train' (10,000) or 'test' (2,000)."""
+    if split not in EMBEDDED_FILES:
+      raise ValueError(f"embedded split must be one of {sorted(EMBEDDED_FILES)}, got {split!r}")
+    folder = importlib.resources.files("cljax.data") / "embedded"
+    images_name, labels_name = EMBEDDED_FILES[split]
+    with (
+      importlib.resources.as_file(folder / images_name) as images,
+      importlib.resources.as_file(folder / labels_name) as labels,
+    ):
+      source = cls.from_idx(images, labels, FASHION_MNIST_CLASSES)
+    source.origin = f"embedded:fashion_mnist/{split}"
+    source._rebuild = (cls.embedded, (split,))
+    return source
+
+  def __reduce_ex__(self, protocol):
+    if self._rebuild is not None:
+      return self._rebuild
+    return super().__reduce_ex__(protocol)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> Example:
+    label = None if self.labels is None else self.labels[index]
+    if isinstance(self.images, EncodedImages):
+      return _example(decode_image(self.images[index], f"{self.origin}[{index}]"), label)
+    return _example(array_to_rgb(self.images[index]), label)
+
+  def __repr__(self) -> str:
+    return f"ArraySource(origin={self.origin!r}, num_examples={len(self)})"
+
+
+class SyntheticSource:
+  """Deterministic random images for benchmarks: example i depends only on (seed, i)."""
+
+  def __init__(self, num_examples: int, image_size: int, num_classes: int = 10, seed: int = 0):
+    if num_examples <= 0 or image_size <= 0 or num_classes <= 0:
+      raise ValueError(f"need positive sizes, got {num_examples=}, {image_size=}, {num_classes=}")
+    self.num_examples, self.image_size = num_examples, image_size
+    self.num_classes, self.seed = num_classes, seed
+    self.class_names = tuple(f"class_{i}" for i in range(num_classes))
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, index: int) -> Example:
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"index {index} out of range for {self.num_examples} examples")
+    rng = np.random.default_rng([self.seed, index])
+    size = (self.image_size, self.image_size, 3)
+    return _example(rng.integers(0, 256, size, np.uint8), rng.integers(self.num_classes))
+
+  def __repr__(self) -> str:
+    return (
+      f"SyntheticSource(num_examples={self.num_examples}, image_size={self.image_size}, "
+      f"num_classes={self.num_classes}, seed={self.seed})"
+    )
+
+
+ImageSource = TfdsSource | ImageFolderSource | ArraySource | SyntheticSource
+
+
+def _split_name(data_config: Any, split: str) -> str:
+  return data_config.get(f"{split}_split") or ("train" if split == "train" else "test")
+
+
+def _data_path(data_config: Any, *parts: str) -> str:
+  data_dir = data_config.get("data_dir")
+  if not data_dir:
+    raise ValueError(f"data.source={data_config.get('source')!r} needs data.data_dir")
+  return os.path.join(os.path.expanduser(data_dir), *parts)
+
+
+def _npz_path(data_config: Any, split: str) -> str:
+  name = _split_name(data_config, split)
+  return _data_path(data_config, name if name.endswith(".npz") else f"{name}.npz")
+
+
+def _idx_source(data_config: Any, split: str) -> ArraySource:
+  prefix = _split_name(data_config, split)
+  gzipped = _data_path(data_config, f"{prefix}-images-idx3-ubyte.gz")
+  images = gzipped if os.path.exists(gzipped) else gzipped[: -len(".gz")]
+  if not os.path.exists(images):
+    raise FileNotFoundError(f"no IDX images for split {prefix!r}: neither {gzipped} nor {images}")
+  labels = images.replace("-images-idx3-", "-labels-idx1-")
+  return ArraySource.from_idx(images, labels if os.path.exists(labels) else None)
+
+
+def _synthetic_source(data_config: Any, split: str) -> SyntheticSource:
+  return SyntheticSource(
+    num_examples=data_config.get("num_examples") or 1024,
+    image_size=data_config.get("source_image_size") or data_config.get("image_size") or 32,
+    num_classes=data_config.get("num_classes") or 10,
+    # Different seeds keep the eval images apart from the training ones.
+    seed=(data_config.get("seed") or 0) + (split == "eval"),
+  )
+
+
+_FACTORIES: dict[str, Callable[[Any, str], ImageSource]] = {
+  "tfds": lambda c, s: TfdsSource(
+    c.get("name"),
+    _split_name(c, s),
+    c.get("data_dir") or None,
+    image_key=c.get("image_key") or "image",
+    label_key=c.get("label_key", "label"),
+  ),
+  "folder": lambda c, s: ImageFolderSource(
+    _data_path(c, _split_name(c, s)), strict=bool(c.get("strict"))
+  ),
+  "npz": lambda c, s: ArraySource.from_npz(_npz_path(c, s)),
+  "encoded_npz": lambda c, s: ArraySource.from_npz(_npz_path(c, s)),
+  "idx": _idx_source,
+  "synthetic": _synthetic_source,
+  "embedded": lambda c, s: ArraySource.embedded("train" if s == "train" else "test"),
+}
+
+
+def create_source(data_config: Any, split: str) -> ImageSource:
+  """Builds the source a data config names.
+
+  Fields read (missing optional ones take the defaults shown):
+    source: one of "tfds", "folder", "npz", "encoded_npz", "idx", "synthetic", "embedded".
+    name: tfds name ("tfds" only).
+    data_dir: tfds data folder ("tfds"; None = $TFDS_DATA_DIR or ~/tensorflow_datasets), or
+      the folder holding the split folders/files (all file-based types).
+    train_split / eval_split: which split `split` means. tfds: a split expression ("train",
+      "validation"); folder: a subfolder of data_dir; npz/encoded_npz: data_dir/<name>.npz;
+      idx: the file prefix ("train", "t10k"). Defaults "train" / "test". Ignored by
+      "synthetic" and "embedded" (whose eval split is its 2,000-image test set).
+    image_key / label_key: tfds feature names (default "image" / "label"; label_key None =
+      unlabelled).
+    strict: "folder" only: unreadable files are errors (default False: skipped and logged).
+    num_examples, num_classes, source_image_size (else image_size), seed: "synthetic" only
+      (defaults 1024, 10, 32, 0).
+
+  Args:
+    data_config: the `data` section of the config (a ConfigDict, or anything with .get).
+    split: "train" or "eval".
+
+  Returns:
+    A random-access source of {"image": uint8 (H, W, 3), "label": int32} examples.
+
+  Raises:
+    ValueError: an unknown source type or split; errors of the chosen source.
+  """
+  kind = data_config.get("source")
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if kind not in _FACTORIES:
+    raise ValueError(f"data.source must be one of {sorted(_FACTORIES)}, got {kind!r}")
+  return _FACTORIES[kind](data_config, split)
