@@ -155,6 +155,7 @@ class MetricWriter:
       parts.append(f"loss {values['loss']:.4f}")
     if rate is not None:
       parts.append(f"views/s {values['views_per_sec']:.0f}")
+    parts += [f"{k} {v:.4f}" for k, v in values.items() if k.startswith("knn_")]
     if self._use_bar:
       # Created at the first write so a resumed run's rate is not inflated by its start step.
       if self._bar is None:

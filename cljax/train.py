@@ -329,8 +329,10 @@ def train_and_evaluate(
     manager.close()
 
   if step >= num_steps and config.evals.knn_at_end:
-    last.update(_final_knn(config, state, mesh, init_rng, learning_rate_fn, image_shape))
-    writer.write_scalars(step, last)
+    knn_result = _final_knn(config, state, mesh, init_rng, learning_rate_fn, image_shape)
+    if knn_result:
+      writer.write_scalars(step, knn_result)
+      last.update(knn_result)
   writer.close()
   return last
 
