@@ -59,14 +59,22 @@ def average(trees: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl file.
 
+  A line that is not valid JSON (the last line of a run killed while writing
+  it) is skipped.
+
   Args:
     path: a file written by ``MetricWriter``.
 
   Returns:
     One dict per line, with the strings "nan", "inf" and "-inf" turned back into floats.
   """
+  records = []
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
   non_finite = ("nan", "inf", "-inf")
   return [{k: float(v) if v in non_finite else v for k, v in r.items()} for r in records]
 
@@ -116,7 +124,12 @@ class MetricWriter:
     self._tb = tensorboardX.SummaryWriter(
       os.path.join(self._workdir, "tensorboard"), filename_suffix=f".{time.time_ns()}"
     )
-    self._jsonl = open(os.path.join(self._workdir, "metrics.jsonl"), "a")
+    self._jsonl = open(os.path.join(self._workdir, "metrics.jsonl"), "a+")
+    # A run killed mid-write leaves a partial last line: start on a fresh one.
+    if self._jsonl.tell() > 0:
+      self._jsonl.seek(self._jsonl.tell() - 1)
+      if self._jsonl.read(1) != "\n":
+        self._jsonl.write("\n")
     self._stream = sys.stdout if progress else None
     self._use_bar = progress and sys.stdout.isatty()
     self._bar = None

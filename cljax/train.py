@@ -133,20 +133,27 @@ def train_step(
   # shard_map's autodiff sums the per-device contributions.
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (batch_stats, metrics, z)), grads = grad_fn(state.params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  # A NaN or Inf in the loss or any gradient (the norm is non-finite iff some
+  # element is) skips the update: parameters, statistics and optimiser state
+  # stay as they were, and the batch counts as consumed.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
     step=state.step + 1,
-    params=optax.apply_updates(state.params, updates),
-    batch_stats=batch_stats,
-    opt_state=opt_state,
+    params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
+    batch_stats=keep_if_bad(batch_stats, state.batch_stats),
+    opt_state=keep_if_bad(opt_state, state.opt_state),
   )
   metrics = dict(
     metrics,
     loss=loss,
     learning_rate=learning_rate_fn(state.step),
-    grad_norm=optax.tree.norm(grads),
+    grad_norm=grad_norm,
     param_norm=optax.tree.norm(state.params),
     embedding_std=_embedding_std(z),
+    nonfinite=1.0 - finite.astype(jnp.float32),
   )
   return new_state, metrics
 
@@ -245,6 +252,87 @@ def knn_eval(config: ml_collections.ConfigDict, state: TrainState, mesh: Mesh) -
   return {"knn_top1": float(accuracy)}
 
 
+class NonFiniteGuard:
+  """Counts steps whose loss or gradients were NaN/Inf and stops a run that keeps failing.
+
+  The step itself skips such updates; this host-side guard only reads the
+  per-step flags when metrics are fetched anyway (log and checkpoint steps),
+  so it costs no extra synchronisation.
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.total = 0
+    self.streak = 0
+
+  def update(self, flags: list[float], first_step: int, last_good_checkpoint: int | None) -> None:
+    """Takes the flags of steps ``first_step, first_step + 1, ...``; raises past the limit."""
+    for i, flag in enumerate(flags):
+      self.streak = self.streak + 1 if flag else 0
+      self.total += int(bool(flag))
+      if self.limit and self.streak >= self.limit:
+        raise FloatingPointError(
+          f"{self.streak} consecutive training steps had a NaN or Inf loss or gradient, the "
+          f"last at step {first_step + i} (train.max_nonfinite_streak={self.limit}). Each was "
+          "skipped; the last checkpoint"
+          + (f" (step {last_good_checkpoint})" if last_good_checkpoint is not None else "")
+          + " is intact. Lower the learning rate, check the input data, or raise the limit."
+        )
+
+
+class _PendingMetrics:
+  """Per-step metrics kept on device until the loop needs them on the host."""
+
+  def __init__(self, guard: NonFiniteGuard):
+    self.guard = guard
+    self.steps: list[tuple[int, Metrics]] = []
+    self.checked = 0  # How many of `steps` the guard has seen.
+
+  def append(self, step: int, step_metrics: Metrics) -> None:
+    self.steps.append((step, step_metrics))
+
+  def check(self, last_checkpoint: int | None) -> None:
+    """Feeds the not yet checked steps' non-finite flags to the guard (one transfer)."""
+    new = self.steps[self.checked :]
+    if new:
+      flags = jax.device_get([m["nonfinite"] for _, m in new])
+      self.guard.update([float(f) for f in flags], new[0][0], last_checkpoint)
+      self.checked = len(self.steps)
+
+  def drain(self, last_checkpoint: int | None) -> dict[str, float]:
+    """Averages over the finite steps since the last drain, on the host, and clears."""
+    self.check(last_checkpoint)
+    host = jax.device_get([m for _, m in self.steps])
+    good = [m for m in host if not m["nonfinite"]]
+    keys = [k for k in host[0] if k != "nonfinite"]
+    out = {k: float(np.mean([m[k] for m in good])) if good else float("nan") for k in keys}
+    out["nonfinite_steps"] = float(len(host) - len(good))
+    out["nonfinite_total"] = float(self.guard.total)
+    self.steps, self.checked = [], 0
+    return out
+
+
+def _log_run(config, num_examples: int, steps_per_epoch: int, num_steps: int, peak_lr: float):
+  batch = config.data.global_batch_size
+  logging.info(
+    "cljax: %d process(es), %d device(s) (%s); global batch %d images = %d views, %d "
+    "negatives per anchor; %d examples, %d steps per epoch, %d steps; peak LR %.4g.",
+    *(jax.process_count(), jax.device_count(), jax.devices()[0].platform),
+    *(batch, 2 * batch, 2 * batch - 2),
+    *(num_examples, steps_per_epoch, num_steps, peak_lr),
+  )
+  logging.info("Config:\n%s", config)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that would only fail later, inside a compiled step."""
+  if not config.loss.temperature > 0:
+    raise ValueError(f"loss.temperature must be > 0, got {config.loss.temperature}.")
+  for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
+    if config.train[key] < 1:
+      raise ValueError(f"train.{key} must be >= 1, got {config.train[key]}.")
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, force_resume: bool = False
 ) -> dict[str, float]:
@@ -253,6 +341,8 @@ def train_and_evaluate(
   Returns:
     The last logged training metrics, plus kNN accuracies when evaluated.
   """
+  check_config(config)
+  checkpoint.check_workdir(workdir)
   mesh = sharding.create_mesh()
   sharding.check_global_batch(config.data.global_batch_size, mesh)
   source = sources.create_source(config.data, "train")
@@ -262,22 +352,7 @@ def train_and_evaluate(
   )
   warmup_steps = int(round(config.optim.warmup_epochs * max(steps_per_epoch, 1)))
   learning_rate_fn = optim.create_learning_rate_fn(peak_lr, warmup_steps, num_steps)
-  batch = config.data.global_batch_size
-  logging.info(
-    "cljax: %d process(es), %d device(s) (%s); global batch %d images = %d views, %d "
-    "negatives per anchor; %d examples, %d steps per epoch, %d steps; peak LR %.4g.",
-    jax.process_count(),
-    jax.device_count(),
-    jax.devices()[0].platform,
-    batch,
-    2 * batch,
-    2 * batch - 2,
-    len(source),
-    steps_per_epoch,
-    num_steps,
-    peak_lr,
-  )
-  logging.info("Config:\n%s", config)
+  _log_run(config, len(source), steps_per_epoch, num_steps, peak_lr)
 
   rng = jax.random.key(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -287,24 +362,21 @@ def train_and_evaluate(
   train_iter = create_train_iterator(config, source)
 
   manager = checkpoint.create_manager(workdir, config)
-  start_step = 0
-  if manager.latest_step() is not None:
-    start_step = manager.latest_step()
-    checkpoint.check_resumable(manager, start_step, config, force_resume)
-    state = checkpoint.restore(manager, start_step, state, train_iter)
-    logging.info("Resumed from %s at step %d.", manager.directory, start_step)
-
+  state, start_step = checkpoint.restore_latest(manager, state, train_iter, config, force_resume)
   writer = metrics.MetricWriter(
-    workdir, total_steps=num_steps, views_per_step=2 * batch, enabled=jax.process_index() == 0
+    workdir,
+    total_steps=num_steps,
+    views_per_step=2 * config.data.global_batch_size,
+    enabled=jax.process_index() == 0,
   )
   writer.write_config(config.to_dict())
   step_fn = make_train_step(config, mesh, learning_rate_fn)
-  stop_at = config.train.stop_at_step or num_steps
+  stop_at = min(num_steps, config.train.stop_at_step or num_steps)
   stop = _StopSignal()
-  history, last = [], {}
-  step = start_step
+  pending = _PendingMetrics(NonFiniteGuard(config.train.max_nonfinite_streak))
+  last, step, saved = {}, start_step, (start_step if start_step else None)
   try:
-    while step < min(num_steps, stop_at) and not stop.received:
+    while step < stop_at and not stop.received:
       host_batch = next(train_iter)
       device_batch = sharding.host_to_global(
         {"view_a": host_batch["view_a"], "view_b": host_batch["view_b"]}, mesh
@@ -312,18 +384,18 @@ def train_and_evaluate(
       # Dispatch is asynchronous: the host fetches the next batch while the
       # device runs this step. Metrics stay on device until a log step.
       state, step_metrics = step_fn(state, device_batch, step_rng)
-      history.append(step_metrics)
       step += 1
+      pending.append(step, step_metrics)
       if step % config.train.log_every_steps == 0 or step == num_steps:
-        last = metrics.to_host(metrics.average(history))
-        last["epoch"] = step / max(steps_per_epoch, 1)
+        last = dict(pending.drain(saved), epoch=step / max(steps_per_epoch, 1))
         writer.write_scalars(step, last)
-        history = []
       if step % config.train.checkpoint_every_steps == 0:
-        checkpoint.save(manager, step, state, train_iter, config)
-    if step > start_step or manager.latest_step() is None:
-      checkpoint.save(manager, step, state, train_iter, config, force=True)
-    manager.wait_until_finished()
+        pending.check(saved)  # Never checkpoint past a run of failed steps.
+        saved = checkpoint.save(manager, step, state, train_iter, config) or saved
+    if saved != step:
+      pending.check(saved)
+      saved = checkpoint.save(manager, step, state, train_iter, config, force=True) or saved
+    checkpoint.wait(manager, saved)
   finally:
     stop.restore()
     manager.close()

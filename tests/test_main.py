@@ -186,9 +186,15 @@ def test_every_config_builds_its_model_and_optimizer():
 def test_sigterm_saves_exits_cleanly_and_the_next_start_resumes(tmp_path):
   workdir = tmp_path / "run"
   cmd = [
-      sys.executable, "-m", "cljax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
-      "--config.train.num_steps=100000", "--config.train.log_every_steps=1",
-      "--config.data.global_batch_size=16", "--config.model.stage_sizes=(1,)",
+    sys.executable,
+    "-m",
+    "cljax.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=100000",
+    "--config.train.log_every_steps=1",
+    "--config.data.global_batch_size=16",
+    "--config.model.stage_sizes=(1,)",
   ]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   jsonl = workdir / "metrics.jsonl"

@@ -199,3 +199,12 @@ def test_read_jsonl_keeps_ordinary_strings(tmp_path):
   path.write_text('{"step": 1, "note": "hello", "x": "nan"}\n\n')
   assert metrics.read_jsonl(path)[0]["note"] == "hello"
   assert math.isnan(metrics.read_jsonl(path)[0]["x"])
+
+
+def test_a_partial_last_line_from_a_killed_run_is_skipped_and_not_continued(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+  writer = metrics.MetricWriter(tmp_path, total_steps=5, views_per_step=2, progress=False)
+  writer.write_scalars(3, {"loss": 1.0})
+  writer.close()
+  assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 3]

@@ -1,5 +1,7 @@
-"""Evaluation of frozen features: weighted kNN classification."""
+"""Evaluation of pretrained encoders: kNN, linear probes, fine-tuning, collapse metrics, plots."""
 
-from cljax.evaluate import knn
+# Light modules only: `classifier` and `runner` import `cljax.train`, which imports this
+# package, so they are imported explicitly where needed.
+from cljax.evaluate import collapse, knn, linear, online
 
-__all__ = ["knn"]
+__all__ = ["collapse", "knn", "linear", "online"]

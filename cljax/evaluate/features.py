@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -53,3 +54,38 @@ def extract_features(
     features.append(np.asarray(out)[keep])
     labels.append(np.asarray(lab)[keep])
   return np.concatenate(features), np.concatenate(labels)
+
+
+def pixel_features(batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+  """Raw pixels as features (the usual no-learning baseline): flattened images in [0, 1].
+
+  Args:
+    batches: this process's ``{"image", "label", "mask"}`` batches of an eval iterator.
+
+  Returns:
+    ``(features, labels)``: (n, h * w * 3) float32 and (n,) labels of the unpadded rows.
+  """
+  features, labels = [], []
+  for batch in batches:
+    keep = np.asarray(batch["mask"], bool)
+    images = np.asarray(batch["image"])[keep]
+    features.append(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    labels.append(np.asarray(batch["label"])[keep])
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def save_features(path: str, features: np.ndarray, labels: np.ndarray, **meta: Any) -> None:
+  """Caches features and labels (and scalar ``meta`` such as the step) in one ``.npz``."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  # Written under a temporary name and renamed, so a killed job leaves no truncated cache.
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, features=features, labels=labels, **{f"meta_{k}": v for k, v in meta.items()})
+  os.replace(tmp, path)
+
+
+def load_features(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """``(features, labels, meta)`` as written by ``save_features``."""
+  with np.load(path) as f:
+    meta = {k[len("meta_") :]: f[k].item() for k in f.files if k.startswith("meta_")}
+    return f["features"], f["labels"], meta

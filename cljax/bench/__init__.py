@@ -1,0 +1,1 @@
+"""Throughput benchmarks (``python -m cljax.bench``): step, full path, input, host decoding."""

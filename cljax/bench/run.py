@@ -1,0 +1,332 @@
+"""The benchmark's measurements: (a) the step alone, (b) the full path, (c) the input alone."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cljax import metrics, optim, sharding, train
+from cljax.bench import flops, host, timing
+from cljax.data import device, pipeline, sources
+
+PARTS = ("step", "full", "input", "host_jpeg", "matmul")
+Row = dict[str, Any]
+
+
+class Trainer:
+  """What ``train.train_and_evaluate`` builds before its loop, for the timed loops to share."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config, self.mesh = config, sharding.create_mesh()
+    sharding.check_global_batch(config.data.global_batch_size, self.mesh)
+    self.source = sources.create_source(config.data, "train")
+    self.batch = config.data.global_batch_size
+    steps_per_epoch, num_steps = train.total_steps(config, len(self.source))
+    peak_lr = optim.scaled_learning_rate(config.optim.base_lr, self.batch, config.optim.lr_scaling)
+    warmup = int(round(config.optim.warmup_epochs * max(steps_per_epoch, 1)))
+    self.lr_fn = optim.create_learning_rate_fn(peak_lr, warmup, num_steps)
+    init_rng, self.rng = jax.random.split(jax.random.key(config.train.seed))
+    size = config.data.image_size
+    state = train.create_train_state(config, init_rng, self.lr_fn, (size, size, 3))
+    self.state = jax.device_put(state, sharding.replicated(self.mesh))
+    self.step_fn = train.make_train_step(config, self.mesh, self.lr_fn)
+    self.step = 0
+    self.flops_per_view = flops.train_flops_per_view(config)
+    self._device_iterator = None
+    self.device_load_s = None
+
+  def synthetic_batch(self) -> dict[str, jax.Array]:
+    """Random uint8 views of the configured shape, already on the devices."""
+    local = self.batch // jax.process_count()
+    shape = (local, self.config.data.image_size, self.config.data.image_size, 3)
+    rng = np.random.default_rng(jax.process_index())
+    views = {k: rng.integers(0, 256, shape, np.uint8) for k in ("view_a", "view_b")}
+    return sharding.host_to_global(views, self.mesh)
+
+  def device_iterator(self) -> device.DeviceBatchIterator:
+    """The device-resident batches (the data set is loaded once, on first use)."""
+    if self._device_iterator is None:
+      c = self.config
+      start = time.perf_counter()
+      self._device_iterator = device.create_device_iterator(
+        self.source,
+        self.mesh,
+        seed=c.train.seed,
+        global_batch_size=self.batch,
+        image_size=c.data.image_size,
+        crop_area=(c.data.augment.crop_area_min, 1.0),
+        flip=c.data.augment.flip,
+      )
+      self.device_load_s = round(time.perf_counter() - start, 3)
+    return self._device_iterator
+
+  def host_batches(self) -> Iterator[dict[str, jax.Array]]:
+    """As the training loop: this process's batch from grain, then global arrays."""
+    train_iter = train.create_train_iterator(self.config, self.source)
+    try:
+      for host_batch in train_iter:
+        yield sharding.host_to_global(
+          {"view_a": host_batch["view_a"], "view_b": host_batch["view_b"]}, self.mesh
+        )
+    finally:
+      train_iter.close()
+
+
+def _throughput(views_per_s: float, flops_per_view: float) -> Row:
+  tflops = views_per_s * flops_per_view / 1e12
+  peak = flops.peak_tflops(jax.devices()[0].device_kind)
+  return {
+    "tflops": round(tflops, 4),
+    "peak_tflops_per_chip": peak,
+    "fraction_of_peak": None if peak is None else round(tflops / jax.device_count() / peak, 4),
+  }
+
+
+def bench_step(trainer: Trainer, windows: int, steps: int, warmup: int) -> Row:
+  """(a): the jitted train step alone, on a synthetic batch already on the devices."""
+  batch = trainer.synthetic_batch()
+
+  def run(k: int):
+    for _ in range(k):
+      trainer.state, _ = trainer.step_fn(trainer.state, batch, trainer.rng)
+    return trainer.state
+
+  with timing.CompileCounter() as compiles:
+    start = time.perf_counter()
+    jax.block_until_ready(run(1))
+    first_step_s = time.perf_counter() - start
+  result = timing.time_windows(run, windows=windows, steps=steps, warmup=warmup)
+  row = {"part": "step", **timing.rates(result, 2 * trainer.batch)}
+  row["ms_per_step"] = round(1e3 / statistics.median(result["steps_per_s"]), 3)
+  row["compile_s"] = round(compiles.seconds, 3)
+  row["first_step_s"] = round(first_step_s, 3)
+  row["peak_memory_bytes"] = timing.peak_memory_bytes()
+  row["gflop_per_view"] = round(trainer.flops_per_view / 1e9, 4)
+  return row | _throughput(row["views_per_s"], trainer.flops_per_view)
+
+
+def bench_full(trainer: Trainer, mode: str, windows: int, steps: int, warmup: int) -> Row:
+  """(b): the loop body of ``train.train_and_evaluate``, checkpoints excepted.
+
+  Each step takes the next batch (host: grain + ``host_to_global``; device: the
+  device-resident iterator), runs the step and keeps its metrics on device; every
+  ``log_every_steps`` it averages them, fetches them to the host and writes them.
+  """
+  batches = iter(trainer.device_iterator()) if mode == "device" else trainer.host_batches()
+  log_every = trainer.config.train.log_every_steps
+  history = []
+  with tempfile.TemporaryDirectory() as workdir:
+    writer = metrics.MetricWriter(
+      workdir,
+      total_steps=10**9,
+      views_per_step=2 * trainer.batch,
+      enabled=jax.process_index() == 0,
+      progress=False,
+    )
+
+    def run(k: int):
+      nonlocal history
+      for _ in range(k):
+        trainer.state, step_metrics = trainer.step_fn(trainer.state, next(batches), trainer.rng)
+        history.append(step_metrics)
+        trainer.step += 1
+        if trainer.step % log_every == 0:
+          writer.write_scalars(trainer.step, metrics.to_host(metrics.average(history)))
+          history = []
+      return trainer.state
+
+    # Warm up through a log step, so that the metric averaging has compiled too.
+    result = timing.time_windows(run, windows=windows, steps=steps, warmup=max(warmup, log_every))
+    writer.close()
+  if mode == "host":
+    batches.close()
+  row = {"part": "full", "mode": mode, **timing.rates(result, 2 * trainer.batch)}
+  row["log_every_steps"] = log_every
+  if mode == "device":
+    row["device_load_s"] = trainer.device_load_s
+  row["peak_memory_bytes"] = timing.peak_memory_bytes()
+  return row | _throughput(row["views_per_s"], trainer.flops_per_view)
+
+
+def _input_iterators(trainer: Trainer, mode: str) -> list[tuple[Row, Any]]:
+  if mode == "device":
+    return [({"mode": "device"}, trainer.device_iterator())]
+  c = trainer.config
+  one_core = pipeline.create_pretrain_iterator(
+    trainer.source,
+    seed=c.train.seed,
+    global_batch_size=trainer.batch,
+    image_size=c.data.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=0,
+    read_threads=1,
+    crop_area=(c.data.augment.crop_area_min, 1.0),
+    flip=c.data.augment.flip,
+  )
+  return [
+    ({"mode": "host", "num_workers": c.data.num_workers, "cores_used": None}, None),
+    ({"mode": "host", "num_workers": 0, "cores_used": 1}, one_core),
+  ]
+
+
+def bench_input(
+  trainer: Trainer, mode: str, windows: int, warmup_s: float = 3.0, window_s: float = 2.0
+) -> list[Row]:
+  """(c): the input pipeline alone: as configured, and on one host core; or device batches."""
+  rows = []
+  for fields, it in _input_iterators(trainer, mode):
+    it = it or train.create_train_iterator(trainer.config, trainer.source)
+    result = timing.time_windows(
+      lambda k, it=it: [next(it) for _ in range(k)][-1],
+      windows=windows,
+      steps=1,
+      warmup=1,
+      warmup_s=warmup_s,
+      min_window_s=window_s,
+    )
+    if mode == "host":
+      it.close()
+    row = {"part": "input", **fields, **timing.rates(result, 2 * trainer.batch)}
+    row["images_per_s"] = round(row["views_per_s"] / 2, 2)
+    if fields.get("cores_used") == 1:
+      row["images_per_s_per_core"] = row["images_per_s"]
+    rows.append(row)
+  return rows
+
+
+def bench_matmul(size: int = 8192, repeats: int = 20) -> Row:
+  """A bf16 ``size``^3 matmul on one device, as the reference measures its peak."""
+  a = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (size, size), jnp.bfloat16)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    c = matmul(a, b)
+  jax.block_until_ready(c)
+  seconds = (time.perf_counter() - start) / repeats
+  return {"part": "matmul", "size": size, "tflops": round(2 * size**3 / seconds / 1e12, 2)}
+
+
+def env_row(config: ml_collections.ConfigDict) -> Row:
+  """What ran where: versions, devices, host cores, the model and batch."""
+  return {
+    "part": "env",
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "num_devices": jax.device_count(),
+    "num_processes": jax.process_count(),
+    "host_cores": host.host_cores(),
+    "model": (
+      f"resnet{config.model.depth} stem={config.model.stem} "
+      f"width={config.model.num_filters}x{config.model.width_multiplier} {config.model.dtype}"
+    ),
+    "image_size": config.data.image_size,
+    "global_batch_size": config.data.global_batch_size,
+    "views_per_step": 2 * config.data.global_batch_size,
+    "data_source": config.data.source,
+  }
+
+
+def summary_row(rows: Sequence[Row]) -> Row:
+  """The headline figures of ``rows``."""
+  step = next((r for r in rows if r["part"] == "step"), {})
+  summary = {"part": "summary"}
+  for key in ("views_per_s", "compile_s", "peak_memory_bytes", "tflops", "fraction_of_peak"):
+    summary[f"step_{key}"] = step.get(key)
+  for r in rows:
+    if r["part"] == "full":
+      summary[f"full_{r['mode']}_views_per_s"] = r["views_per_s"]
+      summary[f"full_{r['mode']}_over_step"] = r["ratio_to_step"]
+    elif r["part"] == "input" and r.get("cores_used") is None:
+      summary[f"input_{r['mode']}_views_per_s"] = r["views_per_s"]
+    elif r["part"] == "input":
+      summary["input_host_images_per_s_per_core"] = r["images_per_s_per_core"]
+    elif r["part"] == "host_jpeg" and r["num_workers"] == 0:
+      summary["jpeg_images_per_s_per_core"] = r["images_per_s_per_core"]
+    elif r["part"] == "matmul" and step:
+      summary["step_fraction_of_matmul"] = round(
+        step["tflops"] / jax.device_count() / r["tflops"], 4
+      )
+  return summary
+
+
+def run_benchmark(
+  config: ml_collections.ConfigDict,
+  *,
+  windows: int = 5,
+  steps_per_window: int = 0,
+  warmup_steps: int = 2,
+  parts: Sequence[str] = PARTS,
+  modes: Sequence[str] = (),
+  jpeg_workers: Sequence[int] = (),
+  input_options: dict[str, float] | None = None,
+  jpeg_options: dict[str, Any] | None = None,
+  emit: Callable[[Row], None] = lambda row: None,
+) -> list[Row]:
+  """Runs the measurements named in ``parts``; ``emit`` sees each row as it is made.
+
+  Args:
+    config: a run config (``configs/*.py``).
+    windows: timed windows per measurement; the median is reported.
+    steps_per_window: steps per window of (a) and (b); 0: ``train.log_every_steps``.
+    warmup_steps: untimed steps before (a) and (b) (at least one log interval for (b)).
+    parts: any of ``PARTS``; "matmul" runs on accelerators only.
+    modes: data paths for (b) and (c), "host" and/or "device"; default the config's
+      (``data.device_resident``, host when the key is absent).
+    jpeg_workers: grain worker counts for "host_jpeg"; default 0 and all host cores.
+    input_options: ``bench_input`` keywords (warmup_s, window_s).
+    jpeg_options: ``host.bench_host_jpeg`` keywords (sizes, warmup_s, window_s).
+    emit: called with each row as soon as it is measured.
+
+  Returns:
+    The rows, ending with the summary.
+
+  Raises:
+    ValueError: unknown parts or modes.
+  """
+  steps = steps_per_window or config.train.log_every_steps
+  modes = list(modes) or ["device" if config.data.get("device_resident", False) else "host"]
+  if bad := (set(modes) - {"host", "device"}) | (set(parts) - set(PARTS)):
+    raise ValueError(f"unknown parts or modes {sorted(bad)}; parts: {PARTS}, modes: host, device")
+  rows = []
+
+  def add(row):
+    rows.append(row)
+    emit(row)
+
+  add(env_row(config))
+  if "matmul" in parts and jax.default_backend() != "cpu":
+    add(bench_matmul())
+  trainer = Trainer(config) if {"step", "full", "input"} & set(parts) else None
+  if "step" in parts:
+    add(bench_step(trainer, windows, steps, warmup_steps))
+  for mode in modes if "full" in parts else ():
+    row = bench_full(trainer, mode, windows, steps, warmup_steps)
+    add(row | {"ratio_to_step": _ratio(rows, row)})
+  for mode in modes if "input" in parts else ():
+    for row in bench_input(trainer, mode, windows, **(input_options or {})):
+      add(row)
+  if "host_jpeg" in parts:
+    counts = list(jpeg_workers) or sorted({0, host.host_cores()})
+    for row in host.bench_host_jpeg(worker_counts=counts, windows=windows, **(jpeg_options or {})):
+      add(row)
+  add(summary_row(rows))
+  return rows
+
+
+def _ratio(rows: Sequence[Row], row: Row) -> float | None:
+  step = next((r for r in rows if r["part"] == "step"), None)
+  return None if step is None else round(row["views_per_s"] / step["views_per_s"], 4)

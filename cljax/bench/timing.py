@@ -1,0 +1,100 @@
+"""Timing windows with warm-up and a median, compile counting, peak device memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+
+
+class CompileCounter:
+  """Counts XLA compilations and sums trace + lowering + compile seconds while entered.
+
+  Listens to JAX's monitoring events, so it sees every jit in the process, and costs
+  nothing: ``jit(f).lower(...).compile()`` would compile a second time, because the
+  result does not enter ``jit(f)``'s call cache.
+  """
+
+  def __init__(self):
+    self.count, self.seconds = 0, 0.0
+
+  def __call__(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event in _COMPILE_EVENTS:
+      self.seconds += duration
+      self.count += event == _COMPILE_EVENTS[-1]
+
+  def __enter__(self) -> CompileCounter:
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+def peak_memory_bytes() -> int | None:
+  """Largest ``peak_bytes_in_use`` over this process's devices; None where not reported (CPU)."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
+def time_windows(
+  run: Callable[[int], Any],
+  *,
+  windows: int,
+  steps: int,
+  warmup: int,
+  warmup_s: float = 0.0,
+  min_window_s: float = 0.0,
+) -> dict[str, Any]:
+  """Times ``run`` over ``windows`` windows of ``steps`` steps (repeated to ``min_window_s``).
+
+  Args:
+    run: runs k steps and returns arrays to wait for (``jax.block_until_ready``).
+    windows: number of timed windows.
+    steps: steps per call of ``run`` in a window.
+    warmup: untimed steps first.
+    warmup_s: then untimed single steps until this many seconds have passed, so that
+      worker processes have started and their prefetch buffers are in their steady state.
+    min_window_s: a window repeats ``run(steps)`` until it has lasted this long, so that
+      buffering and timer resolution do not bias fast loops.
+
+  Returns:
+    {"steps_per_s": per window, "seconds": window lengths, "recompiles": XLA compilations
+    inside the windows}.
+  """
+  start = time.perf_counter()
+  if warmup:
+    jax.block_until_ready(run(warmup))
+  while time.perf_counter() - start < warmup_s:
+    jax.block_until_ready(run(1))
+  rates, seconds = [], []
+  with CompileCounter() as compiles:
+    for _ in range(windows):
+      start, done = time.perf_counter(), 0
+      while done == 0 or time.perf_counter() - start < min_window_s:
+        jax.block_until_ready(run(steps))
+        done += steps
+      seconds.append(time.perf_counter() - start)
+      rates.append(done / seconds[-1])
+  return {"steps_per_s": rates, "seconds": seconds, "recompiles": compiles.count}
+
+
+def rates(timing: dict[str, Any], views_per_step: int) -> dict[str, Any]:
+  """The median and per-window views/s of a ``time_windows`` result."""
+  per_window = [views_per_step * r for r in timing["steps_per_s"]]
+  return {
+    "views_per_s": round(statistics.median(per_window), 2),
+    "window_views_per_s": [round(r, 2) for r in per_window],
+    "recompiles": timing["recompiles"],
+  }

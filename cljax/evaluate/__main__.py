@@ -1,0 +1,104 @@
+"""Command line: ``python -m cljax.evaluate --config=configs/X.py --workdir=DIR``."""
+
+from __future__ import annotations
+
+import json
+import logging as py_logging
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cljax.evaluate import runner
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "The run's config file from configs/; override fields with --config.a.b=v.",
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The pretraining workdir to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default the latest.")
+_LINEAR = flags.DEFINE_bool("linear_probe", True, "L-BFGS linear probe on cached features.")
+_PLOTS = flags.DEFINE_bool("plots", True, "Write the t-SNE and similarity PNGs.")
+_TSNE_POINTS = flags.DEFINE_integer("tsne_points", 2000, "Eval-split points in the t-SNE map.")
+_PAIRS = flags.DEFINE_integer(
+  "pair_examples", 512, "Eval images whose two augmented views give alignment and similarities."
+)
+_BASELINES = flags.DEFINE_bool(
+  "baselines", False, "Also evaluate the randomly initialised encoder and raw pixels."
+)
+_LINEAR_SGD_EPOCHS = flags.DEFINE_integer(
+  "linear_sgd_epochs", 0, "> 0: also SimCLR's SGD linear protocol (crop+flip) for this many epochs."
+)
+_FINETUNE = flags.DEFINE_list(
+  "finetune_fractions", [], "Label fractions to fine-tune the whole network on, e.g. 0.01,0.1."
+)
+_FINETUNE_EPOCHS = flags.DEFINE_integer(
+  "finetune_epochs", None, "Fine-tuning epochs; default SimCLR's (60 for 1%, 30 for 10%)."
+)
+_CLASSIFIER_BATCH = flags.DEFINE_integer(
+  "classifier_batch_size", 4096, "Global batch of the SGD linear protocol and fine-tuning."
+)
+_WORKERS = flags.DEFINE_integer("num_workers", 0, "grain worker processes for the eval pipeline.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO lines from orbax and grain; keeps warnings."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
+def _summary(result: dict) -> list[str]:
+  lines = [f"step {result['step']}: {result['num_train']} train / {result['num_eval']} eval"]
+  if "knn" in result:
+    lines.append(f"kNN top-1 (k={result['knn']['k']}): {result['knn']['top1']:.2%}")
+  if "linear_probe" in result:
+    probe = result["linear_probe"]
+    lines.append(
+      f"linear probe top-1 {probe['top1']:.2%}, top-5 {probe['top5']:.2%} (l2={probe['l2']:g})"
+    )
+  for name, base in result.get("baselines", {}).items():
+    parts = [f"kNN {base['knn']['top1']:.2%}"]
+    if "linear_probe" in base:
+      parts.append(f"linear {base['linear_probe']['top1']:.2%}")
+    lines.append(f"baseline {name}: " + ", ".join(parts))
+  projection = result["collapse"]["projection"]
+  lines.append(
+    f"embeddings: std x sqrt(d) {projection['embedding_std_ratio']:.3f}, effective rank "
+    f"{projection['effective_rank']:.1f}, alignment {projection['alignment']:.3f}, "
+    f"uniformity {projection['uniformity']:.3f}"
+  )
+  return lines
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  result = runner.evaluate_checkpoint(
+    _CONFIG.value,
+    _WORKDIR.value,
+    step=_STEP.value,
+    linear_probe=_LINEAR.value,
+    plot=_PLOTS.value,
+    tsne_points=_TSNE_POINTS.value,
+    pair_examples=_PAIRS.value,
+    baselines=_BASELINES.value,
+    linear_sgd_epochs=_LINEAR_SGD_EPOCHS.value,
+    finetune_fractions=[float(f) for f in _FINETUNE.value],
+    finetune_epochs=_FINETUNE_EPOCHS.value,
+    classifier_batch_size=_CLASSIFIER_BATCH.value,
+    num_workers=_WORKERS.value,
+  )
+  if jax.process_index() == 0:
+    print("\n".join(_summary(result)))
+    print(json.dumps({"eval": result}, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,421 @@
+"""Supervised training on a pretrained encoder: SimCLR's linear protocol and label-subset tuning.
+
+Both attach a zero-initialised linear layer to the encoder output (the projection head is
+dropped) and train with SGD, Nesterov momentum 0.9, a cosine schedule, no weight decay and
+random resized crop + flip, as SimCLR does (Chen et al. 2020, appendix B.5 and B.6):
+
+- ``linear_probe_sgd``: the encoder is frozen (eval-mode BatchNorm, stop-gradient); only the
+  linear layer learns. SimCLR: batch 4096, learning rate 0.1 x B/256, 90 epochs.
+- ``finetune``: encoder and layer learn on a class-balanced ``label_fraction`` of the training
+  labels (fixed seed), BatchNorm in training mode with global statistics. SimCLR: batch 4096,
+  learning rate 0.05 x B/256, 60 epochs on 1% and 30 on 10% of ImageNet.
+
+Training is plain ``jax.jit`` over a batch-sharded global array (XLA inserts the cross-device
+reductions, so BatchNorm statistics are global); evaluation uses the centre-crop eval pipeline
+and reports top-1 and top-5.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from cljax import models, sharding, train
+from cljax.data import pipeline, sources
+from cljax.evaluate import features, linear
+
+
+class Classifier(nn.Module):
+  """The encoder followed by a linear layer ``classifier``; ``frozen`` stops gradients into it."""
+
+  encoder: nn.Module
+  num_classes: int
+  frozen: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    z = self.encoder(x, train=train and not self.frozen)
+    if self.frozen:
+      z = jax.lax.stop_gradient(z)
+    # Zero initialisation (SimCLR's zero_init_logits_layer): the first predictions are uniform.
+    dense = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="classifier")
+    return dense(z.astype(jnp.float32))
+
+
+class Subset:
+  """The examples ``indices`` of a random-access source, in that order."""
+
+  def __init__(self, source: Any, indices: Sequence[int]):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> Any:
+    return self.source[int(self.indices[index])]
+
+  def __repr__(self) -> str:
+    # Stable across processes: grain's checkpointed state and worker processes rely on it.
+    digest = int(np.bitwise_xor.reduce(self.indices * 2654435761 % 2**31)) if len(self) else 0
+    return f"Subset({self.source!r}, num_examples={len(self)}, digest={digest})"
+
+
+def source_labels(source: Any) -> np.ndarray:
+  """All labels of a source: its ``labels`` array when it has one, else read example by example."""
+  labels = getattr(source, "labels", None)
+  if labels is not None:
+    return np.asarray(labels, np.int64)
+  return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int64)
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+  """Indices of a class-balanced random ``fraction`` of the labelled examples.
+
+  Each class contributes ``round(fraction * count)`` examples (at least one), drawn without
+  replacement from a generator seeded by ``seed``, so a fixed seed gives a fixed subset.
+
+  Args:
+    labels: (n,) integer labels; examples with a label < 0 are never chosen.
+    fraction: in (0, 1].
+    seed: seed of the draw.
+
+  Returns:
+    Sorted (m,) int64 indices into ``labels``.
+
+  Raises:
+    ValueError: if ``fraction`` is outside (0, 1] or no example is labelled.
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+  labels = np.asarray(labels)
+  classes = np.unique(labels[labels >= 0])
+  if not len(classes):
+    raise ValueError("no labelled examples to draw a subset from.")
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in classes:
+    members = np.flatnonzero(labels == c)
+    chosen.append(rng.choice(members, max(1, int(round(fraction * len(members)))), replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+class OneView(grain.transforms.RandomMap):
+  """Example -> one random resized crop (+ flip) of size ``image_size``, and its label."""
+
+  def __init__(self, image_size: int, crop_area: tuple[float, float], flip: bool):
+    self.image_size, self.crop_area, self.flip = image_size, crop_area, flip
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = element["image"]
+    box = pipeline.random_resized_crop_box(*image.shape[:2], rng, self.crop_area)
+    view = pipeline.crop_and_resize(image, box, self.image_size)
+    if rng.random() < 0.5 and self.flip:
+      view = view[:, ::-1]
+    return {"image": np.ascontiguousarray(view), "label": np.int32(element["label"])}
+
+
+def create_train_iterator(
+  source: Any,
+  *,
+  seed: int,
+  batch_size: int,
+  image_size: int,
+  num_epochs: int,
+  crop_area: tuple[float, float] = (0.08, 1.0),
+  flip: bool = True,
+  num_workers: int = 0,
+) -> Any:
+  """This process's batches of single augmented views, reshuffled every epoch.
+
+  Returns:
+    An iterator of ``{"image": uint8 (b, S, S, 3), "label": int32 (b,)}``, b = batch_size //
+    process_count, ``num_epochs * (len(source) // batch_size)`` batches in all.
+  """
+  count, index = jax.process_count(), jax.process_index()
+  usable = len(source) - len(source) % count
+  ds = grain.MapDataset.source(source).seed(seed).shuffle()
+  ds = ds.random_map(OneView(image_size, tuple(crop_area), flip))[:usable][index::count]
+  ds = ds.repeat(num_epochs).batch(batch_size // count, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if num_workers > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(iter_ds)
+
+
+def _variables(state: Any) -> dict[str, Any]:
+  """``{"params", "batch_stats"}`` of a TrainState or of a plain-orbax restored dict."""
+  if isinstance(state, Mapping):
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _make_step(model: Classifier, tx: optax.GradientTransformation):
+  """The jitted SGD step: gradients for ``trainable`` only; ``fixed`` parameters stay as given."""
+
+  def loss_fn(trainable, fixed, batch_stats, images, labels):
+    variables = {"params": {**fixed, **trainable}, "batch_stats": batch_stats}
+    x = train.normalize_images(images.astype(jnp.float32) / 255.0)
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    return loss, (updates["batch_stats"], accuracy)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(trainable, opt_state, fixed, batch_stats, images, labels):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (batch_stats, accuracy)), grads = grad_fn(trainable, fixed, batch_stats, images, labels)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, batch_stats, {"loss": loss, "accuracy": accuracy}
+
+  return step
+
+
+def train_classifier(
+  config: ml_collections.ConfigDict,
+  state: Any,
+  train_source: Any,
+  eval_source: Any,
+  *,
+  num_classes: int,
+  frozen: bool,
+  num_epochs: int,
+  batch_size: int,
+  base_lr: float,
+  momentum: float = 0.9,
+  crop_area: tuple[float, float] = (0.08, 1.0),
+  seed: int = 0,
+  mesh: Mesh | None = None,
+  num_workers: int = 0,
+  log_every_steps: int = 100,
+) -> dict[str, float]:
+  """Trains a linear layer on the encoder of ``state`` (and the encoder unless ``frozen``).
+
+  Args:
+    config: the pretraining config (model and data sections).
+    state: a TrainState, or the dict plain orbax restores, holding ``params["encoder"]``.
+    train_source: random-access source of labelled training examples.
+    eval_source: source of the examples to score (centre crops).
+    num_classes: number of classes.
+    frozen: True: SimCLR's linear protocol; False: fine-tune everything.
+    num_epochs: passes over ``train_source``.
+    batch_size: global batch size; a multiple of the device count, <= len(train_source).
+    base_lr: learning rate per 256 examples (scaled linearly with the batch).
+    momentum: Nesterov momentum.
+    crop_area: range of the random crop's area fraction.
+    seed: order, augmentation and nothing else (the layer starts at zero).
+    mesh: devices to shard the batch over; default all.
+    num_workers: grain worker processes.
+    log_every_steps: log the training loss this often.
+
+  Returns:
+    ``{"top1", "top5", "train_loss", "train_accuracy", "steps", "seconds"}``.
+
+  Raises:
+    ValueError: if the training set is smaller than one batch or the batch does not split
+      over the devices.
+  """
+  mesh = mesh or sharding.create_mesh()
+  sharding.check_global_batch(batch_size, mesh)
+  steps_per_epoch = len(train_source) // batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(
+      f"{len(train_source)} training examples are fewer than one batch of "
+      f"{batch_size}; lower batch_size."
+    )
+  if num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1, got {num_epochs}.")
+  num_steps = num_epochs * steps_per_epoch
+  model = Classifier(models.create_encoder(config.model), num_classes, frozen)
+  variables = _variables(state)
+  image_shape = (1, config.data.image_size, config.data.image_size, 3)
+  # Shapes only: the layer starts at zero, and initialising a whole encoder would be wasted.
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros(image_shape)
+  )
+  head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"]["classifier"])
+  params = {"encoder": variables["params"]["encoder"], "classifier": head}
+  batch_stats = {"encoder": variables["batch_stats"]["encoder"]}
+  trainable_keys = ("classifier",) if frozen else ("encoder", "classifier")
+  trainable = {k: params[k] for k in trainable_keys}
+  fixed = {k: v for k, v in params.items() if k not in trainable_keys}
+  schedule = optax.cosine_decay_schedule(base_lr * batch_size / 256, max(num_steps, 1))
+  tx = optax.sgd(schedule, momentum=momentum, nesterov=True)
+  rep = sharding.replicated(mesh)
+  trainable, fixed, batch_stats = jax.device_put((trainable, fixed, batch_stats), rep)
+  opt_state = jax.device_put(tx.init(trainable), rep)
+  step_fn = _make_step(model, tx)
+  it = create_train_iterator(
+    train_source,
+    seed=seed,
+    batch_size=batch_size,
+    image_size=config.data.image_size,
+    num_epochs=num_epochs,
+    crop_area=crop_area,
+    num_workers=num_workers,
+  )
+  t0, history = time.time(), []
+  for step, batch in enumerate(it, start=1):
+    batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
+    trainable, opt_state, batch_stats, metrics = step_fn(
+      trainable, opt_state, fixed, batch_stats, batch["image"], batch["label"]
+    )
+    history.append(metrics)
+    if step % log_every_steps == 0 or step == num_steps:
+      last = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
+      logging.info("%s step %d/%d: %s", "linear" if frozen else "finetune", step, num_steps, last)
+      history = []
+  seconds = time.time() - t0
+  result = evaluate_classifier(
+    model,
+    {"params": {**fixed, **trainable}, "batch_stats": batch_stats},
+    eval_source,
+    config=config,
+    mesh=mesh,
+    num_workers=num_workers,
+  )
+  result.update(
+    train_loss=last["loss"], train_accuracy=last["accuracy"], steps=num_steps, seconds=seconds
+  )
+  return result
+
+
+def evaluate_classifier(
+  model: Classifier,
+  variables: dict[str, Any],
+  source: Any,
+  *,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  num_workers: int = 0,
+) -> dict[str, float]:
+  """Top-1 and top-5 of ``model`` on the centre crops of ``source``."""
+  it = pipeline.create_eval_iterator(
+    source,
+    batch_size=config.evals.batch_size,
+    image_size=config.data.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=num_workers,
+  )
+  apply_fn = lambda v, x, train: (model.apply(v, x, train=train), None)
+  logits, labels = features.extract_features(variables, apply_fn, it, mesh)
+  return linear.topk_accuracy(logits, labels)
+
+
+def linear_probe_sgd(
+  config: ml_collections.ConfigDict,
+  state: Any,
+  *,
+  train_source: Any | None = None,
+  eval_source: Any | None = None,
+  num_classes: int | None = None,
+  num_epochs: int = 90,
+  batch_size: int = 4096,
+  base_lr: float = 0.1,
+  **kwargs: Any,
+) -> dict[str, float]:
+  """SimCLR's linear evaluation: SGD on a linear layer over the frozen, augmented encoder.
+
+  Args:
+    config: the pretraining config; its data section names the sources by default.
+    state: a TrainState or plain-orbax restored dict.
+    train_source: labelled training examples (default: the config's train split).
+    eval_source: examples to score (default: the config's eval split).
+    num_classes: default: 1 + the largest training label.
+    num_epochs: SimCLR: 90.
+    batch_size: SimCLR: 4096.
+    base_lr: per 256 examples; SimCLR: 0.1 (1.6 at batch 4096).
+    **kwargs: passed to ``train_classifier`` (momentum, crop_area, seed, mesh, ...).
+
+  Returns:
+    As ``train_classifier``.
+  """
+  if train_source is None:
+    train_source = sources.create_source(config.data, "train")
+  if eval_source is None:
+    eval_source = sources.create_source(config.data, "eval")
+  num_classes = num_classes or int(source_labels(train_source).max()) + 1
+  return train_classifier(
+    config,
+    state,
+    train_source,
+    eval_source,
+    num_classes=num_classes,
+    frozen=True,
+    num_epochs=num_epochs,
+    batch_size=batch_size,
+    base_lr=base_lr,
+    **kwargs,
+  )
+
+
+def finetune(
+  config: ml_collections.ConfigDict,
+  state: Any,
+  *,
+  label_fraction: float,
+  subset_seed: int = 0,
+  train_source: Any | None = None,
+  eval_source: Any | None = None,
+  num_classes: int | None = None,
+  num_epochs: int | None = None,
+  batch_size: int = 4096,
+  base_lr: float = 0.05,
+  **kwargs: Any,
+) -> dict[str, float]:
+  """Semi-supervised evaluation: fine-tunes encoder and a new linear layer on a label subset.
+
+  Args:
+    config: the pretraining config; its data section names the sources by default.
+    state: a TrainState or plain-orbax restored dict (the pretrained encoder).
+    label_fraction: fraction of the training labels used (0.01, 0.1), class-balanced.
+    subset_seed: seed of the subset; fixed so that runs compare on the same labels.
+    train_source: the full labelled training set (default: the config's train split).
+    eval_source: examples to score (default: the config's eval split).
+    num_classes: default: 1 + the largest training label.
+    num_epochs: default SimCLR's: 60 below 10% of the labels, else 30.
+    batch_size: global batch; capped at the subset size (rounded down to whole devices).
+    base_lr: per 256 examples; SimCLR: 0.05.
+    **kwargs: passed to ``train_classifier`` (momentum, crop_area, seed, mesh, ...).
+
+  Returns:
+    As ``train_classifier``, plus ``label_fraction`` and ``num_labelled``.
+  """
+  if train_source is None:
+    train_source = sources.create_source(config.data, "train")
+  if eval_source is None:
+    eval_source = sources.create_source(config.data, "eval")
+  labels = source_labels(train_source)
+  num_classes = num_classes or int(labels.max()) + 1
+  subset = Subset(train_source, balanced_subset(labels, label_fraction, subset_seed))
+  if num_epochs is None:
+    num_epochs = 60 if label_fraction < 0.1 else 30
+  devices = (kwargs.get("mesh") or sharding.create_mesh()).devices.size
+  batch_size = max(devices, min(batch_size, len(subset)) // devices * devices)
+  result = train_classifier(
+    config,
+    state,
+    subset,
+    eval_source,
+    num_classes=num_classes,
+    frozen=False,
+    num_epochs=num_epochs,
+    batch_size=batch_size,
+    base_lr=base_lr,
+    **kwargs,
+  )
+  result.update(label_fraction=label_fraction, num_labelled=len(subset))
+  return result

@@ -1,0 +1,412 @@
+"""Evaluates a workdir's checkpoint: features, kNN, linear probe, collapse metrics, plots.
+
+``python -m cljax.evaluate --config=configs/X.py --workdir=DIR`` calls ``evaluate_checkpoint``,
+which writes into ``DIR/eval/``::
+
+    step_<N>.json                 every result below, for checkpoint step N
+    features_step<N>_<split>.npz  cached encoder features (reused by the next evaluation)
+    curves.png                    loss and accuracy curves from DIR/metrics.jsonl
+    tsne_step<N>.png              t-SNE of eval-split features, coloured by class
+    similarity_step<N>.png        positive- vs negative-pair cosine similarity
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh
+
+from cljax import checkpoint, metrics, sharding, train
+from cljax.data import augment, pipeline, sources
+from cljax.evaluate import classifier, collapse, features, knn, linear, plots
+
+# Rows used for the O(n^2) uniformity of encoder features; the std and rank use all rows.
+_UNIFORMITY_ROWS = 4096
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+  """The TrainState's shapes and dtypes, replicated over ``mesh``: the restore target."""
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  # Any callable schedule gives the optimiser state the saved structure; its values are unused.
+  create = functools.partial(train.create_train_state, config, learning_rate_fn=lambda _: 0.0)
+  shapes = jax.eval_shape(lambda key: create(key, image_shape=image_shape), jax.random.key(0))
+  rep = sharding.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+def restore_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None, mesh: Mesh
+) -> tuple[Any, int]:
+  """The train state at ``step`` (default: the latest) of ``workdir``, replicated on ``mesh``.
+
+  Raises:
+    FileNotFoundError: if the workdir has no checkpoint (at ``step``).
+  """
+  manager = checkpoint.create_manager(workdir, config)
+  try:
+    steps = manager.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise FileNotFoundError(
+        f"no checkpoint {'' if step is None else f'at step {step} '}in {manager.directory} "
+        f"(found steps {sorted(steps)}); train first with python -m cljax.main."
+      )
+    step = max(steps) if step is None else step
+    diffs = checkpoint.config_differences(checkpoint.saved_config(manager, step), config)
+    if diffs:
+      logging.warning("The checkpoint was written with another config:\n  %s", "\n  ".join(diffs))
+    path = os.path.join(manager.directory, str(step), "state")
+  finally:
+    manager.close()
+  state = ocp.StandardCheckpointer().restore(path, abstract_state(config, mesh))
+  return state, step
+
+
+def split_features(
+  config: ml_collections.ConfigDict,
+  state: Any,
+  split: str,
+  mesh: Mesh,
+  *,
+  cache_path: str | None = None,
+  num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Encoder features and labels of a whole split (centre crops), cached in ``cache_path``."""
+  if cache_path and os.path.exists(cache_path):
+    x, y, _ = features.load_features(cache_path)
+    logging.info("Loaded %s features %s from %s.", split, x.shape, cache_path)
+    return x, y
+  it = pipeline.create_eval_iterator(
+    sources.create_source(config.data, split),
+    batch_size=config.evals.batch_size,
+    image_size=config.data.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=num_workers,
+  )
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  x, y = features.extract_features(variables, state.apply_fn, it, mesh)
+  if cache_path and jax.process_index() == 0:
+    features.save_features(cache_path, x, y, step=int(state.step))
+  return x, y
+
+
+def two_view_embeddings(
+  config: ml_collections.ConfigDict,
+  state: Any,
+  source: Any,
+  mesh: Mesh,
+  *,
+  num_examples: int = 512,
+  seed: int = 0,
+) -> dict[str, np.ndarray]:
+  """Encoder features and head embeddings of two augmented views of ``num_examples`` images.
+
+  The views are drawn as in pretraining (the config's crop, flip and photometric settings),
+  and passed through the network in eval mode.
+
+  Returns:
+    ``{"features_a", "features_b", "z_a", "z_b"}``, each (m, dim) with m = ``num_examples``
+    rounded down to whole devices (and at most the source's size).
+  """
+  devices = mesh.devices.size
+  batch = min(num_examples, len(source)) // devices * devices
+  aug = config.data.augment
+  it = pipeline.create_pretrain_iterator(
+    source,
+    seed=seed,
+    global_batch_size=batch,
+    image_size=config.data.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    crop_area=(aug.crop_area_min, 1.0),
+    flip=aug.flip,
+  )
+  host = next(it)
+  views = sharding.host_to_global({k: host[k] for k in ("view_a", "view_b")}, mesh)
+
+  @jax.jit
+  def embed(variables, view, key):
+    x = view.astype(jnp.float32) / 255.0
+    if aug.photometric:
+      keys = augment.example_keys(key, 0, jnp.arange(x.shape[0]))
+      x = augment.photometric_augment(
+        x,
+        keys,
+        color_strength=aug.color_strength,
+        color_jitter_prob=aug.color_jitter_prob,
+        grayscale_prob=aug.grayscale_prob,
+        blur_prob=aug.blur_prob,
+        solarize_prob=aug.solarize_prob,
+      )
+    return state.apply_fn(variables, train.normalize_images(x), train=False)
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  rng = jax.random.key(seed)
+  out = {}
+  for i, name in enumerate(("a", "b")):
+    f, z = embed(variables, views[f"view_{name}"], jax.random.fold_in(rng, i))
+    out[f"features_{name}"], out[f"z_{name}"] = np.asarray(f, np.float32), np.asarray(z)
+  return out
+
+
+def frozen_feature_evals(
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  test_x: np.ndarray,
+  test_y: np.ndarray,
+  *,
+  num_classes: int,
+  knn_k: int = 200,
+  knn_temperature: float = 0.07,
+  linear_probe: bool = True,
+  l2_grid: Sequence[float] = linear.DEFAULT_L2_GRID,
+  max_steps: int = 1000,
+) -> dict[str, Any]:
+  """kNN and (optionally) the L-BFGS linear probe on cached features.
+
+  Returns:
+    ``{"knn": {"top1", "k", "temperature"}, "linear_probe": {...}}``.
+  """
+  t0 = time.time()
+  top1 = knn.knn_accuracy(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes=num_classes,
+    k=knn_k,
+    temperature=knn_temperature,
+  )
+  out = {"knn": {"top1": top1, "k": knn_k, "temperature": knn_temperature}}
+  out["knn"]["seconds"] = time.time() - t0
+  if linear_probe:
+    t0 = time.time()
+    out["linear_probe"] = linear.linear_probe(
+      train_x,
+      train_y,
+      test_x,
+      test_y,
+      num_classes=num_classes,
+      l2_grid=l2_grid,
+      max_steps=max_steps,
+    )
+    out["linear_probe"]["seconds"] = time.time() - t0
+  return out
+
+
+def _collapse(features_eval: np.ndarray, pairs: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Collapse metrics of the encoder features (eval split) and of the head's two-view output."""
+  rows = np.random.default_rng(0).permutation(len(features_eval))[:_UNIFORMITY_ROWS]
+  encoder = collapse.collapse_metrics(jnp.asarray(features_eval))
+  encoder["uniformity"] = collapse.uniformity(jnp.asarray(features_eval[rows]))
+  projection = collapse.collapse_metrics(jnp.asarray(pairs["z_a"]), jnp.asarray(pairs["z_b"]))
+  result = {
+    "encoder": {k: float(v) for k, v in encoder.items()},
+    "projection": {k: float(v) for k, v in projection.items()},
+  }
+  # Warnings for the head's output only: pooled ReLU features are all non-negative, so their
+  # normalised std sits well below 1/sqrt(d) even in a healthy encoder.
+  result["warnings"] = collapse.collapse_warnings(result["projection"])
+  return result
+
+
+def evaluate_state(
+  config: ml_collections.ConfigDict,
+  state: Any,
+  mesh: Mesh,
+  *,
+  out_dir: str | None = None,
+  tag: str = "",
+  linear_probe: bool = True,
+  plot: bool = True,
+  tsne_points: int = 2000,
+  pair_examples: int = 512,
+  num_workers: int = 0,
+) -> dict[str, Any]:
+  """kNN, linear probe and collapse metrics of ``state``'s encoder; plots into ``out_dir``.
+
+  Args:
+    config: the run config (data, model, evals sections).
+    state: a TrainState (restored or freshly initialised).
+    mesh: devices to run on.
+    out_dir: where to cache features and write plots; None: nothing is written.
+    tag: suffix of the cached-feature and plot file names (e.g. ``"step100"``).
+    linear_probe: run the L-BFGS linear probe.
+    plot: write the t-SNE and similarity-histogram PNGs (needs ``out_dir``).
+    tsne_points: eval-split points in the t-SNE map.
+    pair_examples: eval-split images whose two views give the pair statistics.
+    num_workers: grain worker processes for feature extraction.
+
+  Returns:
+    ``{"knn", "linear_probe", "collapse", "num_train", "num_eval", "feature_dim", "plots"}``
+    (no kNN or probe when the data is unlabelled).
+  """
+  cache = lambda split: out_dir and os.path.join(out_dir, f"features_{tag}_{split}.npz")
+  t0 = time.time()
+  train_x, train_y = split_features(
+    config, state, "train", mesh, cache_path=cache("train"), num_workers=num_workers
+  )
+  test_x, test_y = split_features(
+    config, state, "eval", mesh, cache_path=cache("eval"), num_workers=num_workers
+  )
+  result: dict[str, Any] = {
+    "num_train": len(train_y),
+    "num_eval": len(test_y),
+    "feature_dim": int(train_x.shape[1]),
+    "feature_seconds": time.time() - t0,
+  }
+  labelled = len(train_y) and len(test_y) and train_y.min() >= 0 and test_y.min() >= 0
+  if labelled:
+    result.update(
+      frozen_feature_evals(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes=int(max(train_y.max(), test_y.max())) + 1,
+        knn_k=config.evals.knn_k,
+        knn_temperature=config.evals.knn_temperature,
+        linear_probe=linear_probe,
+      )
+    )
+  eval_source = sources.create_source(config.data, "eval")
+  pairs = two_view_embeddings(config, state, eval_source, mesh, num_examples=pair_examples)
+  result["collapse"] = _collapse(test_x, pairs)
+  for warning in result["collapse"]["warnings"]:
+    logging.warning("Collapse diagnostic: %s", warning)
+  result["plots"] = {}
+  if plot and out_dir and jax.process_index() == 0:
+    positive, negative = collapse.pair_similarities(pairs["z_a"], pairs["z_b"])
+    result["plots"]["similarity"] = plots.plot_similarity_histogram(
+      positive, negative, os.path.join(out_dir, f"similarity_{tag}.png")
+    )
+    if labelled:
+      result["plots"]["tsne"] = plots.plot_tsne(
+        test_x,
+        test_y,
+        os.path.join(out_dir, f"tsne_{tag}.png"),
+        class_names=getattr(eval_source, "class_names", None),
+        max_points=tsne_points,
+      )
+  return result
+
+
+def _json_ready(tree: Any) -> Any:
+  """Makes numbers plain floats and keys strings; non-finite floats become strings."""
+  if isinstance(tree, dict):
+    return {str(k): _json_ready(v) for k, v in tree.items()}
+  if isinstance(tree, list | tuple):
+    return [_json_ready(v) for v in tree]
+  if isinstance(tree, np.generic | jax.Array):
+    tree = tree.item()
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return str(tree)
+  return tree
+
+
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  step: int | None = None,
+  linear_sgd_epochs: int = 0,
+  finetune_fractions: Sequence[float] = (),
+  finetune_epochs: int | None = None,
+  classifier_batch_size: int = 4096,
+  baselines: bool = False,
+  mesh: Mesh | None = None,
+  **kwargs: Any,
+) -> dict[str, Any]:
+  """Evaluates the checkpoint of ``workdir`` at ``step`` (default: the latest).
+
+  Writes ``workdir/eval/step_<N>.json`` and the PNGs listed in the module docstring.
+
+  Args:
+    config: the run's config.
+    workdir: the pretraining workdir.
+    step: checkpoint step; default the latest.
+    linear_sgd_epochs: > 0 also runs SimCLR's SGD linear protocol for that many epochs.
+    finetune_fractions: label fractions to fine-tune on (e.g. ``(0.01, 0.1)``).
+    finetune_epochs: default SimCLR's (60 below 10% of the labels, else 30).
+    classifier_batch_size: batch of the SGD linear protocol and of fine-tuning.
+    baselines: also evaluate (kNN and linear probe) the encoder at random initialisation
+      (the run's seed) and raw pixels.
+    mesh: default all devices.
+    **kwargs: passed to ``evaluate_state`` (linear_probe, plot, tsne_points, ...).
+
+  Returns:
+    Everything written to the JSON file.
+  """
+  mesh = mesh or sharding.create_mesh()
+  state, step = restore_checkpoint(config, workdir, step=step, mesh=mesh)
+  out_dir = os.path.join(os.path.abspath(workdir), "eval")
+  logging.info("Evaluating %s at step %d into %s.", workdir, step, out_dir)
+  result = {"step": step, "workdir": os.path.abspath(workdir)}
+  result.update(evaluate_state(config, state, mesh, out_dir=out_dir, tag=f"step{step}", **kwargs))
+  curves = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(curves) and jax.process_index() == 0:
+    result["plots"]["curves"] = plots.plot_curves(
+      metrics.read_jsonl(curves), os.path.join(out_dir, "curves.png")
+    )
+  if baselines:
+    probe = kwargs.get("linear_probe", True)
+    result["baselines"] = evaluate_baselines(config, mesh, linear_probe=probe)
+  common = dict(batch_size=classifier_batch_size, mesh=mesh)
+  if linear_sgd_epochs > 0:
+    result["linear_probe_sgd"] = classifier.linear_probe_sgd(
+      config, state, num_epochs=linear_sgd_epochs, **common
+    )
+  for fraction in finetune_fractions:
+    result.setdefault("finetune", {})[f"{fraction:.0%}"] = classifier.finetune(
+      config, state, label_fraction=fraction, num_epochs=finetune_epochs, **common
+    )
+  result = _json_ready(result)
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, f"step_{step}.json"), "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+  return result
+
+
+def evaluate_baselines(
+  config: ml_collections.ConfigDict, mesh: Mesh, *, linear_probe: bool = True
+) -> dict[str, Any]:
+  """kNN and linear probe of the randomly initialised encoder and of raw pixels."""
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  init_rng = jax.random.split(jax.random.key(config.train.seed))[0]  # As train_and_evaluate.
+  init = train.create_train_state(config, init_rng, lambda _: 0.0, image_shape)
+  init = jax.device_put(init, sharding.replicated(mesh))
+  out, data = {}, {}
+  for split in ("train", "eval"):
+    data[("random_init", split)] = split_features(config, init, split, mesh)
+    it = pipeline.create_eval_iterator(
+      sources.create_source(config.data, split),
+      batch_size=config.evals.batch_size,
+      image_size=config.data.image_size,
+    )
+    data[("pixels", split)] = features.pixel_features(it)
+  for name in ("random_init", "pixels"):
+    (train_x, train_y), (test_x, test_y) = data[(name, "train")], data[(name, "eval")]
+    if train_y.min() < 0 or test_y.min() < 0:
+      continue
+    out[name] = frozen_feature_evals(
+      train_x,
+      train_y,
+      test_x,
+      test_y,
+      num_classes=int(max(train_y.max(), test_y.max())) + 1,
+      knn_k=config.evals.knn_k,
+      knn_temperature=config.evals.knn_temperature,
+      linear_probe=linear_probe,
+    )
+  return out

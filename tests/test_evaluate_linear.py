@@ -1,0 +1,112 @@
+"""Tests for cljax.evaluate.linear against scikit-learn's LogisticRegression."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh
+
+from cljax.evaluate import linear
+
+sklearn_linear = pytest.importorskip("sklearn.linear_model")
+
+
+def _problem(seed, n=300, d=20, c=4, noise=2.0):
+  rng = np.random.default_rng(seed)
+  x = (rng.normal(size=(n, d)) * rng.uniform(0.1, 10, size=d) + 3.0).astype(np.float32)
+  w = rng.normal(size=(d, c)) / np.std(x, axis=0)[:, None]
+  y = np.argmax((x - x.mean(0)) @ w + noise * rng.normal(size=(n, c)), axis=1)
+  return x, y
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_matches_sklearn(standardize):
+  x, y = _problem(0)
+  n, l2 = len(y), 1e-2
+  clf, info = linear.fit_logistic_regression(
+    x, y, num_classes=4, l2=l2, standardize=standardize, tol=1e-6, max_steps=2000
+  )
+  assert info["grad_norm"] < 1e-5
+  ref_x = x.astype(np.float64)
+  if standardize:
+    ref_x = (ref_x - ref_x.mean(0)) / ref_x.std(0)
+  # sklearn minimises C * sum(CE) + |W|^2 / 2, i.e. ours times C * n with C = 1 / (n * l2).
+  ref = sklearn_linear.LogisticRegression(C=1 / (n * l2), tol=1e-10, max_iter=10_000)
+  ref.fit(ref_x, y)
+  probs = jax.nn.softmax(linear.predict_logits(clf, x))
+  np.testing.assert_allclose(probs, ref.predict_proba(ref_x), atol=2e-4)
+  np.testing.assert_allclose(clf.kernel, ref.coef_.T, atol=2e-3)
+
+
+def test_zero_weight_rows_are_left_out():
+  x, y = _problem(1)
+  weights = (np.arange(len(y)) % 3 != 0).astype(np.float32)
+  l2 = 1e-2
+  clf, _ = linear.fit_logistic_regression(
+    x, y, num_classes=4, l2=l2, weights=weights, standardize=False, tol=1e-6, max_steps=2000
+  )
+  # With sample weights sklearn minimises C * sum(w CE) + |W|^2 / 2: l2 = 1 / (C * sum(w)).
+  ref = sklearn_linear.LogisticRegression(C=1 / (weights.sum() * l2), tol=1e-10, max_iter=10_000)
+  ref.fit(x.astype(np.float64), y, sample_weight=weights)
+  probs = jax.nn.softmax(linear.predict_logits(clf, x))
+  np.testing.assert_allclose(probs, ref.predict_proba(x.astype(np.float64)), atol=2e-3)
+
+
+def _separable(seed, n, d=32, c=10):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(d, c))
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  return x, np.argmax(x @ w, axis=1)
+
+
+def test_separable_features_reach_about_100_percent():
+  (train_x, train_y), (test_x, test_y) = _separable(2, 2000), _separable(2, 2000)
+  result = linear.linear_probe(train_x, train_y, test_x, test_y, num_classes=10)
+  assert result["top1"] >= 0.95
+  assert result["top5"] == 1.0
+  assert result["l2"] in linear.DEFAULT_L2_GRID
+  # Weak regularisation must win on a noiseless problem.
+  assert result["l2"] <= 1e-3, result["val_top1"]
+
+
+def test_random_labels_give_chance():
+  rng = np.random.default_rng(3)
+  train_x, test_x = rng.normal(size=(2000, 32)), rng.normal(size=(2000, 32))
+  train_y, test_y = rng.integers(0, 10, 2000), rng.integers(0, 10, 2000)
+  result = linear.linear_probe(train_x, train_y, test_x, test_y, num_classes=10)
+  # Chance is 0.1 (top-5: 0.5); the standard error over 2000 points is about 0.007.
+  assert 0.07 < result["top1"] < 0.13
+  assert 0.45 < result["top5"] < 0.55
+
+
+def test_topk_accuracy_matches_argsort_reference():
+  rng = np.random.default_rng(4)
+  logits = rng.integers(0, 4, size=(200, 7)).astype(np.float32)  # Many ties.
+  labels = rng.integers(0, 7, size=200)
+  got = linear.topk_accuracy(logits, labels, ks=(1, 3, 7))
+  # Ties favour the label: among tied classes it ranks first.
+  for k in (1, 3, 7):
+    higher = (logits > logits[np.arange(200), labels][:, None]).sum(1)
+    assert got[f"top{k}"] == pytest.approx(np.mean(higher < k))
+  assert got["top7"] == 1.0
+  strict = linear.topk_accuracy(np.eye(3)[[0, 1, 2, 1]], np.array([0, 1, 2, 0]), ks=(1,))
+  assert strict["top1"] == 0.75
+
+
+def test_sharded_features_give_the_same_result():
+  (train_x, train_y), (test_x, test_y) = _separable(5, 301), _separable(6, 100)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
+  kwargs = dict(num_classes=10, l2_grid=(1e-3,), tol=1e-4)
+  sharded = linear.linear_probe(train_x, train_y, test_x, test_y, mesh=mesh, **kwargs)
+  single = linear.linear_probe(train_x, train_y, test_x, test_y, **kwargs)
+  assert sharded["l2"] == single["l2"]
+  assert sharded["top1"] == pytest.approx(single["top1"], abs=0.011)
+
+
+def test_rejects_bad_inputs():
+  x, y = _problem(7, n=10)
+  with pytest.raises(ValueError, match=r"\(10, 20\)"):
+    linear.fit_logistic_regression(x, y[:5], num_classes=4, l2=0.1)
+  with pytest.raises(ValueError, match="l2"):
+    linear.fit_logistic_regression(x, y, num_classes=4, l2=-1.0)
+  with pytest.raises(ValueError, match="val_fraction"):
+    linear.linear_probe(x, y, x, y, num_classes=4, val_fraction=1.0)

@@ -1,0 +1,170 @@
+"""Faults: SIGKILL and resume, corrupted checkpoints, NaN steps, full disks, bad workdirs."""
+
+import errno
+import importlib.util
+import os
+import pathlib
+import shutil
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import tiny_config
+
+from cljax import metrics, train
+from cljax.data import sources
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(num_steps=6, every=2):
+  c = tiny_config()
+  c.data.source = "synthetic"
+  c.data.num_examples = 256
+  c.data.num_classes = 4
+  c.data.num_workers = 0
+  c.train.num_steps = num_steps
+  c.train.log_every_steps = 1
+  c.train.checkpoint_every_steps = every
+  c.train.max_to_keep = 10
+  c.evals.knn_at_end = False
+  return c
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+
+
+def _state(workdir, step):
+  return ocp.StandardCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", str(step), "state")
+  )
+
+
+def _kernel(state):
+  return np.asarray(state["params"]["encoder"]["conv_init"]["kernel"])
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
+  spec = importlib.util.spec_from_file_location("fi", REPO / "benchmarks" / "fault_injection.py")
+  fi = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fi)
+  steps = 16
+  fi.run_with_kills(tmp_path / "straight", steps, kills=0, seed=0)
+  kills = fi.run_with_kills(tmp_path / "killed", steps, kills=2, seed=1)
+  assert len(kills) == 2
+  result = fi.compare(tmp_path / "straight", tmp_path / "killed", steps)
+  assert result == {"loss_trace_equal": True, "final_state_bitwise_equal": True}
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(_config(num_steps=6), str(straight))
+
+  run = tmp_path / "run"
+  config = _config(num_steps=6)
+  config.train.stop_at_step = 4
+  train.train_and_evaluate(config, str(run))
+  # Damage step 4 (every file of its state emptied) and leave a half-written save behind.
+  for f in (run / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"")
+  shutil.copytree(run / "checkpoints" / "2", run / "checkpoints" / "5.orbax-checkpoint-tmp-123")
+  config.train.stop_at_step = 0
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, str(run))
+  assert "step 4 cannot be restored" in caplog.text
+  assert list((run / "checkpoints_unreadable").iterdir())  # Moved aside, not deleted.
+  assert _losses(run) == _losses(straight)
+  np.testing.assert_array_equal(_kernel(_state(run, 6)), _kernel(_state(straight, 6)))
+
+
+def _poison_steps(monkeypatch, bad_steps):
+  """Makes the inputs of the given (0-based) steps NaN inside the compiled step."""
+  original = train._augmented_views
+
+  def poisoned(batch, rng, step, aug):
+    views = original(batch, rng, step, aug)
+    return jnp.where(jnp.isin(step, jnp.asarray(bad_steps)), jnp.nan, views)
+
+  monkeypatch.setattr(train, "_augmented_views", poisoned)
+
+
+def test_a_nan_step_leaves_the_state_unchanged_and_is_counted(tmp_path, monkeypatch):
+  _poison_steps(monkeypatch, [2])  # The third step.
+  result = train.train_and_evaluate(_config(num_steps=5, every=1), str(tmp_path))
+  records = {r["step"]: r for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")}
+  assert records[3]["nonfinite_steps"] == 1 and np.isnan(records[3]["loss"])
+  assert records[4]["nonfinite_steps"] == 0 and np.isfinite(records[4]["loss"])
+  assert result["nonfinite_total"] == 1
+  s2, s3, s4 = (_state(tmp_path, s) for s in (2, 3, 4))
+  np.testing.assert_array_equal(_kernel(s3), _kernel(s2))  # Skipped...
+  assert int(s3["step"]) == 3
+  assert not np.array_equal(_kernel(s4), _kernel(s3))  # ...and training went on.
+
+
+def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(
+  tmp_path, monkeypatch
+):
+  _poison_steps(monkeypatch, list(range(3, 100)))  # Steps 4, 5, ... fail.
+  config = _config(num_steps=20, every=2)
+  config.train.max_nonfinite_streak = 3
+  config.train.log_every_steps = 5
+  with pytest.raises(FloatingPointError, match=r"3 consecutive .* last at step 6 .* \(step 4\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2, 4]
+  # The checkpoint of step 4 holds the state after step 3, the last good update:
+  # the same as a clean run stopped at step 3.
+  monkeypatch.undo()
+  config.train.stop_at_step = 3
+  train.train_and_evaluate(config, str(tmp_path / "clean"))
+  np.testing.assert_array_equal(
+    _kernel(_state(tmp_path, 4)), _kernel(_state(tmp_path / "clean", 3))
+  )
+
+
+def test_a_full_disk_while_checkpointing_fails_clearly_and_keeps_earlier_checkpoints(
+  tmp_path, monkeypatch
+):
+  original = grain.checkpoint.CheckpointHandler.save
+  calls = []
+
+  def disk_full_on_second_save(self, directory, *args, **kwargs):
+    calls.append(directory)
+    if len(calls) >= 2:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return original(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", disk_full_on_second_save)
+  with pytest.raises(RuntimeError, match=r"(?s)step 4 .*No space left.*intact \(steps \[2\]\)"):
+    train.train_and_evaluate(_config(num_steps=6, every=2), str(tmp_path))
+  assert int(_state(tmp_path, 2)["step"]) == 2
+  monkeypatch.undo()
+  # Space freed: the same command resumes from step 2 and finishes.
+  result = train.train_and_evaluate(_config(num_steps=6, every=2), str(tmp_path))
+  assert np.isfinite(result["loss"])
+  assert int(_state(tmp_path, 6)["step"]) == 6
+
+
+def test_a_workdir_that_cannot_be_written_fails_before_anything_runs(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  with pytest.raises(PermissionError, match="cannot be created or written"):
+    train.train_and_evaluate(_config(), str(blocker / "run"))
+
+
+def test_temperature_must_be_positive_before_compiling(tmp_path):
+  config = _config()
+  config.loss.temperature = 0.0
+  with pytest.raises(ValueError, match="loss.temperature must be > 0"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_float_pixels_such_as_nan_are_refused_by_array_sources():
+  images = np.full((4, 8, 8, 3), np.nan, np.float32)
+  with pytest.raises(ValueError, match="uint8 or uint16"):
+    sources.ArraySource(images)
