@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging as py_logging
+import os
 
 import jax
 from absl import app, flags, logging
@@ -23,7 +24,38 @@ _WORKDIR = flags.DEFINE_string(
 _FORCE_RESUME = flags.DEFINE_bool(
   "force_resume", False, "Resume a workdir even though its saved config differs."
 )
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "HOST:PORT of process 0, for multi-process runs off TPU/SLURM."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multihost_environment() -> bool:
+  """True on a multi-host Cloud TPU slice or under a multi-task SLURM job."""
+  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+  return "," in tpu_hosts or ("SLURM_JOB_ID" in os.environ and slurm_tasks > 1)
+
+
+def initialize_distributed() -> None:
+  """Starts JAX's multi-controller runtime when this is one process of several.
+
+  Explicit flags win; on Cloud TPU and under SLURM ``jax.distributed``
+  detects the coordinator and process ids itself. On CPU the processes talk
+  over gloo, so the same code runs on a laptop with several processes.
+  """
+  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+    if _COORDINATOR.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError("--num_processes > 1 needs --coordinator_address and --process_id.")
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+  elif _multihost_environment():
+    jax.distributed.initialize()
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -39,6 +71,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  initialize_distributed()
   result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value)
   if jax.process_index() == 0:
     if "knn_top1" in result:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import signal
 import time
@@ -14,17 +15,18 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
 from cljax import checkpoint, losses, metrics, models, optim, sharding
-from cljax.data import pipeline, sources
+from cljax.data import augment, pipeline, sources
 from cljax.evaluate import features, knn
 from cljax.state import TrainState
 
 # Per-channel ImageNet statistics; inputs arrive as uint8 and are normalised
 # on device so that the host ships 4x fewer bytes.
-_MEAN_RGB = jnp.array([0.485, 0.456, 0.406], jnp.float32)
-_STDDEV_RGB = jnp.array([0.229, 0.224, 0.225], jnp.float32)
+_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
+_STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32)
 
 Metrics = dict[str, jax.Array]
 
@@ -55,18 +57,17 @@ def create_train_state(
 
 
 def _augmented_views(batch: dict, rng: jax.Array, step: jax.Array, aug: Any) -> jax.Array:
-  """Both views as one normalised float batch ``[view_a; view_b]`` (2n, h, w, 3)."""
-  n = batch["view_a"].shape[0]
-  # Global example indices make every example's augmentation independent of
-  # how the batch is split over devices.
-  index = jax.lax.axis_index(sharding.DATA_AXIS) * n + jnp.arange(n)
+  """Both views as one normalised float batch ``[view_a; view_b]`` (2n, h, w, 3).
+
+  Each example's photometric keys come from its ``aug_seed`` (drawn by the
+  pipeline from the record's place in the shuffled stream), so augmentations
+  do not depend on how the global batch is split over processes or devices.
+  """
   views = []
   for v, name in enumerate(("view_a", "view_b")):
     x = batch[name].astype(jnp.float32) / 255.0
     if aug.photometric:
-      from cljax.data import augment  # Deferred: keeps train importable without dm_pix.
-
-      keys = augment.example_keys(jax.random.fold_in(rng, v), step, index)
+      keys = augment.example_keys(jax.random.fold_in(rng, v), step, batch["aug_seed"])
       x = augment.photometric_augment(
         x,
         keys,
@@ -325,7 +326,21 @@ def _log_run(config, num_examples: int, steps_per_epoch: int, num_steps: int, pe
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Rejects values that would only fail later, inside a compiled step."""
+  """Rejects values that would only fail later, inside a compiled step.
+
+  In a multi-process run it also checks that every process has the same
+  config (a stale file or a missing override on one host would otherwise
+  hang a collective or silently train something else).
+  """
+  if jax.process_count() > 1:
+    digest = hashlib.sha256(config.to_json(sort_keys=True).encode()).digest()
+    try:
+      multihost_utils.assert_equal(np.frombuffer(digest, np.uint8), "config hash")
+    except AssertionError as e:
+      raise ValueError(
+        f"Process {jax.process_index()} has a different config from process 0. Start every "
+        "process with the same config file and --config overrides."
+      ) from e
   if not config.loss.temperature > 0:
     raise ValueError(f"loss.temperature must be > 0, got {config.loss.temperature}.")
   for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
@@ -379,7 +394,7 @@ def train_and_evaluate(
     while step < stop_at and not stop.received:
       host_batch = next(train_iter)
       device_batch = sharding.host_to_global(
-        {"view_a": host_batch["view_a"], "view_b": host_batch["view_b"]}, mesh
+        {k: host_batch[k] for k in ("view_a", "view_b", "aug_seed")}, mesh
       )
       # Dispatch is asynchronous: the host fetches the next batch while the
       # device runs this step. Metrics stay on device until a log step.

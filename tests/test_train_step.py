@@ -17,7 +17,8 @@ def _batch(n=16, size=16, seed=0):
   # The second view: the same images, shifted and with noise, so the views differ.
   noise = rng.integers(-20, 20, images.shape)
   view_b = np.clip(np.roll(images, 2, axis=2).astype(int) + noise, 0, 255).astype(np.uint8)
-  return {"view_a": images, "view_b": view_b}
+  aug_seed = rng.integers(0, 2**31 - 1, n).astype(np.int32)
+  return {"view_a": images, "view_b": view_b, "aug_seed": aug_seed}
 
 
 def _run_steps(config, devices, batch, num_steps, lr_fn):

@@ -107,7 +107,16 @@ class TwoViews(grain.transforms.RandomMap):
     image = element["image"]
     view_a = self._view(image, rng)
     view_b = self._view(image, rng)
-    return {"view_a": view_a, "view_b": view_b, "label": np.int32(element["label"])}
+    # Seeds the on-device photometric augmentation of this record. Drawn from
+    # the record's rng, it depends on the record's place in the global shuffled
+    # stream only: not on the process, device or batch layout.
+    aug_seed = np.int32(rng.integers(0, 2**31 - 1))
+    return {
+      "view_a": view_a,
+      "view_b": view_b,
+      "label": np.int32(element["label"]),
+      "aug_seed": aug_seed,
+    }
 
 
 class CentreView(grain.transforms.Map):
@@ -276,7 +285,8 @@ def create_pretrain_iterator(
 
   Returns:
     A grain DatasetIterator of {"view_a": uint8 (b, S, S, 3), "view_b": uint8 (b, S, S, 3),
-    "label": int32 (b,)}, b = global_batch_size // process_count, with get_state/set_state.
+    "label": int32 (b,), "aug_seed": int32 (b,)}, b = global_batch_size // process_count,
+    with get_state/set_state.
 
   Raises:
     ValueError: the global batch does not split evenly over the processes, a process's share
