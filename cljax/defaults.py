@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stop_at_step = 0  # > 0: save and stop there, e.g. to split a run into jobs.
 
   c.evals = ml_collections.ConfigDict()
+  c.evals.online_probe = True  # Linear classifier on frozen features during training (labels).
+  c.evals.online_probe_lr = 1e-3
   c.evals.knn_at_end = True  # kNN on the eval split when training ends (labelled data).
   c.evals.knn_baseline = False  # Also the kNN of the randomly initialised encoder.
   c.evals.knn_k = 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging as py_logging
 import os
@@ -36,7 +37,10 @@ def _multihost_environment() -> bool:
   """True on a multi-host Cloud TPU slice or under a multi-task SLURM job."""
   tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-  return "," in tpu_hosts or ("SLURM_JOB_ID" in os.environ and slurm_tasks > 1)
+  # A TPU VM made by gcloud names its workers through the metadata server, not
+  # the environment; jax.distributed finds them (and is harmless on one host).
+  tpu_vm = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+  return tpu_vm or "," in tpu_hosts or ("SLURM_JOB_ID" in os.environ and slurm_tasks > 1)
 
 
 def initialize_distributed() -> None:

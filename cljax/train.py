@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from cljax import checkpoint, losses, metrics, models, optim, sharding
 from cljax.data import augment, pipeline, sources
-from cljax.evaluate import features, knn
+from cljax.evaluate import features, knn, online
 from cljax.state import TrainState
 
 # Per-channel ImageNet statistics; inputs arrive as uint8 and are normalised
@@ -41,18 +41,31 @@ def create_train_state(
   rng: jax.Array,
   learning_rate_fn: optax.Schedule,
   image_shape: tuple[int, int, int],
+  num_classes: int = 0,
 ) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and the optimiser state."""
+  """Initialises parameters, BatchNorm statistics and the optimiser state.
+
+  With ``num_classes >= 2`` and ``evals.online_probe`` it adds the online
+  linear probe on the encoder features.
+  """
   model = models.create_model(config)
+  model_rng, probe_rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model.init, train=False))(
-    rng, jnp.zeros((2, *image_shape), jnp.float32)
+    model_rng, jnp.zeros((2, *image_shape), jnp.float32)
   )
   tx = optim.create_optimizer(config.optim, learning_rate_fn)
+  probe_params = probe_tx = None
+  if num_classes >= 2 and config.evals.online_probe:
+    feature_dim = models.encoder_feature_dim(config)
+    probe_params = online.init_probe_params(probe_rng, feature_dim, num_classes)
+    probe_tx = online.create_probe_optimizer(config.evals.online_probe_lr)
   return TrainState.create(
     apply_fn=models.create_model(config, bn_axis_name=sharding.DATA_AXIS).apply,
     params=variables["params"],
     batch_stats=variables["batch_stats"],
     tx=tx,
+    probe_params=probe_params,
+    probe_tx=probe_tx,
   )
 
 
@@ -119,7 +132,7 @@ def train_step(
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    (_, z), new_vars = state.apply_fn(variables, views, train=True, mutable=["batch_stats"])
+    (h, z), new_vars = state.apply_fn(variables, views, train=True, mutable=["batch_stats"])
     loss, metrics = losses.nt_xent(
       z[:n],
       z[n:],
@@ -127,13 +140,13 @@ def train_step(
       axis_name=sharding.DATA_AXIS,
       return_metrics=True,
     )
-    return loss, (new_vars["batch_stats"], metrics, z)
+    return loss, (new_vars["batch_stats"], metrics, z, h)
 
   # The loss is already the global mean (pmean inside nt_xent), so its
   # gradient with respect to the replicated parameters is the global gradient:
   # shard_map's autodiff sums the per-device contributions.
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (batch_stats, metrics, z)), grads = grad_fn(state.params)
+  (loss, (batch_stats, metrics, z, features)), grads = grad_fn(state.params)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   # A NaN or Inf in the loss or any gradient (the norm is non-finite iff some
@@ -141,11 +154,26 @@ def train_step(
   # stay as they were, and the batch counts as consumed.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+  if state.probe_params is not None:
+    labels = jnp.concatenate([batch["label"], batch["label"]])
+    probe_params, probe_opt_state, probe_metrics = online.probe_update(
+      state.probe_params,
+      state.probe_opt_state,
+      features,
+      labels,
+      tx=state.probe_tx,
+      num_classes=state.probe_params["kernel"].shape[1],
+      axis_name=sharding.DATA_AXIS,
+    )
+    metrics = dict(metrics, **probe_metrics)
   new_state = state.replace(
     step=state.step + 1,
     params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
     batch_stats=keep_if_bad(batch_stats, state.batch_stats),
     opt_state=keep_if_bad(opt_state, state.opt_state),
+    probe_params=keep_if_bad(probe_params, state.probe_params),
+    probe_opt_state=keep_if_bad(probe_opt_state, state.probe_opt_state),
   )
   metrics = dict(
     metrics,
@@ -209,16 +237,29 @@ def create_train_iterator(config: ml_collections.ConfigDict, source: Any):
 
 
 class _StopSignal:
-  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+  """Turns SIGTERM (preemption) into a flag the loop checks between steps.
+
+  With several processes the flag is agreed on (any process signalled means
+  all stop) at the steps where the loop syncs anyway, so every process
+  leaves the loop at the same step and joins the same final checkpoint.
+  """
 
   def __init__(self):
-    self.received = False
+    self._received = False
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
-    self.received = True
+    self._received = True
+
+  def should_stop(self, at_sync_point: bool) -> bool:
+    if jax.process_count() == 1:
+      return self._received
+    if not at_sync_point:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(self._received))
+    return bool(np.any(flags))
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -372,7 +413,8 @@ def train_and_evaluate(
   rng = jax.random.key(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
   image_shape = (config.data.image_size, config.data.image_size, 3)
-  state = create_train_state(config, init_rng, learning_rate_fn, image_shape)
+  num_classes = len(getattr(source, "class_names", None) or ())
+  state = create_train_state(config, init_rng, learning_rate_fn, image_shape, num_classes)
   state = jax.device_put(state, sharding.replicated(mesh))
   train_iter = create_train_iterator(config, source)
 
@@ -391,10 +433,10 @@ def train_and_evaluate(
   pending = _PendingMetrics(NonFiniteGuard(config.train.max_nonfinite_streak))
   last, step, saved = {}, start_step, (start_step if start_step else None)
   try:
-    while step < stop_at and not stop.received:
+    while step < stop_at and not stop.should_stop(step % config.train.log_every_steps == 0):
       host_batch = next(train_iter)
       device_batch = sharding.host_to_global(
-        {k: host_batch[k] for k in ("view_a", "view_b", "aug_seed")}, mesh
+        {k: host_batch[k] for k in ("view_a", "view_b", "aug_seed", "label")}, mesh
       )
       # Dispatch is asynchronous: the host fetches the next batch while the
       # device runs this step. Metrics stay on device until a log step.

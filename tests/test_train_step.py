@@ -18,12 +18,13 @@ def _batch(n=16, size=16, seed=0):
   noise = rng.integers(-20, 20, images.shape)
   view_b = np.clip(np.roll(images, 2, axis=2).astype(int) + noise, 0, 255).astype(np.uint8)
   aug_seed = rng.integers(0, 2**31 - 1, n).astype(np.int32)
-  return {"view_a": images, "view_b": view_b, "aug_seed": aug_seed}
+  label = (np.arange(n) % 4).astype(np.int32)
+  return {"view_a": images, "view_b": view_b, "aug_seed": aug_seed, "label": label}
 
 
-def _run_steps(config, devices, batch, num_steps, lr_fn):
+def _run_steps(config, devices, batch, num_steps, lr_fn, num_classes=0):
   mesh = sharding.create_mesh(devices)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
+  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3), num_classes)
   state = jax.device_put(state, sharding.replicated(mesh))
   step_fn = train.make_train_step(config, mesh, lr_fn)
   rng = jax.random.key(1)
@@ -39,8 +40,11 @@ def test_train_step_on_8_devices_equals_1_device():
   config.data.augment.photometric = True  # Per-example keys must not depend on the split.
   lr_fn = optax.constant_schedule(0.5)
   batch = _batch()
-  state8, hist8 = _run_steps(config, jax.devices(), batch, 2, lr_fn)
-  state1, hist1 = _run_steps(config, jax.devices()[:1], batch, 2, lr_fn)
+  # With the online probe: its update must be sharded correctly too.
+  state8, hist8 = _run_steps(config, jax.devices(), batch, 2, lr_fn, num_classes=4)
+  state1, hist1 = _run_steps(config, jax.devices()[:1], batch, 2, lr_fn, num_classes=4)
+  assert "probe_top1" in hist8[0]
+  chex.assert_trees_all_close(state8.probe_params, state1.probe_params, rtol=1e-4, atol=1e-5)
   # Float32 sums over 8 shards and over 1 differ in summation order only:
   # metrics agree to rtol 1e-5; parameters and statistics, after two LARS
   # steps (whose trust ratios amplify rounding), to rtol 1e-4 / atol 1e-5.

@@ -49,6 +49,11 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
   return resnet.create_resnet(model_config.depth, **kwargs)
 
 
+def encoder_feature_dim(config: ml_collections.ConfigDict) -> int:
+  """Width of the encoder's output features (the input of the projection head)."""
+  return resnet.feature_dim(create_encoder(config.model))
+
+
 def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
   """Encoder + projection head for ``config.model`` and ``config.head``."""
   encoder = create_encoder(config.model, bn_axis_name)
