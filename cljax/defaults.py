@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
+  c.train.grad_chunks = 1  # > 1: gradient caching, activations of 1/grad_chunks at a time.
   c.train.max_nonfinite_streak = 5  # Stop after this many NaN/Inf steps in a row (0: never).
   c.train.stop_at_step = 0  # > 0: save and stop there, e.g. to split a run into jobs.
 

@@ -107,6 +107,41 @@ def _embedding_std(z: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sqrt(jnp.maximum(sq - mean * mean, 0.0)))
 
 
+def forward(
+  apply_fn: Any, params: Any, batch_stats: Any, views: jax.Array, num_chunks: int = 1
+) -> tuple[jax.Array, jax.Array, Any]:
+  """Encoder features, embeddings and updated BatchNorm statistics of ``views``.
+
+  With ``num_chunks > 1`` this is gradient caching (GradCache, Gao et al.
+  2021) by rematerialisation: the views pass through the network in chunks
+  under ``lax.scan``, and ``jax.checkpoint`` keeps only each chunk's input, so
+  the backward pass recomputes one chunk's activations at a time. Activation
+  memory falls by about ``num_chunks`` while the loss still sees every
+  embedding of the global batch. BatchNorm then normalises each chunk with its
+  own statistics (ghost BatchNorm, still averaged across devices), and the
+  running averages are updated chunk after chunk; gradients equal those of
+  the same chunked forward without rematerialisation.
+  """
+  if num_chunks == 1:
+    variables = {"params": params, "batch_stats": batch_stats}
+    (h, z), new_vars = apply_fn(variables, views, train=True, mutable=["batch_stats"])
+    return h, z, new_vars["batch_stats"]
+  if views.shape[0] % num_chunks:
+    raise ValueError(
+      f"train.grad_chunks={num_chunks} must divide the {views.shape[0]} views on each device."
+    )
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def chunk(stats, x):
+    variables = {"params": params, "batch_stats": stats}
+    (h, z), new_vars = apply_fn(variables, x, train=True, mutable=["batch_stats"])
+    return new_vars["batch_stats"], (h, z)
+
+  chunks = views.reshape(num_chunks, -1, *views.shape[1:])
+  batch_stats, (h, z) = jax.lax.scan(chunk, batch_stats, chunks)
+  return h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), batch_stats
+
+
 def train_step(
   state: TrainState,
   batch: dict,
@@ -131,8 +166,9 @@ def train_step(
   n = batch["view_a"].shape[0]
 
   def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    (h, z), new_vars = state.apply_fn(variables, views, train=True, mutable=["batch_stats"])
+    h, z, new_stats = forward(
+      state.apply_fn, params, state.batch_stats, views, config.train.grad_chunks
+    )
     loss, metrics = losses.nt_xent(
       z[:n],
       z[n:],
@@ -140,7 +176,7 @@ def train_step(
       axis_name=sharding.DATA_AXIS,
       return_metrics=True,
     )
-    return loss, (new_vars["batch_stats"], metrics, z, h)
+    return loss, (new_stats, metrics, z, h)
 
   # The loss is already the global mean (pmean inside nt_xent), so its
   # gradient with respect to the replicated parameters is the global gradient:
