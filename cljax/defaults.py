@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.1
+  # "plain" materialises the (local x global) logits; "blockwise" streams over
+  # key blocks with an online log-sum-exp: same value and gradient, memory
+  # O(local x block_size). Worth it from about 8k global views.
+  c.loss.implementation = "plain"
+  c.loss.block_size = 1024
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "lars"  # "lars" | "sgd" | "adamw"

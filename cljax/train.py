@@ -107,6 +107,17 @@ def _embedding_std(z: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sqrt(jnp.maximum(sq - mean * mean, 0.0)))
 
 
+def make_loss_fn(loss_config: ml_collections.ConfigDict):
+  """NT-Xent as ``loss.implementation`` says: plain or blockwise (memory-bounded)."""
+  if loss_config.implementation == "plain":
+    return losses.nt_xent
+  if loss_config.implementation == "blockwise":
+    return functools.partial(losses.nt_xent_blockwise, block_size=loss_config.block_size)
+  raise ValueError(
+    f"loss.implementation must be 'plain' or 'blockwise', got {loss_config.implementation!r}."
+  )
+
+
 def forward(
   apply_fn: Any, params: Any, batch_stats: Any, views: jax.Array, num_chunks: int = 1
 ) -> tuple[jax.Array, jax.Array, Any]:
@@ -169,7 +180,7 @@ def train_step(
     h, z, new_stats = forward(
       state.apply_fn, params, state.batch_stats, views, config.train.grad_chunks
     )
-    loss, metrics = losses.nt_xent(
+    loss, metrics = make_loss_fn(config.loss)(
       z[:n],
       z[n:],
       config.loss.temperature,

@@ -27,6 +27,9 @@ def get_config():
   c.head.output_dim = 128
 
   c.loss.temperature = 0.1
+  # 8,192 views: the blockwise loss never holds the (local x 8192) logits.
+  c.loss.implementation = "blockwise"
+  c.loss.block_size = 1024
   c.optim.name = "lars"
   c.optim.base_lr = 0.075  # x sqrt(4096) = 4.8
   c.optim.lr_scaling = "sqrt"

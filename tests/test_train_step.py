@@ -62,6 +62,16 @@ def test_train_step_on_8_devices_equals_1_device():
   )
 
 
+def test_blockwise_loss_step_equals_plain_step():
+  config = tiny_config()
+  lr_fn = optax.constant_schedule(0.5)
+  _, plain = _run_steps(config, jax.devices(), _batch(), 1, lr_fn)
+  config.loss.implementation = "blockwise"
+  config.loss.block_size = 5  # Does not divide the 32 gathered views.
+  _, blockwise = _run_steps(config, jax.devices(), _batch(), 1, lr_fn)
+  chex.assert_trees_all_close(blockwise[0], plain[0], rtol=1e-5, atol=1e-6)
+
+
 def test_batchnorm_statistics_are_global():
   # With per-device statistics the 8-device running mean would differ from
   # the 1-device one; equality above needs cross-device BatchNorm. Check the
