@@ -19,8 +19,8 @@ test: install
 	$(BIN)/python -m pytest tests
 
 lint: install
-	$(BIN)/ruff check cljax tests configs
-	$(BIN)/ruff format --check cljax tests configs
+	$(BIN)/ruff check cljax tests configs benchmarks
+	$(BIN)/ruff format --check cljax tests configs benchmarks
 
 quickstart: install
 	$(BIN)/python -m cljax.main --config=configs/quickstart.py --workdir=runs/quickstart

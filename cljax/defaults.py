@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stop_at_step = 0  # > 0: save and stop there, e.g. to split a run into jobs.
 
   c.evals = ml_collections.ConfigDict()
+  c.evals.collapse_metrics = False  # Log effective rank, alignment, uniformity every step.
   c.evals.online_probe = True  # Linear classifier on frozen features during training (labels).
   c.evals.online_probe_lr = 1e-3
   c.evals.knn_at_end = True  # kNN on the eval split when training ends (labelled data).

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import glob
 import json
-import logging as py_logging
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import train
+from cljax import metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -62,19 +61,10 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops INFO lines from orbax and grain (dozens per checkpoint); keeps warnings."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
-    return record.levelno >= py_logging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics.setup_logging()
   initialize_distributed()
   result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value)
   if jax.process_index() == 0:

@@ -15,6 +15,7 @@ Strict JSON has no NaN/Inf, so metrics.jsonl stores them as "nan"/"inf"/"-inf" a
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import math
 import os
 import sys
@@ -213,3 +214,19 @@ class MetricWriter:
     self._tb.close()
     if not self._jsonl.closed:
       self._jsonl.close()
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO lines from orbax and grain (dozens per checkpoint); keeps warnings."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
+def setup_logging() -> None:
+  """INFO logging for cljax through absl, without the libraries' per-checkpoint chatter."""
+  from absl import logging  # Deferred: only entry points configure logging.
+
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())

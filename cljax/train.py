@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from cljax import checkpoint, losses, metrics, models, optim, sharding
 from cljax.data import augment, pipeline, sources
-from cljax.evaluate import features, knn, online
+from cljax.evaluate import collapse, features, knn, online
 from cljax.state import TrainState
 
 # Per-channel ImageNet statistics; inputs arrive as uint8 and are normalised
@@ -92,19 +92,6 @@ def _augmented_views(batch: dict, rng: jax.Array, step: jax.Array, aug: Any) -> 
       )
     views.append(normalize_images(x))
   return jnp.concatenate(views, axis=0)
-
-
-def _embedding_std(z: jax.Array) -> jax.Array:
-  """Mean over dimensions of the per-dimension std of L2-normalised embeddings.
-
-  About 1/sqrt(d) for a healthy embedding and near 0 for a collapsed one
-  (Chen and He, SimSiam 2021). Computed over the global batch.
-  """
-  z = losses.l2_normalize(jax.lax.stop_gradient(z))
-  count = jax.lax.psum(z.shape[0], sharding.DATA_AXIS)
-  mean = jax.lax.psum(jnp.sum(z, axis=0), sharding.DATA_AXIS) / count
-  sq = jax.lax.psum(jnp.sum(z * z, axis=0), sharding.DATA_AXIS) / count
-  return jnp.mean(jnp.sqrt(jnp.maximum(sq - mean * mean, 0.0)))
 
 
 def make_loss_fn(loss_config: ml_collections.ConfigDict):
@@ -201,6 +188,10 @@ def train_step(
   # stay as they were, and the batch counts as consumed.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  if config.evals.collapse_metrics:
+    # Effective rank, alignment and uniformity; costs a (d, d) eigendecomposition.
+    extra = collapse.collapse_metrics(z[:n], z[n:], axis_name=sharding.DATA_AXIS)
+    metrics = dict(metrics, **{k: v for k, v in extra.items() if k != "embedding_std"})
   probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
   if state.probe_params is not None:
     labels = jnp.concatenate([batch["label"], batch["label"]])
@@ -228,7 +219,8 @@ def train_step(
     learning_rate=learning_rate_fn(state.step),
     grad_norm=grad_norm,
     param_norm=optax.tree.norm(state.params),
-    embedding_std=_embedding_std(z),
+    # About 1/sqrt(d) for a healthy embedding and near 0 for a collapsed one.
+    embedding_std=jnp.mean(collapse.embedding_std(z, axis_name=sharding.DATA_AXIS)),
     nonfinite=1.0 - finite.astype(jnp.float32),
   )
   return new_state, metrics

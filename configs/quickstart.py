@@ -48,6 +48,7 @@ def get_config():
   c.train.checkpoint_every_steps = 50
   c.train.max_to_keep = 2
 
+  c.evals.collapse_metrics = True
   c.evals.knn_at_end = True
   c.evals.knn_baseline = True
   c.evals.batch_size = 512

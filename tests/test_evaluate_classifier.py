@@ -96,7 +96,7 @@ def test_finetune_on_a_label_subset_beats_chance(setup):
     base_lr=0.5,
   )
   assert result["num_labelled"] == len(classifier.balanced_subset(train_source.labels, 0.1))
-  assert result["steps"] == 8 * (result["num_labelled"] // 32)
+  assert result["steps"] == 8 * result["num_labelled"] // 32
   assert result["top1"] > 0.6  # Chance: 0.25.
 
 

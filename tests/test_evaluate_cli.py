@@ -13,6 +13,7 @@ import pytest
 from helpers import tiny_config
 
 from cljax import sharding, train
+from cljax.data import sources
 from cljax.evaluate import features, knn, runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_cli_evaluates_the_latest_checkpoint(run):
   workdir, config_file = run
   cmd = [
     sys.executable, "-m", "cljax.evaluate", f"--config={config_file}", f"--workdir={workdir}",
-    "--tsne_points=100", "--pair_examples=64", "--baselines",
+    "--tsne_points=100", "--pair_examples=64",
   ]  # fmt: skip
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -91,7 +92,6 @@ def test_cli_evaluates_the_latest_checkpoint(run):
   assert set(projection) >= {"embedding_std", "effective_rank", "alignment", "uniformity"}
   assert all(np.isfinite(v) for v in projection.values())
   assert 1.0 <= projection["effective_rank"] <= 16  # The head's output_dim.
-  assert set(saved["baselines"]) == {"random_init", "pixels"}
   for name in ("curves", "tsne", "similarity"):
     _assert_png(saved["plots"][name])
 
@@ -106,6 +106,25 @@ def test_restore_matches_plain_orbax(run):
   chex.assert_trees_all_equal(jax.device_get(state.batch_stats), plain["batch_stats"])
   with pytest.raises(FileNotFoundError, match="step 7"):
     runner.restore_checkpoint(_config(), str(workdir), step=7, mesh=mesh)
+
+
+def test_baselines_random_init_and_pixels():
+  config = _config()
+  mesh = sharding.create_mesh()
+  result = runner.evaluate_baselines(config, mesh, linear_probe=False)
+  assert set(result) == {"random_init", "pixels"}
+  # Raw pixels of the synthetic source: independent noise images with random labels.
+  source = sources.create_source(config.data, "train")
+  pixels = np.stack([source[i]["image"] for i in range(len(source))]).reshape(256, -1)
+  labels = np.array([source[i]["label"] for i in range(len(source))])
+  eval_source = sources.create_source(config.data, "eval")
+  eval_pixels = np.stack([eval_source[i]["image"] for i in range(256)]).reshape(256, -1)
+  eval_labels = np.array([eval_source[i]["label"] for i in range(256)])
+  want = knn.knn_accuracy(
+    pixels / 255.0, labels, eval_pixels / 255.0, eval_labels, num_classes=4, k=20
+  )
+  assert result["pixels"]["knn"]["top1"] == pytest.approx(want)
+  assert 0 <= result["random_init"]["knn"]["top1"] <= 1
 
 
 def test_feature_cache_round_trip(tmp_path):

@@ -66,6 +66,7 @@ def test_main_runs_quickstart_end_to_end(tmp_path):
   records = metrics.read_jsonl(workdir / "metrics.jsonl")
   assert [r["step"] for r in records] == [1, 2, 3]
   assert 0 <= records[-1]["probe_top1"] <= 1  # The online probe trains on the labels.
+  assert records[-1]["effective_rank"] > 1  # Collapse diagnostics are logged.
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert (workdir / "checkpoints" / "3" / "state").is_dir()
   assert (workdir / "checkpoints" / "3" / "data").is_dir()

@@ -38,12 +38,13 @@ def _run_steps(config, devices, batch, num_steps, lr_fn, num_classes=0):
 def test_train_step_on_8_devices_equals_1_device():
   config = tiny_config()
   config.data.augment.photometric = True  # Per-example keys must not depend on the split.
+  config.evals.collapse_metrics = True  # Sharded diagnostics must match too.
   lr_fn = optax.constant_schedule(0.5)
   batch = _batch()
   # With the online probe: its update must be sharded correctly too.
   state8, hist8 = _run_steps(config, jax.devices(), batch, 2, lr_fn, num_classes=4)
   state1, hist1 = _run_steps(config, jax.devices()[:1], batch, 2, lr_fn, num_classes=4)
-  assert "probe_top1" in hist8[0]
+  assert "probe_top1" in hist8[0] and "effective_rank" in hist8[0]
   chex.assert_trees_all_close(state8.probe_params, state1.probe_params, rtol=1e-4, atol=1e-5)
   # Float32 sums over 8 shards and over 1 differ in summation order only:
   # metrics agree to rtol 1e-5; parameters and statistics, after two LARS

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging as py_logging
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from cljax import metrics
 from cljax.evaluate import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -20,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "The pretraining workdir to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default the latest.")
 _LINEAR = flags.DEFINE_bool("linear_probe", True, "L-BFGS linear probe on cached features.")
+_LINEAR_MAX_STEPS = flags.DEFINE_integer(
+  "linear_max_steps", 1000, "L-BFGS iterations per linear-probe fit at most."
+)
 _PLOTS = flags.DEFINE_bool("plots", True, "Write the t-SNE and similarity PNGs.")
 _TSNE_POINTS = flags.DEFINE_integer("tsne_points", 2000, "Eval-split points in the t-SNE map.")
 _PAIRS = flags.DEFINE_integer(
@@ -42,14 +45,6 @@ _CLASSIFIER_BATCH = flags.DEFINE_integer(
 )
 _WORKERS = flags.DEFINE_integer("num_workers", 0, "grain worker processes for the eval pipeline.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries(py_logging.Filter):
-  """Drops INFO lines from orbax and grain; keeps warnings."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
-    return record.levelno >= py_logging.WARNING or not noisy
 
 
 def _summary(result: dict) -> list[str]:
@@ -78,13 +73,13 @@ def _summary(result: dict) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics.setup_logging()
   result = runner.evaluate_checkpoint(
     _CONFIG.value,
     _WORKDIR.value,
     step=_STEP.value,
     linear_probe=_LINEAR.value,
+    linear_max_steps=_LINEAR_MAX_STEPS.value,
     plot=_PLOTS.value,
     tsne_points=_TSNE_POINTS.value,
     pair_examples=_PAIRS.value,

@@ -80,6 +80,15 @@ def source_labels(source: Any) -> np.ndarray:
   return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int64)
 
 
+def _num_classes(source: Any, labels: np.ndarray | None = None) -> int:
+  # The class names avoid reading every label (a pass over ImageNet) when the source has them.
+  names = getattr(source, "class_names", None)
+  if names:
+    return len(names)
+  labels = source_labels(source) if labels is None else labels
+  return int(labels.max()) + 1
+
+
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
   """Indices of a class-balanced random ``fraction`` of the labelled examples.
 
@@ -229,29 +238,17 @@ def train_classifier(
   """
   mesh = mesh or sharding.create_mesh()
   sharding.check_global_batch(batch_size, mesh)
-  steps_per_epoch = len(train_source) // batch_size
-  if steps_per_epoch < 1:
+  if len(train_source) < batch_size or num_epochs < 1:
     raise ValueError(
-      f"{len(train_source)} training examples are fewer than one batch of "
-      f"{batch_size}; lower batch_size."
+      f"need num_epochs >= 1 and at least one batch of {batch_size}; got {num_epochs=} and "
+      f"{len(train_source)} training examples, fewer than one batch: lower batch_size."
     )
-  if num_epochs < 1:
-    raise ValueError(f"num_epochs must be >= 1, got {num_epochs}.")
-  num_steps = num_epochs * steps_per_epoch
+  # Batches run across epoch boundaries (as the iterator deals them), so count them that way.
+  usable = len(train_source) - len(train_source) % jax.process_count()
+  num_steps = num_epochs * usable // batch_size
   model = Classifier(models.create_encoder(config.model), num_classes, frozen)
-  variables = _variables(state)
-  image_shape = (1, config.data.image_size, config.data.image_size, 3)
-  # Shapes only: the layer starts at zero, and initialising a whole encoder would be wasted.
-  shapes = jax.eval_shape(
-    functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros(image_shape)
-  )
-  head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"]["classifier"])
-  params = {"encoder": variables["params"]["encoder"], "classifier": head}
-  batch_stats = {"encoder": variables["batch_stats"]["encoder"]}
-  trainable_keys = ("classifier",) if frozen else ("encoder", "classifier")
-  trainable = {k: params[k] for k in trainable_keys}
-  fixed = {k: v for k, v in params.items() if k not in trainable_keys}
-  schedule = optax.cosine_decay_schedule(base_lr * batch_size / 256, max(num_steps, 1))
+  trainable, fixed, batch_stats = _initial_variables(model, _variables(state), config, frozen)
+  schedule = optax.cosine_decay_schedule(base_lr * batch_size / 256, num_steps)
   tx = optax.sgd(schedule, momentum=momentum, nesterov=True)
   rep = sharding.replicated(mesh)
   trainable, fixed, batch_stats = jax.device_put((trainable, fixed, batch_stats), rep)
@@ -267,7 +264,7 @@ def train_classifier(
     num_workers=num_workers,
   )
   t0, history = time.time(), []
-  for step, batch in enumerate(it, start=1):
+  for step, batch in zip(range(1, num_steps + 1), it, strict=False):
     batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
     trainable, opt_state, batch_stats, metrics = step_fn(
       trainable, opt_state, fixed, batch_stats, batch["image"], batch["label"]
@@ -278,18 +275,29 @@ def train_classifier(
       logging.info("%s step %d/%d: %s", "linear" if frozen else "finetune", step, num_steps, last)
       history = []
   seconds = time.time() - t0
+  variables = {"params": {**fixed, **trainable}, "batch_stats": batch_stats}
   result = evaluate_classifier(
-    model,
-    {"params": {**fixed, **trainable}, "batch_stats": batch_stats},
-    eval_source,
-    config=config,
-    mesh=mesh,
-    num_workers=num_workers,
+    model, variables, eval_source, config=config, mesh=mesh, num_workers=num_workers
   )
   result.update(
     train_loss=last["loss"], train_accuracy=last["accuracy"], steps=num_steps, seconds=seconds
   )
   return result
+
+
+def _initial_variables(model: Classifier, variables: dict, config, frozen: bool) -> tuple:
+  """``(trainable, fixed, batch_stats)``: the pretrained encoder and a zero linear layer."""
+  image_shape = (1, config.data.image_size, config.data.image_size, 3)
+  # Shapes only: the layer starts at zero, and initialising a whole encoder would be wasted.
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros(image_shape)
+  )
+  head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"]["classifier"])
+  params = {"encoder": variables["params"]["encoder"], "classifier": head}
+  trainable_keys = ("classifier",) if frozen else ("encoder", "classifier")
+  trainable = {k: params[k] for k in trainable_keys}
+  fixed = {k: v for k, v in params.items() if k not in trainable_keys}
+  return trainable, fixed, {"encoder": variables["batch_stats"]["encoder"]}
 
 
 def evaluate_classifier(
@@ -334,7 +342,7 @@ def linear_probe_sgd(
     state: a TrainState or plain-orbax restored dict.
     train_source: labelled training examples (default: the config's train split).
     eval_source: examples to score (default: the config's eval split).
-    num_classes: default: 1 + the largest training label.
+    num_classes: default: the source's class names, else 1 + the largest training label.
     num_epochs: SimCLR: 90.
     batch_size: SimCLR: 4096.
     base_lr: per 256 examples; SimCLR: 0.1 (1.6 at batch 4096).
@@ -347,7 +355,7 @@ def linear_probe_sgd(
     train_source = sources.create_source(config.data, "train")
   if eval_source is None:
     eval_source = sources.create_source(config.data, "eval")
-  num_classes = num_classes or int(source_labels(train_source).max()) + 1
+  num_classes = num_classes or _num_classes(train_source)
   return train_classifier(
     config,
     state,
@@ -368,6 +376,7 @@ def finetune(
   *,
   label_fraction: float,
   subset_seed: int = 0,
+  subset_indices: Sequence[int] | None = None,
   train_source: Any | None = None,
   eval_source: Any | None = None,
   num_classes: int | None = None,
@@ -383,9 +392,11 @@ def finetune(
     state: a TrainState or plain-orbax restored dict (the pretrained encoder).
     label_fraction: fraction of the training labels used (0.01, 0.1), class-balanced.
     subset_seed: seed of the subset; fixed so that runs compare on the same labels.
+    subset_indices: a given subset instead (e.g. SimCLR's published ImageNet 1% / 10% lists,
+      mapped to source indices); ``label_fraction`` then only names the result.
     train_source: the full labelled training set (default: the config's train split).
     eval_source: examples to score (default: the config's eval split).
-    num_classes: default: 1 + the largest training label.
+    num_classes: default: the source's class names, else 1 + the largest training label.
     num_epochs: default SimCLR's: 60 below 10% of the labels, else 30.
     batch_size: global batch; capped at the subset size (rounded down to whole devices).
     base_lr: per 256 examples; SimCLR: 0.05.
@@ -398,9 +409,12 @@ def finetune(
     train_source = sources.create_source(config.data, "train")
   if eval_source is None:
     eval_source = sources.create_source(config.data, "eval")
-  labels = source_labels(train_source)
-  num_classes = num_classes or int(labels.max()) + 1
-  subset = Subset(train_source, balanced_subset(labels, label_fraction, subset_seed))
+  if subset_indices is None:
+    labels = source_labels(train_source)
+    subset_indices = balanced_subset(labels, label_fraction, subset_seed)
+    num_classes = num_classes or _num_classes(train_source, labels)
+  num_classes = num_classes or _num_classes(train_source)
+  subset = Subset(train_source, subset_indices)
   if num_epochs is None:
     num_epochs = 60 if label_fraction < 0.1 else 30
   devices = (kwargs.get("mesh") or sharding.create_mesh()).devices.size

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from cljax import checkpoint, metrics, sharding, train
@@ -35,14 +36,26 @@ from cljax.evaluate import classifier, collapse, features, knn, linear, plots
 _UNIFORMITY_ROWS = 4096
 
 
-def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
-  """The TrainState's shapes and dtypes, replicated over ``mesh``: the restore target."""
+def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int = 0) -> Any:
+  """The TrainState's shapes and dtypes, replicated over ``mesh``: the restore target.
+
+  ``num_classes >= 2`` includes the online probe (as training does for labelled data).
+  """
   image_shape = (config.data.image_size, config.data.image_size, 3)
   # Any callable schedule gives the optimiser state the saved structure; its values are unused.
-  create = functools.partial(train.create_train_state, config, learning_rate_fn=lambda _: 0.0)
+  create = functools.partial(
+    train.create_train_state, config, learning_rate_fn=lambda _: 0.0, num_classes=num_classes
+  )
   shapes = jax.eval_shape(lambda key: create(key, image_shape=image_shape), jax.random.key(0))
   rep = sharding.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+def _saved_num_classes(path: str) -> int:
+  """Classes of the online probe saved in the state at ``path``, 0 without a probe."""
+  saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+  probe = saved.get("probe_params") if hasattr(saved, "get") else None
+  return int(probe["kernel"].shape[-1]) if probe else 0
 
 
 def restore_checkpoint(
@@ -62,13 +75,15 @@ def restore_checkpoint(
         f"(found steps {sorted(steps)}); train first with python -m cljax.main."
       )
     step = max(steps) if step is None else step
-    diffs = checkpoint.config_differences(checkpoint.saved_config(manager, step), config)
+    saved = checkpoint.saved_config(manager, step)  # None when unreadable: nothing to compare.
+    diffs = [] if saved is None else checkpoint.config_differences(saved, config)
     if diffs:
       logging.warning("The checkpoint was written with another config:\n  %s", "\n  ".join(diffs))
     path = os.path.join(manager.directory, str(step), "state")
   finally:
     manager.close()
-  state = ocp.StandardCheckpointer().restore(path, abstract_state(config, mesh))
+  target = abstract_state(config, mesh, _saved_num_classes(path))
+  state = ocp.StandardCheckpointer().restore(path, target)
   return state, step
 
 
@@ -156,6 +171,8 @@ def two_view_embeddings(
   out = {}
   for i, name in enumerate(("a", "b")):
     f, z = embed(variables, views[f"view_{name}"], jax.random.fold_in(rng, i))
+    # Gathered so that every process holds all rows (multi-host arrays are not addressable).
+    f, z = multihost_utils.process_allgather((f, z), tiled=True)
     out[f"features_{name}"], out[f"z_{name}"] = np.asarray(f, np.float32), np.asarray(z)
   return out
 
@@ -229,6 +246,7 @@ def evaluate_state(
   out_dir: str | None = None,
   tag: str = "",
   linear_probe: bool = True,
+  linear_max_steps: int = 1000,
   plot: bool = True,
   tsne_points: int = 2000,
   pair_examples: int = 512,
@@ -243,6 +261,7 @@ def evaluate_state(
     out_dir: where to cache features and write plots; None: nothing is written.
     tag: suffix of the cached-feature and plot file names (e.g. ``"step100"``).
     linear_probe: run the L-BFGS linear probe.
+    linear_max_steps: L-BFGS iterations per fit at most.
     plot: write the t-SNE and similarity-histogram PNGs (needs ``out_dir``).
     tsne_points: eval-split points in the t-SNE map.
     pair_examples: eval-split images whose two views give the pair statistics.
@@ -278,6 +297,7 @@ def evaluate_state(
         knn_k=config.evals.knn_k,
         knn_temperature=config.evals.knn_temperature,
         linear_probe=linear_probe,
+        max_steps=linear_max_steps,
       )
     )
   eval_source = sources.create_source(config.data, "eval")
@@ -360,8 +380,12 @@ def evaluate_checkpoint(
       metrics.read_jsonl(curves), os.path.join(out_dir, "curves.png")
     )
   if baselines:
-    probe = kwargs.get("linear_probe", True)
-    result["baselines"] = evaluate_baselines(config, mesh, linear_probe=probe)
+    result["baselines"] = evaluate_baselines(
+      config,
+      mesh,
+      linear_probe=kwargs.get("linear_probe", True),
+      linear_max_steps=kwargs.get("linear_max_steps", 1000),
+    )
   common = dict(batch_size=classifier_batch_size, mesh=mesh)
   if linear_sgd_epochs > 0:
     result["linear_probe_sgd"] = classifier.linear_probe_sgd(
@@ -379,7 +403,11 @@ def evaluate_checkpoint(
 
 
 def evaluate_baselines(
-  config: ml_collections.ConfigDict, mesh: Mesh, *, linear_probe: bool = True
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  *,
+  linear_probe: bool = True,
+  linear_max_steps: int = 1000,
 ) -> dict[str, Any]:
   """kNN and linear probe of the randomly initialised encoder and of raw pixels."""
   image_shape = (config.data.image_size, config.data.image_size, 3)
@@ -408,5 +436,6 @@ def evaluate_baselines(
       knn_k=config.evals.knn_k,
       knn_temperature=config.evals.knn_temperature,
       linear_probe=linear_probe,
+      max_steps=linear_max_steps,
     )
   return out
