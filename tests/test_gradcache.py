@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from helpers import tiny_config
 from jax.sharding import PartitionSpec as P
 
 from cljax import losses, models, sharding, train
-from helpers import tiny_config
 
 
 def _chunked_without_remat(apply_fn, params, stats, views, num_chunks):
