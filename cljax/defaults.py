@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 0  # Only for "synthetic".
   c.data.image_size = 224
   c.data.global_batch_size = 4096
+  # Keep the whole uint8 data set on every device and crop/flip there: no host
+  # work per step. For data sets that fit in device memory (CIFAR-size).
+  c.data.device_resident = False
   c.data.num_workers = 8  # grain worker processes per host; 0 decodes in the main process.
   c.data.strict = False  # True: an unreadable image in a folder is fatal, not skipped.
   c.data.augment = ml_collections.ConfigDict()

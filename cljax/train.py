@@ -20,6 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from cljax import checkpoint, losses, metrics, models, optim, sharding
 from cljax.data import augment, pipeline, sources
+from cljax.data import device as device_data
 from cljax.evaluate import collapse, features, knn, online
 from cljax.state import TrainState
 
@@ -260,8 +261,24 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[i
   return steps_per_epoch, int(math.ceil(config.train.num_epochs * steps_per_epoch))
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, source: Any):
-  """This process's iterator of two-view batches (host crop and flip)."""
+def create_train_iterator(config: ml_collections.ConfigDict, source: Any, mesh: Mesh):
+  """The iterator of two-view batches: grain on the host, or device-resident.
+
+  With ``data.device_resident`` the whole uint8 data set is copied to every
+  device once and crops and flips happen there too (``cljax.data.device``);
+  its batches are already global device arrays.
+  """
+  crop_area = (config.data.augment.crop_area_min, 1.0)
+  if config.data.device_resident:
+    return device_data.create_device_iterator(
+      source,
+      mesh,
+      seed=config.train.seed,
+      global_batch_size=config.data.global_batch_size,
+      image_size=config.data.image_size,
+      crop_area=crop_area,
+      flip=config.data.augment.flip,
+    )
   return pipeline.create_pretrain_iterator(
     source,
     seed=config.train.seed,
@@ -270,7 +287,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, source: Any):
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     num_workers=config.data.num_workers,
-    crop_area=(config.data.augment.crop_area_min, 1.0),
+    crop_area=crop_area,
     flip=config.data.augment.flip,
   )
 
@@ -455,7 +472,7 @@ def train_and_evaluate(
   num_classes = len(getattr(source, "class_names", None) or ())
   state = create_train_state(config, init_rng, learning_rate_fn, image_shape, num_classes)
   state = jax.device_put(state, sharding.replicated(mesh))
-  train_iter = create_train_iterator(config, source)
+  train_iter = create_train_iterator(config, source, mesh)
 
   manager = checkpoint.create_manager(workdir, config)
   state, start_step = checkpoint.restore_latest(manager, state, train_iter, config, force_resume)
@@ -473,13 +490,13 @@ def train_and_evaluate(
   last, step, saved = {}, start_step, (start_step if start_step else None)
   try:
     while step < stop_at and not stop.should_stop(step % config.train.log_every_steps == 0):
-      host_batch = next(train_iter)
-      device_batch = sharding.host_to_global(
-        {k: host_batch[k] for k in ("view_a", "view_b", "aug_seed", "label")}, mesh
-      )
+      batch = next(train_iter)
+      if not config.data.device_resident:
+        keys = ("view_a", "view_b", "aug_seed", "label")
+        batch = sharding.host_to_global({k: batch[k] for k in keys}, mesh)
       # Dispatch is asynchronous: the host fetches the next batch while the
       # device runs this step. Metrics stay on device until a log step.
-      state, step_metrics = step_fn(state, device_batch, step_rng)
+      state, step_metrics = step_fn(state, batch, step_rng)
       step += 1
       pending.append(step, step_metrics)
       if step % config.train.log_every_steps == 0 or step == num_steps:

@@ -111,6 +111,21 @@ def readme_snippet(name: str) -> str:
   return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+def test_device_resident_mode_trains_and_resumes_exactly(tmp_path):
+  config = _resume_config()
+  config.data.device_resident = True
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(config, str(straight))
+  split = tmp_path / "split"
+  config.train.stop_at_step = 3
+  train.train_and_evaluate(config, str(split))
+  config.train.stop_at_step = 0
+  train.train_and_evaluate(config, str(split))
+  assert sorted(_losses(split)) == list(range(1, 7))
+  assert _losses(split) == _losses(straight)
+  chex.assert_trees_all_equal(_restore_state(straight, 6), _restore_state(split, 6))
+
+
 def test_readme_restore_snippet_with_plain_orbax_on_another_device_count(tmp_path):
   config = _resume_config()
   config.train.num_steps = 2

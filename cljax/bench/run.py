@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import statistics
 import tempfile
@@ -19,6 +20,8 @@ from cljax.bench import flops, host, timing
 from cljax.data import device, pipeline, sources
 
 PARTS = ("step", "full", "input", "host_jpeg", "matmul")
+# What the training loop passes from a host batch to the train step.
+_BATCH_KEYS = ("view_a", "view_b", "aug_seed", "label")
 Row = dict[str, Any]
 
 
@@ -36,7 +39,11 @@ class Trainer:
     self.lr_fn = optim.create_learning_rate_fn(peak_lr, warmup, num_steps)
     init_rng, self.rng = jax.random.split(jax.random.key(config.train.seed))
     size = config.data.image_size
-    state = train.create_train_state(config, init_rng, self.lr_fn, (size, size, 3))
+    # As the loop: labelled sources get the online probe (when the config enables it).
+    self.num_classes = len(getattr(self.source, "class_names", None) or ())
+    state = train.create_train_state(
+      config, init_rng, self.lr_fn, (size, size, 3), self.num_classes
+    )
     self.state = jax.device_put(state, sharding.replicated(self.mesh))
     self.step_fn = train.make_train_step(config, self.mesh, self.lr_fn)
     self.step = 0
@@ -45,12 +52,14 @@ class Trainer:
     self.device_load_s = None
 
   def synthetic_batch(self) -> dict[str, jax.Array]:
-    """Random uint8 views of the configured shape, already on the devices."""
+    """A random batch of the configured shape, with the host batches' keys, on the devices."""
     local = self.batch // jax.process_count()
     shape = (local, self.config.data.image_size, self.config.data.image_size, 3)
     rng = np.random.default_rng(jax.process_index())
-    views = {k: rng.integers(0, 256, shape, np.uint8) for k in ("view_a", "view_b")}
-    return sharding.host_to_global(views, self.mesh)
+    batch = {k: rng.integers(0, 256, shape, np.uint8) for k in ("view_a", "view_b")}
+    batch["aug_seed"] = rng.integers(0, 2**31 - 1, local).astype(np.int32)
+    batch["label"] = rng.integers(0, max(self.num_classes, 1), local).astype(np.int32)
+    return sharding.host_to_global(batch, self.mesh)
 
   def device_iterator(self) -> device.DeviceBatchIterator:
     """The device-resident batches (the data set is loaded once, on first use)."""
@@ -74,9 +83,7 @@ class Trainer:
     train_iter = train.create_train_iterator(self.config, self.source)
     try:
       for host_batch in train_iter:
-        yield sharding.host_to_global(
-          {"view_a": host_batch["view_a"], "view_b": host_batch["view_b"]}, self.mesh
-        )
+        yield sharding.host_to_global({k: host_batch[k] for k in _BATCH_KEYS}, self.mesh)
     finally:
       train_iter.close()
 
@@ -85,13 +92,18 @@ def _throughput(views_per_s: float, flops_per_view: float) -> Row:
   tflops = views_per_s * flops_per_view / 1e12
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
   return {
-    "tflops": round(tflops, 4),
+    "tflops": _sig(tflops),
     "peak_tflops_per_chip": peak,
-    "fraction_of_peak": None if peak is None else round(tflops / jax.device_count() / peak, 4),
+    "fraction_of_peak": None if peak is None else _sig(tflops / jax.device_count() / peak),
   }
 
 
-def bench_step(trainer: Trainer, windows: int, steps: int, warmup: int) -> Row:
+def _sig(x: float, digits: int = 4) -> float:
+  """``x`` to ``digits`` significant digits (figures span 1e-3 to 1e3)."""
+  return float(f"{x:.{digits}g}")
+
+
+def _step_run(trainer: Trainer) -> Callable[[int], Any]:
   """(a): the jitted train step alone, on a synthetic batch already on the devices."""
   batch = trainer.synthetic_batch()
 
@@ -100,61 +112,92 @@ def bench_step(trainer: Trainer, windows: int, steps: int, warmup: int) -> Row:
       trainer.state, _ = trainer.step_fn(trainer.state, batch, trainer.rng)
     return trainer.state
 
-  with timing.CompileCounter() as compiles:
-    start = time.perf_counter()
-    jax.block_until_ready(run(1))
-    first_step_s = time.perf_counter() - start
-  result = timing.time_windows(run, windows=windows, steps=steps, warmup=warmup)
-  row = {"part": "step", **timing.rates(result, 2 * trainer.batch)}
-  row["ms_per_step"] = round(1e3 / statistics.median(result["steps_per_s"]), 3)
-  row["compile_s"] = round(compiles.seconds, 3)
-  row["first_step_s"] = round(first_step_s, 3)
-  row["peak_memory_bytes"] = timing.peak_memory_bytes()
-  row["gflop_per_view"] = round(trainer.flops_per_view / 1e9, 4)
-  return row | _throughput(row["views_per_s"], trainer.flops_per_view)
+  return run
 
 
-def bench_full(trainer: Trainer, mode: str, windows: int, steps: int, warmup: int) -> Row:
+def _full_run(trainer: Trainer, mode: str, stack: contextlib.ExitStack) -> Callable[[int], Any]:
   """(b): the loop body of ``train.train_and_evaluate``, checkpoints excepted.
 
   Each step takes the next batch (host: grain + ``host_to_global``; device: the
   device-resident iterator), runs the step and keeps its metrics on device; every
-  ``log_every_steps`` it averages them, fetches them to the host and writes them.
+  ``log_every_steps`` it fetches and averages them on the host and writes them. Keep in
+  step with the loop in ``train.py``.
   """
-  batches = iter(trainer.device_iterator()) if mode == "device" else trainer.host_batches()
-  log_every = trainer.config.train.log_every_steps
-  history = []
-  with tempfile.TemporaryDirectory() as workdir:
-    writer = metrics.MetricWriter(
-      workdir,
-      total_steps=10**9,
-      views_per_step=2 * trainer.batch,
-      enabled=jax.process_index() == 0,
-      progress=False,
-    )
-
-    def run(k: int):
-      nonlocal history
-      for _ in range(k):
-        trainer.state, step_metrics = trainer.step_fn(trainer.state, next(batches), trainer.rng)
-        history.append(step_metrics)
-        trainer.step += 1
-        if trainer.step % log_every == 0:
-          writer.write_scalars(trainer.step, metrics.to_host(metrics.average(history)))
-          history = []
-      return trainer.state
-
-    # Warm up through a log step, so that the metric averaging has compiled too.
-    result = timing.time_windows(run, windows=windows, steps=steps, warmup=max(warmup, log_every))
-    writer.close()
-  if mode == "host":
-    batches.close()
-  row = {"part": "full", "mode": mode, **timing.rates(result, 2 * trainer.batch)}
-  row["log_every_steps"] = log_every
   if mode == "device":
-    row["device_load_s"] = trainer.device_load_s
-  row["peak_memory_bytes"] = timing.peak_memory_bytes()
-  return row | _throughput(row["views_per_s"], trainer.flops_per_view)
+    batches = iter(trainer.device_iterator())
+  else:
+    batches = trainer.host_batches()
+    stack.callback(batches.close)
+  log_every = trainer.config.train.log_every_steps
+  # A guard with no limit: a NaN on random benchmark data must not stop the timing.
+  pending = train._PendingMetrics(train.NonFiniteGuard(0))
+  writer = metrics.MetricWriter(
+    stack.enter_context(tempfile.TemporaryDirectory()),
+    total_steps=10**9,
+    views_per_step=2 * trainer.batch,
+    enabled=jax.process_index() == 0,
+    progress=False,
+  )
+  stack.callback(writer.close)
+
+  def run(k: int):
+    for _ in range(k):
+      trainer.state, step_metrics = trainer.step_fn(trainer.state, next(batches), trainer.rng)
+      trainer.step += 1
+      pending.append(trainer.step, step_metrics)
+      if trainer.step % log_every == 0:
+        writer.write_scalars(trainer.step, pending.drain(None))
+    return trainer.state
+
+  return run
+
+
+def bench_training(
+  trainer: Trainer, modes: Sequence[str], *, step: bool, windows: int, steps: int, warmup: int
+) -> list[Row]:
+  """(a) and (b) for each of ``modes``, their windows interleaved.
+
+  Returns:
+    The "step" row (if ``step``), then one "full" row per mode.
+  """
+  runs, rows = {}, []
+  with contextlib.ExitStack() as stack:
+    if step:
+      run = _step_run(trainer)
+      with timing.CompileCounter() as compiles:
+        start = time.perf_counter()
+        jax.block_until_ready(run(1))
+        first_step_s = time.perf_counter() - start
+      runs["step"] = (run, warmup)
+    for mode in modes:
+      # Warm up through a log step, so that everything a log step runs has compiled.
+      log_every = trainer.config.train.log_every_steps
+      runs[mode] = (_full_run(trainer, mode, stack), max(warmup, log_every))
+    results = timing.time_interleaved(runs, windows=windows, steps=steps)
+  if step:
+    result = results["step"]
+    row = {"part": "step", **timing.rates(result, 2 * trainer.batch)}
+    row["ms_per_step"] = round(1e3 / statistics.median(result["steps_per_s"]), 3)
+    row["compile_s"] = round(compiles.seconds, 3)
+    row["first_step_s"] = round(first_step_s, 3)
+    row["peak_memory_bytes"] = timing.peak_memory_bytes()
+    row["gflop_per_view"] = _sig(trainer.flops_per_view / 1e9)
+    rows.append(row | _throughput(row["views_per_s"], trainer.flops_per_view))
+  for mode in modes:
+    result = results[mode]
+    row = {"part": "full", "mode": mode, **timing.rates(result, 2 * trainer.batch)}
+    row["log_every_steps"] = trainer.config.train.log_every_steps
+    if step:
+      step_rates = results["step"]["steps_per_s"]
+      row["ratio_to_step"] = round(row["views_per_s"] / rows[0]["views_per_s"], 4)
+      # Each full window against the step window next to it in time.
+      paired = [f / s for f, s in zip(result["steps_per_s"], step_rates, strict=True)]
+      row["ratio_to_step_paired"] = round(statistics.median(paired), 4)
+    if mode == "device":
+      row["device_load_s"] = trainer.device_load_s
+    row["peak_memory_bytes"] = timing.peak_memory_bytes()
+    rows.append(row | _throughput(row["views_per_s"], trainer.flops_per_view))
+  return rows
 
 
 def _input_iterators(trainer: Trainer, mode: str) -> list[tuple[Row, Any]]:
@@ -249,7 +292,7 @@ def summary_row(rows: Sequence[Row]) -> Row:
   for r in rows:
     if r["part"] == "full":
       summary[f"full_{r['mode']}_views_per_s"] = r["views_per_s"]
-      summary[f"full_{r['mode']}_over_step"] = r["ratio_to_step"]
+      summary[f"full_{r['mode']}_over_step"] = r.get("ratio_to_step")
     elif r["part"] == "input" and r.get("cores_used") is None:
       summary[f"input_{r['mode']}_views_per_s"] = r["views_per_s"]
     elif r["part"] == "input":
@@ -311,11 +354,16 @@ def run_benchmark(
   if "matmul" in parts and jax.default_backend() != "cpu":
     add(bench_matmul())
   trainer = Trainer(config) if {"step", "full", "input"} & set(parts) else None
-  if "step" in parts:
-    add(bench_step(trainer, windows, steps, warmup_steps))
-  for mode in modes if "full" in parts else ():
-    row = bench_full(trainer, mode, windows, steps, warmup_steps)
-    add(row | {"ratio_to_step": _ratio(rows, row)})
+  if {"step", "full"} & set(parts):
+    for row in bench_training(
+      trainer,
+      modes if "full" in parts else (),
+      step="step" in parts,
+      windows=windows,
+      steps=steps,
+      warmup=warmup_steps,
+    ):
+      add(row)
   for mode in modes if "input" in parts else ():
     for row in bench_input(trainer, mode, windows, **(input_options or {})):
       add(row)
@@ -325,8 +373,3 @@ def run_benchmark(
       add(row)
   add(summary_row(rows))
   return rows
-
-
-def _ratio(rows: Sequence[Row], row: Row) -> float | None:
-  step = next((r for r in rows if r["part"] == "step"), None)
-  return None if step is None else round(row["views_per_s"] / step["views_per_s"], 4)

@@ -98,3 +98,35 @@ def rates(timing: dict[str, Any], views_per_step: int) -> dict[str, Any]:
     "window_views_per_s": [round(r, 2) for r in per_window],
     "recompiles": timing["recompiles"],
   }
+
+
+def time_interleaved(
+  runs: dict[str, tuple[Callable[[int], Any], int]], *, windows: int, steps: int
+) -> dict[str, dict[str, Any]]:
+  """``time_windows`` for several loops at once, their windows taken in turn.
+
+  On a shared machine the load drifts; alternating the loops' windows exposes them to the
+  same drift, so their ratio stays meaningful.
+
+  Args:
+    runs: name -> (run, warmup steps); ``run(k)`` runs k steps, returns arrays to wait for.
+    windows: timed windows per loop.
+    steps: steps per window.
+
+  Returns:
+    name -> {"steps_per_s", "seconds", "recompiles"} as ``time_windows``.
+  """
+  for run, warmup in runs.values():
+    if warmup:
+      jax.block_until_ready(run(warmup))
+  results = {name: {"steps_per_s": [], "seconds": [], "recompiles": 0} for name in runs}
+  for _ in range(windows):
+    for name, (run, _) in runs.items():
+      with CompileCounter() as compiles:
+        start = time.perf_counter()
+        jax.block_until_ready(run(steps))
+        seconds = time.perf_counter() - start
+      results[name]["seconds"].append(seconds)
+      results[name]["steps_per_s"].append(steps / seconds)
+      results[name]["recompiles"] += compiles.count
+  return results

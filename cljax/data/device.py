@@ -7,7 +7,7 @@ and each step's two-view batch is a jitted, pure function of ``(seed, step)``::
 
     data = device.DeviceData.create(source, mesh)           # decode + copy, once
     batch_fn = device.make_batch_fn(data, seed=0, global_batch_size=512, image_size=32)
-    batch = batch_fn(step)   # {"view_a", "view_b"}: uint8 (512, 32, 32, 3), sharded over 'data'
+    batch = batch_fn(step)   # uint8 views (512, 32, 32, 3), aug_seed, label; sharded on 'data'
 
 The batch goes to ``train.make_train_step``'s function unchanged, which applies the
 photometric augmentation and normalisation as for host batches. ``DeviceBatchIterator``
@@ -27,12 +27,14 @@ What is sampled, and how it relates to the host path (``pipeline.create_pretrain
   centre crop), fed by uniform numbers instead of NumPy calls; ``boxes_from_uniforms``
   returns the same boxes as that function given the same numbers (tested against it).
 - Resize: Pillow's bicubic resampling of the cut-out crop (Keys a = -0.5, antialiased when
-  shrinking, horizontal pass then vertical, each rounded to uint8), as separable weight
-  matrices applied with batched matmuls; the flip reverses the column weights. For the same
-  box it gives Pillow's pixels except for rare off-by-one roundings (Pillow uses 22-bit fixed
-  point coefficients, we use float32).
-- Per-example randomness comes from the example's stream position ``(epoch, offset)``, never
-  from its place on a device, so batches do not depend on the device or process count.
+  shrinking, horizontal pass then vertical, each rounded to uint8) as separable weight
+  matrices applied with batched matmuls; the flip reverses the column weights. Given the
+  same box, an enlarged crop (every CIFAR crop) has Pillow's pixels but for rare off-by-one
+  roundings (Pillow's coefficients are 22-bit fixed point); when shrinking, Pillow 13 may
+  run the vertical pass first, which moves about 5% of pixels by a few levels.
+- Per-example randomness (boxes, flips and the ``aug_seed`` of the step's photometric
+  augmentation) comes from the example's stream position ``(epoch, offset)``, never from its
+  place on a device, so batches do not depend on the device or process count.
 
 Why the batches are not bitwise those of the host path for the same seed: the host path
 draws each record's numbers from a NumPy generator seeded by grain from ``(seed, position)``
@@ -70,8 +72,8 @@ CROP_ATTEMPTS = 10
 NUM_VIEW_UNIFORMS = 2 * CROP_ATTEMPTS + 3
 # fold_in tags separating the data streams from each other and from the run's other keys.
 _DATA_TAG, _ORDER_TAG, _CROP_TAG = 0x64617461, 0, 1
-# Pillow's bicubic filter constant and support (in input pixels at scale 1).
-_BICUBIC_A, _BICUBIC_SUPPORT = -0.5, 2.0
+# Pillow's bicubic filter constant.
+_BICUBIC_A = -0.5
 
 Batch = dict[str, jax.Array]
 
@@ -84,13 +86,11 @@ class DeviceData:
     images: (N, H, W, 3) uint8, replicated over ``mesh``.
     labels: (N,) int32 (-1 when unlabelled), replicated.
     mesh: the 'data' mesh the batches are sharded over.
-    origin: repr of the source, for iterator signatures.
   """
 
   images: jax.Array
   labels: jax.Array
   mesh: Mesh
-  origin: str
 
   @classmethod
   def create(
@@ -126,7 +126,6 @@ class DeviceData:
       images=_replicate(images, replicated),
       labels=_replicate(labels, replicated),
       mesh=mesh,
-      origin=repr(source),
     )
 
   def __len__(self) -> int:
@@ -148,9 +147,8 @@ def load_arrays(source: Any, num_threads: int = 8) -> tuple[np.ndarray, np.ndarr
   """All of ``source`` as (N, H, W, 3) uint8 images and (N,) int32 labels.
 
   Args:
-    source: a random-access source (sources.py); array sources are converted without a
-      per-example loop.
-    num_threads: threads reading other sources.
+    source: a random-access source (sources.py).
+    num_threads: threads reading it (decoding in Pillow releases the GIL).
 
   Returns:
     ``(images, labels)``.
@@ -158,11 +156,6 @@ def load_arrays(source: Any, num_threads: int = 8) -> tuple[np.ndarray, np.ndarr
   Raises:
     ValueError: the images are not all of one size.
   """
-  array = getattr(source, "images", None)
-  if isinstance(array, np.ndarray):
-    labels = getattr(source, "labels", None)
-    labels = np.full(len(array), -1, np.int32) if labels is None else labels.astype(np.int32)
-    return _arrays_to_rgb(array), labels
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     examples = list(pool.map(source.__getitem__, range(len(source)), chunksize=256))
   shapes = {e["image"].shape for e in examples}
@@ -173,21 +166,6 @@ def load_arrays(source: Any, num_threads: int = 8) -> tuple[np.ndarray, np.ndarr
     )
   images = np.stack([e["image"] for e in examples])
   return images, np.array([e["label"] for e in examples], np.int32)
-
-
-def _arrays_to_rgb(array: np.ndarray) -> np.ndarray:
-  """(N, H, W[, 1|3|4]) uint8/uint16 -> (N, H, W, 3) uint8, as ``images.array_to_rgb`` per image."""
-  if array.dtype == np.uint16:
-    array = (array >> 8).astype(np.uint8)
-  if array.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 or uint16, got {array.dtype}")
-  if array.ndim == 3:
-    array = array[..., None]
-  if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"images must have shape (N, H, W[, 1|3|4]), got {array.shape}")
-  if array.shape[-1] == 1:
-    return np.repeat(array, 3, axis=-1)
-  return np.ascontiguousarray(array[..., :3])
 
 
 def stream_positions(
@@ -360,14 +338,18 @@ def _local_batch(
   ]
   example = jnp.where(epoch == first_epoch[0], orders[0][offset], orders[1][offset])
   crop_key = jax.random.fold_in(key, _CROP_TAG)
-  # One threefry call per example for both views (separate calls compile slowly).
-  u = jax.vmap(
-    lambda e, j: jax.random.uniform(
-      jax.random.fold_in(jax.random.fold_in(crop_key, e), j), (2, NUM_VIEW_UNIFORMS)
-    )
-  )(epoch, offset)
+
+  def draws(e, j):
+    example_key = jax.random.fold_in(jax.random.fold_in(crop_key, e), j)
+    # One threefry call for both views' numbers (separate calls compile slowly), and one
+    # for the seed of the step's photometric augmentation (31 random bits, like the host's).
+    u = jax.random.uniform(example_key, (2, NUM_VIEW_UNIFORMS))
+    bits = jax.random.bits(jax.random.fold_in(example_key, 1), (), jnp.uint32)
+    return u, (bits >> 1).astype(jnp.int32)
+
+  u, aug_seed = jax.vmap(draws)(epoch, offset)
   pixels = images[example]
-  batch = {}
+  batch = {"aug_seed": aug_seed, "label": labels[example]}
   for v, name in enumerate(("view_a", "view_b")):
     boxes = boxes_from_uniforms(u[:, v], height, width, area, aspect)
     # The coin is drawn even when flip is off, so turning it off changes no crop.
@@ -375,7 +357,6 @@ def _local_batch(
     batch[name] = crop_resize_flip(pixels, boxes, flips, image_size)
   if return_index:
     batch["index"] = example.astype(jnp.int32)
-    batch["label"] = labels[example]
   return batch
 
 
@@ -400,12 +381,12 @@ def make_batch_fn(
     crop_area: range of the crop's area fraction.
     crop_aspect: range of the crop's width / height (sampled log-uniformly).
     flip: random horizontal flips with probability 1/2.
-    return_index: also return "index" (the source index) and "label".
+    return_index: also return "index", the source index of each example.
 
   Returns:
-    ``batch_fn(step)`` -> {"view_a", "view_b"}: uint8 (B, S, S, 3) sharded over 'data'
-    (plus "index" and "label" (B,) int32 if asked); ``step`` is an int or () int array and
-    does not cause recompilation.
+    ``batch_fn(step)`` -> {"view_a", "view_b": uint8 (B, S, S, 3), "aug_seed", "label":
+    int32 (B,)}, sharded over 'data': the keys the train step reads from host batches.
+    ``step`` is an int or a () int array; new values do not recompile.
 
   Raises:
     ValueError: the batch does not split over the devices, exceeds the data set, or the
