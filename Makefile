@@ -25,5 +25,12 @@ lint: install
 quickstart: install
 	$(BIN)/python -m cljax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
+# Throughput of the CIFAR recipe at a CPU-sized batch on the embedded data; on an
+# accelerator pass BENCH_ARGS (e.g. the recipe's own batch and data).
+BENCH_ARGS ?= --config.data.global_batch_size=64 --config.model.dtype=float32 \
+	--config.data.source=embedded --config.data.image_size=32
+bench: install
+	$(BIN)/python -m cljax.bench --config=configs/simclr_cifar10.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs
