@@ -101,7 +101,7 @@ def test_the_train_step_does_not_retrace_after_the_first_step(monkeypatch):
   state = jax.device_put(state, sharding.replicated(mesh))
   step_fn = train.make_train_step(config, mesh, lr_fn)
   source = sources.create_source(config.data, "train")
-  it = train.create_train_iterator(config, source)
+  it = train.create_train_iterator(config, source, mesh)
   keys = ("view_a", "view_b", "aug_seed", "label")
   for _ in range(3):  # The state passed in comes back from the step from step 2 on.
     batch = sharding.host_to_global({k: v for k, v in next(it).items() if k in keys}, mesh)

@@ -61,26 +61,23 @@ class Trainer:
     batch["label"] = rng.integers(0, max(self.num_classes, 1), local).astype(np.int32)
     return sharding.host_to_global(batch, self.mesh)
 
+  def iterator(self, mode: str) -> Any:
+    """``train.create_train_iterator`` for this config with ``data.device_resident`` set by mode."""
+    config = ml_collections.ConfigDict(self.config.to_dict())  # An unlocked copy.
+    config.data.device_resident = mode == "device"
+    return train.create_train_iterator(config, self.source, self.mesh)
+
   def device_iterator(self) -> device.DeviceBatchIterator:
     """The device-resident batches (the data set is loaded once, on first use)."""
     if self._device_iterator is None:
-      c = self.config
       start = time.perf_counter()
-      self._device_iterator = device.create_device_iterator(
-        self.source,
-        self.mesh,
-        seed=c.train.seed,
-        global_batch_size=self.batch,
-        image_size=c.data.image_size,
-        crop_area=(c.data.augment.crop_area_min, 1.0),
-        flip=c.data.augment.flip,
-      )
+      self._device_iterator = self.iterator("device")
       self.device_load_s = round(time.perf_counter() - start, 3)
     return self._device_iterator
 
   def host_batches(self) -> Iterator[dict[str, jax.Array]]:
     """As the training loop: this process's batch from grain, then global arrays."""
-    train_iter = train.create_train_iterator(self.config, self.source)
+    train_iter = self.iterator("host")
     try:
       for host_batch in train_iter:
         yield sharding.host_to_global({k: host_batch[k] for k in _BATCH_KEYS}, self.mesh)
@@ -228,7 +225,7 @@ def bench_input(
   """(c): the input pipeline alone: as configured, and on one host core; or device batches."""
   rows = []
   for fields, it in _input_iterators(trainer, mode):
-    it = it or train.create_train_iterator(trainer.config, trainer.source)
+    it = it or trainer.iterator("host")
     result = timing.time_windows(
       lambda k, it=it: [next(it) for _ in range(k)][-1],
       windows=windows,
@@ -328,7 +325,7 @@ def run_benchmark(
     warmup_steps: untimed steps before (a) and (b) (at least one log interval for (b)).
     parts: any of ``PARTS``; "matmul" runs on accelerators only.
     modes: data paths for (b) and (c), "host" and/or "device"; default the config's
-      (``data.device_resident``, host when the key is absent).
+      (``data.device_resident``).
     jpeg_workers: grain worker counts for "host_jpeg"; default 0 and all host cores.
     input_options: ``bench_input`` keywords (warmup_s, window_s).
     jpeg_options: ``host.bench_host_jpeg`` keywords (sizes, warmup_s, window_s).
@@ -341,7 +338,7 @@ def run_benchmark(
     ValueError: unknown parts or modes.
   """
   steps = steps_per_window or config.train.log_every_steps
-  modes = list(modes) or ["device" if config.data.get("device_resident", False) else "host"]
+  modes = list(modes) or ["device" if config.data.device_resident else "host"]
   if bad := (set(modes) - {"host", "device"}) | (set(parts) - set(PARTS)):
     raise ValueError(f"unknown parts or modes {sorted(bad)}; parts: {PARTS}, modes: host, device")
   rows = []

@@ -19,8 +19,8 @@ uninterrupted one.
 What is sampled, and how it relates to the host path (``pipeline.create_pretrain_iterator``):
 
 - Order: the global stream of positions ``p = step * B + i`` is cut into epochs of N; epoch
-  ``e`` visits the examples in the order of ``jax.random.permutation`` keyed by
-  ``(seed, e)``, so every epoch covers every example exactly once and batches straddle
+  ``e`` visits the examples in a uniformly random order keyed by ``(seed, e)``
+  (``epoch_order``), so every epoch covers every example exactly once and batches straddle
   epochs, as on the host path with one process (which drops no remainder either).
 - Crops: ``random_resized_crop_box``'s rule exactly (up to 10 attempts of area ~ U(area),
   log-aspect ~ U(log aspect), the first box that fits placed uniformly, else the clamped
@@ -38,15 +38,14 @@ What is sampled, and how it relates to the host path (``pipeline.create_pretrain
 
 Why the batches are not bitwise those of the host path for the same seed: the host path
 draws each record's numbers from a NumPy generator seeded by grain from ``(seed, position)``
-and orders examples with grain's own index shuffle; neither generator can be reproduced
-inside a jitted function (NumPy's bit generators and grain's shuffle are host code), and
-drawing the numbers on the host would bring back the per-step host work this mode removes.
-So the two modes see the same distribution of orders, boxes and flips but different draws;
+and orders examples with grain's index shuffle, host code that a jitted function cannot
+reproduce; drawing the numbers on the host would bring back the per-step host work this
+mode removes. So the modes share the distribution of orders, boxes and flips, not the draws;
 given the same boxes they produce the same pixels (within the rounding above).
 
-The data set is replicated, not sharded: each step gathers arbitrary examples, which from a
-sharded set would need an all-to-all of images every step, while a replica costs
-N * H * W * 3 bytes per device (0.2% of an 80 GB GPU for CIFAR-10).
+The set is replicated, not sharded: a step gathers arbitrary examples, which from a sharded
+set would take an all-to-all of images per step; a replica costs N * H * W * 3 bytes per
+device (0.2% of an 80 GB GPU for CIFAR-10).
 """
 
 from __future__ import annotations
@@ -115,7 +114,10 @@ class DeviceData:
       ValueError: the images differ in size, or the set is larger than ``max_bytes``.
     """
     images, labels = load_arrays(source, num_threads=num_threads)
-    limit = max_bytes if max_bytes is not None else _default_max_bytes(mesh)
+    limit = max_bytes
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    if limit is None and "bytes_limit" in stats:
+      limit = stats["bytes_limit"] // 4
     if limit is not None and images.nbytes > limit:
       raise ValueError(
         f"{source!r} is {images.nbytes / 2**20:.0f} MiB as uint8, over the device-resident "
@@ -130,12 +132,6 @@ class DeviceData:
 
   def __len__(self) -> int:
     return self.images.shape[0]
-
-
-def _default_max_bytes(mesh: Mesh) -> int | None:
-  stats = mesh.devices.flat[0].memory_stats()
-  limit = (stats or {}).get("bytes_limit")
-  return None if limit is None else limit // 4
 
 
 def _replicate(array: np.ndarray, replicated: jax.sharding.Sharding) -> jax.Array:
@@ -310,6 +306,26 @@ def crop_resize_flip(images: jax.Array, boxes: jax.Array, flips: jax.Array, size
   return x.astype(jnp.uint8)
 
 
+def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
+  """The examples in epoch ``epoch``'s order: a uniformly random permutation of range(N).
+
+  One sort by 64 random bits per example: ties, which a stable sort would leave in index
+  order, have probability about N^2 / 2^65. (``jax.random.permutation`` sorts twice by 32
+  bits for the same guarantee, at twice the cost.)
+
+  Args:
+    key: the order's key.
+    epoch: () integer epoch.
+    num_examples: N (static).
+
+  Returns:
+    (N,) int32 permutation.
+  """
+  bits = jax.random.bits(jax.random.fold_in(key, epoch), (2, num_examples), jnp.uint32)
+  keys = (bits[0], bits[1], jnp.arange(num_examples, dtype=jnp.int32))
+  return jax.lax.sort(keys, num_keys=2)[2]
+
+
 def _local_batch(
   images: jax.Array,
   labels: jax.Array,
@@ -329,14 +345,19 @@ def _local_batch(
   n = batch_size // num_shards
   index = jax.lax.axis_index(sharding.DATA_AXIS) * n + jnp.arange(n)
   epoch, offset = stream_positions(step, index, batch_size, num_examples)
-  # A batch spans at most two epochs (batch_size <= N): the first entry's and the next.
-  first_epoch, _ = stream_positions(step, jnp.zeros((1,), jnp.int32), batch_size, num_examples)
+  # A batch spans at most two epochs (batch_size <= N): the first entry's and the next,
+  # whose order is only computed (a second sort of N keys) when the batch reaches it.
+  (first_epoch,), (first_offset,) = stream_positions(
+    step, jnp.zeros((1,), jnp.int32), batch_size, num_examples
+  )
   order_key = jax.random.fold_in(key, _ORDER_TAG)
-  orders = [
-    jax.random.permutation(jax.random.fold_in(order_key, first_epoch[0] + k), num_examples)
-    for k in (0, 1)
-  ]
-  example = jnp.where(epoch == first_epoch[0], orders[0][offset], orders[1][offset])
+  order = epoch_order(order_key, first_epoch, num_examples)
+  next_order = jax.lax.cond(
+    first_offset + batch_size > num_examples,
+    lambda: epoch_order(order_key, first_epoch + 1, num_examples),
+    lambda: order,
+  )
+  example = jnp.where(epoch == first_epoch, order[offset], next_order[offset])
   crop_key = jax.random.fold_in(key, _CROP_TAG)
 
   def draws(e, j):
@@ -460,9 +481,6 @@ class DeviceBatchIterator(grain.DatasetIterator):
         f"not continue the saved run. Differences (saved, now): {diff}; state: {state}"
       )
     self._next_batch = int(state["next_batch"])
-
-  def __str__(self) -> str:
-    return f"DeviceBatchIterator(next_batch={self._next_batch})"
 
 
 def create_device_iterator(
