@@ -28,7 +28,7 @@ quickstart: install
 # Throughput of the CIFAR recipe at a CPU-sized batch on the embedded data; on an
 # accelerator pass BENCH_ARGS (e.g. the recipe's own batch and data).
 BENCH_ARGS ?= --config.data.global_batch_size=64 --config.model.dtype=float32 \
-	--config.data.source=embedded --config.data.image_size=32
+	--config.data.source=embedded --config.data.image_size=32 --config.train.log_every_steps=5
 bench: install
 	$(BIN)/python -m cljax.bench --config=configs/simclr_cifar10.py $(BENCH_ARGS)
 
