@@ -70,6 +70,19 @@ def create_train_state(
   )
 
 
+def photometric(images: jax.Array, keys: jax.Array, aug: Any) -> jax.Array:
+  """The config's photometric augmentation of (b, h, w, 3) float images in [0, 1]."""
+  return augment.photometric_augment(
+    images,
+    keys,
+    color_strength=aug.color_strength,
+    color_jitter_prob=aug.color_jitter_prob,
+    grayscale_prob=aug.grayscale_prob,
+    blur_prob=aug.blur_prob,
+    solarize_prob=aug.solarize_prob,
+  )
+
+
 def _augmented_views(batch: dict, rng: jax.Array, step: jax.Array, aug: Any) -> jax.Array:
   """Both views as one normalised float batch ``[view_a; view_b]`` (2n, h, w, 3).
 
@@ -82,15 +95,7 @@ def _augmented_views(batch: dict, rng: jax.Array, step: jax.Array, aug: Any) -> 
     x = batch[name].astype(jnp.float32) / 255.0
     if aug.photometric:
       keys = augment.example_keys(jax.random.fold_in(rng, v), step, batch["aug_seed"])
-      x = augment.photometric_augment(
-        x,
-        keys,
-        color_strength=aug.color_strength,
-        color_jitter_prob=aug.color_jitter_prob,
-        grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob,
-        solarize_prob=aug.solarize_prob,
-      )
+      x = photometric(x, keys, aug)
     views.append(normalize_images(x))
   return jnp.concatenate(views, axis=0)
 
@@ -378,7 +383,7 @@ class NonFiniteGuard:
         )
 
 
-class _PendingMetrics:
+class PendingMetrics:
   """Per-step metrics kept on device until the loop needs them on the host."""
 
   def __init__(self, guard: NonFiniteGuard):
@@ -486,7 +491,7 @@ def train_and_evaluate(
   step_fn = make_train_step(config, mesh, learning_rate_fn)
   stop_at = min(num_steps, config.train.stop_at_step or num_steps)
   stop = _StopSignal()
-  pending = _PendingMetrics(NonFiniteGuard(config.train.max_nonfinite_streak))
+  pending = PendingMetrics(NonFiniteGuard(config.train.max_nonfinite_streak))
   last, step, saved = {}, start_step, (start_step if start_step else None)
   try:
     while step < stop_at and not stop.should_stop(step % config.train.log_every_steps == 0):

@@ -127,7 +127,7 @@ def _full_run(trainer: Trainer, mode: str, stack: contextlib.ExitStack) -> Calla
     stack.callback(batches.close)
   log_every = trainer.config.train.log_every_steps
   # A guard with no limit: a NaN on random benchmark data must not stop the timing.
-  pending = train._PendingMetrics(train.NonFiniteGuard(0))
+  pending = train.PendingMetrics(train.NonFiniteGuard(0))
   writer = metrics.MetricWriter(
     stack.enter_context(tempfile.TemporaryDirectory()),
     total_steps=10**9,

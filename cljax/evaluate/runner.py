@@ -155,15 +155,7 @@ def two_view_embeddings(
     x = view.astype(jnp.float32) / 255.0
     if aug.photometric:
       keys = augment.example_keys(key, 0, jnp.arange(x.shape[0]))
-      x = augment.photometric_augment(
-        x,
-        keys,
-        color_strength=aug.color_strength,
-        color_jitter_prob=aug.color_jitter_prob,
-        grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob,
-        solarize_prob=aug.solarize_prob,
-      )
+      x = train.photometric(x, keys, aug)
     return state.apply_fn(variables, train.normalize_images(x), train=False)
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
