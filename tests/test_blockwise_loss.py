@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cljax import losses, sharding
+from cljax.losses import blockwise as blockwise_module
 
 
 def _embeddings(n, d, seed=0):
@@ -148,7 +149,7 @@ def test_sharded_nt_xent_blockwise_and_gradient_equal_single_device(block_size, 
 
   # Teeth: without the reduce-scatter the loss agrees but the key gradients
   # stay on the querying device, and the comparison above catches it.
-  monkeypatch.setattr(losses, "_return_key_gradients", _keep_own_key_gradients)
+  monkeypatch.setattr(blockwise_module, "_return_key_gradients", _keep_own_key_gradients)
   w_value, w_grads = _value_and_grads(_sharded(blockwise, mesh), z_a, z_b)
   np.testing.assert_allclose(float(w_value), float(expected[0]), rtol=1e-5)
   with pytest.raises(AssertionError):
