@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "simclr"
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "resnet"
+  c.model.name = "resnet"  # "resnet" | "vit"
   c.model.depth = 50
   c.model.width_multiplier = 1
   c.model.num_filters = 64
@@ -23,6 +23,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stage_sizes = ()  # Non-empty overrides the depth's blocks per stage (toy models).
   c.model.dtype = "bfloat16"  # Compute dtype; parameters are always float32.
   c.model.bn_momentum = 0.9
+  # ViT only (model.name = "vit"): "Ti/16" | "S/16" | "B/16" | "L/16"; the
+  # number after the slash is the patch size.
+  c.model.variant = "S/16"
+  c.model.posemb = "sincos2d"  # "sincos2d" (fixed) | "learn"
+  c.model.freeze_patch_embed = False  # MoCo v3: a frozen random patch projection.
 
   c.head = ml_collections.ConfigDict()
   c.head.num_layers = 2  # SimCLR v1: 2, v2: 3.
@@ -65,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.strict = False  # True: an unreadable image in a folder is fatal, not skipped.
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.crop_area_min = 0.08
+  c.data.augment.crop_area_max = 1.0
+  # Multi-crop (SwAV, DINO): this many extra low-resolution local views per image.
+  c.data.augment.num_local_crops = 0
+  c.data.augment.local_crop_size = 96
+  c.data.augment.local_crop_area_min = 0.05
+  c.data.augment.local_crop_area_max = 0.4
   c.data.augment.flip = True
   c.data.augment.photometric = True  # Colour jitter, grayscale, blur, solarize on device.
   c.data.augment.color_strength = 1.0
@@ -72,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment.grayscale_prob = 0.2
   c.data.augment.blur_prob = 0.5
   c.data.augment.solarize_prob = 0.0
+  # The second view's probabilities when they differ (BYOL: blur 1.0 / 0.1,
+  # solarize 0.0 / 0.2); < 0 means the same as the first view's.
+  c.data.augment.blur_prob_b = -1.0
+  c.data.augment.solarize_prob_b = -1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0
