@@ -26,8 +26,21 @@ from cljax.losses.contrastive import (
   positive_accuracy,
   softmax_cross_entropy,
 )
+from cljax.losses.dino import dino_center_update, dino_loss, teacher_temperature_schedule
+from cljax.losses.moco import moco_v2_loss, moco_v3_loss
+from cljax.losses.regression import byol_loss, simsiam_loss
+from cljax.losses.schedules import cosine_ramp, ema_update
 
 __all__ = [
+  "byol_loss",
+  "cosine_ramp",
+  "dino_center_update",
+  "dino_loss",
+  "ema_update",
+  "moco_v2_loss",
+  "moco_v3_loss",
+  "simsiam_loss",
+  "teacher_temperature_schedule",
   "contrastive_logits",
   "info_nce",
   "info_nce_blockwise",
