@@ -12,7 +12,56 @@ def base_config() -> ml_collections.ConfigDict:
   ``--config.x.y=v`` override of a key that is not here is an error.
   """
   c = ml_collections.ConfigDict()
+  # "simclr" | "moco_v2" | "moco_v3" | "byol" | "simsiam" | "dino" | "swav" |
+  # "barlow_twins" | "supcon" (see cljax/methods/).
   c.method = "simclr"
+
+  # The momentum target network of MoCo, BYOL and DINO: decay ema.base,
+  # ramped to ema.final over the run by a half cosine ("cosine": BYOL, MoCo v3,
+  # DINO) or kept constant ("constant": MoCo v2).
+  c.ema = ml_collections.ConfigDict()
+  c.ema.base = 0.996
+  c.ema.final = 1.0
+  c.ema.schedule = "cosine"
+
+  c.moco = ml_collections.ConfigDict()
+  c.moco.queue_size = 65536  # MoCo v2's queue of negative keys, sharded over devices.
+  # False: the paper's asymmetric loss (queries of view a, keys of view b,
+  # those keys enqueued). True: both directions, both views' keys enqueued.
+  c.moco.symmetric = False
+
+  c.simsiam = ml_collections.ConfigDict()
+  c.simsiam.stop_gradient = True  # False only to show that SimSiam then collapses.
+
+  # DINO (Caron et al. 2021); the official ViT-S/16 defaults.
+  c.dino = ml_collections.ConfigDict()
+  c.dino.out_dim = 65536  # Prototypes of the DINO head.
+  c.dino.hidden_dim = 2048
+  c.dino.bottleneck_dim = 256
+  c.dino.norm_last_layer = True  # Weight-normalised last layer with its norm fixed at 1.
+  c.dino.student_temperature = 0.1
+  c.dino.teacher_temperature = 0.04  # Final teacher temperature.
+  c.dino.warmup_teacher_temperature = 0.04
+  c.dino.warmup_teacher_temperature_epochs = 0.0
+  c.dino.center_momentum = 0.9
+  c.dino.freeze_last_layer_epochs = 1.0  # The last layer's gradient is zeroed this long.
+
+  # SwAV (Caron et al. 2020).
+  c.swav = ml_collections.ConfigDict()
+  c.swav.num_prototypes = 3000
+  c.swav.epsilon = 0.05
+  c.swav.sinkhorn_iterations = 3
+  c.swav.freeze_prototypes_epochs = 1.0
+  c.swav.queue_size = 0  # Per device; 0: no queue.
+  c.swav.queue_start_epoch = 15.0
+
+  # Barlow Twins (Zbontar et al. 2021).
+  c.barlow_twins = ml_collections.ConfigDict()
+  c.barlow_twins.lambda_ = 5e-3  # Weight of the off-diagonal terms.
+
+  # Supervised contrastive (Khosla et al. 2020): uses the labels.
+  c.supcon = ml_collections.ConfigDict()
+  c.supcon.base_temperature = 0.07
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet"  # "resnet" | "vit"
@@ -33,9 +82,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.num_layers = 2  # SimCLR v1: 2, v2: 3.
   c.head.hidden_dim = 2048
   c.head.output_dim = 128
+  c.head.output_norm = "bn"  # "bn": BatchNorm after the last Dense; "none": a bias instead.
+
+  # The prediction MLP of BYOL, SimSiam and MoCo v3 (0 layers: none). Its
+  # output has the head's output_dim.
+  c.predictor = ml_collections.ConfigDict()
+  c.predictor.num_layers = 0
+  c.predictor.hidden_dim = 4096
+  c.predictor.output_norm = "none"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.1
+  # SimCLR's loss: "nt_xent" | "debiased" (Chuang et al. 2020, class prior
+  # tau_plus) | "hard_negative" (Robinson et al. 2021, concentration beta) |
+  # "decoupled" (Yeh et al. 2022, no positive in the denominator).
+  c.loss.name = "nt_xent"
+  c.loss.tau_plus = 0.1
+  c.loss.beta = 1.0
   # "plain" materialises the (local x global) logits; "blockwise" streams over
   # key blocks with an online log-sum-exp: same value and gradient, memory
   # O(local x block_size). Worth it from about 8k global views.

@@ -8,9 +8,14 @@ import jax
 import ml_collections
 import optax
 
-# Parameter names that LARS leaves alone: biases and BatchNorm scales/offsets
-# get neither weight decay nor trust-ratio adaptation (SimCLR, You et al. 2017).
-_UNADAPTED_NAMES = ("bias", "scale")
+# Parameter names that LARS leaves alone: biases and BatchNorm/LayerNorm scales/offsets
+# get neither weight decay nor trust-ratio adaptation (SimCLR, You et al. 2017), nor do a
+# ViT's class token and learned position embeddings (MoCo v3, DINO: decay on kernels only).
+_UNADAPTED_NAMES = ("bias", "scale", "cls_token", "pos_embedding")
+# Modules whose parameters never train (a ViT's frozen patch projection, ``models.vit``):
+# their gradients are zero, and without weight decay every optimiser here leaves them as
+# they are.
+_FROZEN_PREFIX = "frozen_"
 
 
 def scaled_learning_rate(base_lr: float, global_batch_size: int, scaling: str) -> float:
@@ -40,11 +45,23 @@ def create_learning_rate_fn(peak_lr: float, warmup_steps: int, total_steps: int)
   )
 
 
+def _key(entry) -> str:
+  return str(getattr(entry, "key", ""))
+
+
 def lars_mask(params) -> object:
-  """True for parameters LARS adapts and decays: everything but biases and BN params."""
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: getattr(path[-1], "key", None) not in _UNADAPTED_NAMES, params
-  )
+  """True for the parameters LARS adapts and weight decay shrinks: the kernels.
+
+  False for biases, normalisation scales and offsets, a ViT's class token and
+  position embeddings, and anything under a ``frozen_*`` module.
+  """
+
+  def adapted(path, _) -> bool:
+    if any(_key(entry).startswith(_FROZEN_PREFIX) for entry in path):
+      return False
+    return _key(path[-1]) not in _UNADAPTED_NAMES
+
+  return jax.tree_util.tree_map_with_path(adapted, params)
 
 
 def create_optimizer(

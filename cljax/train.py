@@ -16,25 +16,20 @@ import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cljax import checkpoint, losses, metrics, models, optim, sharding
+from cljax import checkpoint, methods, metrics, models, optim, sharding
 from cljax.data import augment, pipeline, sources
 from cljax.data import device as device_data
 from cljax.evaluate import collapse, features, knn, online
 from cljax.state import TrainState
 
-# Per-channel ImageNet statistics; inputs arrive as uint8 and are normalised
-# on device so that the host ships 4x fewer bytes.
-_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
-_STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32)
-
 Metrics = dict[str, jax.Array]
 
-
-def normalize_images(images: jax.Array) -> jax.Array:
-  """(b, h, w, 3) float images in [0, 1] -> zero-mean, unit-variance channels."""
-  return (images - _MEAN_RGB) / _STDDEV_RGB
+# Re-exported: evaluation and older callers use them from here.
+normalize_images = augment.normalize_images
+photometric = augment.photometric
+forward = methods.base.forward
 
 
 def create_train_state(
@@ -44,16 +39,14 @@ def create_train_state(
   image_shape: tuple[int, int, int],
   num_classes: int = 0,
 ) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and the optimiser state.
+  """Initialises parameters, BatchNorm statistics, the optimiser and the method's state.
 
   With ``num_classes >= 2`` and ``evals.online_probe`` it adds the online
   linear probe on the encoder features.
   """
-  model = models.create_model(config)
-  model_rng, probe_rng = jax.random.split(rng)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    model_rng, jnp.zeros((2, *image_shape), jnp.float32)
-  )
+  method = methods.create_method(config)
+  model_rng, probe_rng, method_rng = jax.random.split(rng, 3)
+  variables = method.init_variables(model_rng, image_shape)
   tx = optim.create_optimizer(config.optim, learning_rate_fn)
   probe_params = probe_tx = None
   if num_classes >= 2 and config.evals.online_probe:
@@ -61,89 +54,35 @@ def create_train_state(
     probe_params = online.init_probe_params(probe_rng, feature_dim, num_classes)
     probe_tx = online.create_probe_optimizer(config.evals.online_probe_lr)
   return TrainState.create(
-    apply_fn=models.create_model(config, bn_axis_name=sharding.DATA_AXIS).apply,
+    apply_fn=method.create_model(bn_axis_name=sharding.DATA_AXIS).apply,
     params=variables["params"],
     batch_stats=variables["batch_stats"],
     tx=tx,
     probe_params=probe_params,
     probe_tx=probe_tx,
+    method_state=method.init_state(method_rng, variables),
   )
 
 
-def photometric(images: jax.Array, keys: jax.Array, aug: Any) -> jax.Array:
-  """The config's photometric augmentation of (b, h, w, 3) float images in [0, 1]."""
-  return augment.photometric_augment(
-    images,
-    keys,
-    color_strength=aug.color_strength,
-    color_jitter_prob=aug.color_jitter_prob,
-    grayscale_prob=aug.grayscale_prob,
-    blur_prob=aug.blur_prob,
-    solarize_prob=aug.solarize_prob,
+def _specs_to_shardings(mesh: Mesh, specs: Any, tree: Any) -> Any:
+  """Expands a ``PartitionSpec`` prefix of ``tree`` into one ``NamedSharding`` per leaf."""
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  return jax.tree.map(
+    lambda spec, sub: jax.tree.map(lambda _: NamedSharding(mesh, spec), sub),
+    specs,
+    tree,
+    is_leaf=is_spec,
   )
 
 
-def _augmented_views(batch: dict, rng: jax.Array, step: jax.Array, aug: Any) -> jax.Array:
-  """Both views as one normalised float batch ``[view_a; view_b]`` (2n, h, w, 3).
-
-  Each example's photometric keys come from its ``aug_seed`` (drawn by the
-  pipeline from the record's place in the shuffled stream), so augmentations
-  do not depend on how the global batch is split over processes or devices.
-  """
-  views = []
-  for v, name in enumerate(("view_a", "view_b")):
-    x = batch[name].astype(jnp.float32) / 255.0
-    if aug.photometric:
-      keys = augment.example_keys(jax.random.fold_in(rng, v), step, batch["aug_seed"])
-      x = photometric(x, keys, aug)
-    views.append(normalize_images(x))
-  return jnp.concatenate(views, axis=0)
-
-
-def make_loss_fn(loss_config: ml_collections.ConfigDict):
-  """NT-Xent as ``loss.implementation`` says: plain or blockwise (memory-bounded)."""
-  if loss_config.implementation == "plain":
-    return losses.nt_xent
-  if loss_config.implementation == "blockwise":
-    return functools.partial(losses.nt_xent_blockwise, block_size=loss_config.block_size)
-  raise ValueError(
-    f"loss.implementation must be 'plain' or 'blockwise', got {loss_config.implementation!r}."
-  )
-
-
-def forward(
-  apply_fn: Any, params: Any, batch_stats: Any, views: jax.Array, num_chunks: int = 1
-) -> tuple[jax.Array, jax.Array, Any]:
-  """Encoder features, embeddings and updated BatchNorm statistics of ``views``.
-
-  With ``num_chunks > 1`` this is gradient caching (GradCache, Gao et al.
-  2021) by rematerialisation: the views pass through the network in chunks
-  under ``lax.scan``, and ``jax.checkpoint`` keeps only each chunk's input, so
-  the backward pass recomputes one chunk's activations at a time. Activation
-  memory falls by about ``num_chunks`` while the loss still sees every
-  embedding of the global batch. BatchNorm then normalises each chunk with its
-  own statistics (ghost BatchNorm, still averaged across devices), and the
-  running averages are updated chunk after chunk; gradients equal those of
-  the same chunked forward without rematerialisation.
-  """
-  if num_chunks == 1:
-    variables = {"params": params, "batch_stats": batch_stats}
-    (h, z), new_vars = apply_fn(variables, views, train=True, mutable=["batch_stats"])
-    return h, z, new_vars["batch_stats"]
-  if views.shape[0] % num_chunks:
-    raise ValueError(
-      f"train.grad_chunks={num_chunks} must divide the {views.shape[0]} views on each device."
-    )
-
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk(stats, x):
-    variables = {"params": params, "batch_stats": stats}
-    (h, z), new_vars = apply_fn(variables, x, train=True, mutable=["batch_stats"])
-    return new_vars["batch_stats"], (h, z)
-
-  chunks = views.reshape(num_chunks, -1, *views.shape[1:])
-  batch_stats, (h, z) = jax.lax.scan(chunk, batch_stats, chunks)
-  return h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), batch_stats
+def place_state(state: TrainState, mesh: Mesh, config: ml_collections.ConfigDict) -> TrainState:
+  """Puts ``state`` on ``mesh``: replicated, but for method state the method shards (a queue)."""
+  specs = methods.create_method(config).state_specs()
+  method_state = state.method_state
+  placed = jax.device_put(state.replace(method_state=None), sharding.replicated(mesh))
+  if method_state is not None:
+    method_state = jax.device_put(method_state, _specs_to_shardings(mesh, specs, method_state))
+  return placed.replace(method_state=method_state)
 
 
 def train_step(
@@ -151,106 +90,121 @@ def train_step(
   batch: dict,
   rng: jax.Array,
   *,
-  config: ml_collections.ConfigDict,
+  method: methods.Method,
   learning_rate_fn: optax.Schedule,
 ) -> tuple[TrainState, Metrics]:
-  """One SimCLR step on one device's shard; runs inside ``shard_map`` over 'data'.
+  """One step of ``method`` on one device's shard; runs inside ``shard_map`` over 'data'.
 
   Args:
-    state: the replicated train state.
-    batch: this device's ``{"view_a", "view_b"}`` uint8 (n, h, w, 3) images.
+    state: the train state (replicated but for sharded method state).
+    batch: this device's ``{"view_a", "view_b", "aug_seed", "label"}`` (and
+      ``"local_views"`` with multi-crop) uint8 images and ints.
     rng: the run's key; the step's keys derive from it and ``state.step``.
-    config: the run config (static).
+    method: the method (static): its views, loss and state updates.
     learning_rate_fn: the schedule, for the logged learning rate.
 
   Returns:
     The new state and a dict of global scalar metrics.
   """
-  views = _augmented_views(batch, rng, state.step, config.data.augment)
+  config = method.config
+  views = method.views(batch, rng, state.step)
   n = batch["view_a"].shape[0]
 
-  def loss_fn(params):
-    h, z, new_stats = forward(
-      state.apply_fn, params, state.batch_stats, views, config.train.grad_chunks
-    )
-    loss, metrics = make_loss_fn(config.loss)(
-      z[:n],
-      z[n:],
-      config.loss.temperature,
-      axis_name=sharding.DATA_AXIS,
-      return_metrics=True,
-    )
-    return loss, (new_stats, metrics, z, h)
-
-  # The loss is already the global mean (pmean inside nt_xent), so its
+  # Losses are already global means (pmean inside cljax.losses), so their
   # gradient with respect to the replicated parameters is the global gradient:
   # shard_map's autodiff sums the per-device contributions.
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (batch_stats, metrics, z, features)), grads = grad_fn(state.params)
+  grad_fn = jax.value_and_grad(lambda p: method.loss(p, state, views, batch), has_aux=True)
+  (loss, out), grads = grad_fn(state.params)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  method_state = method.update_state(state, params, out)
   # A NaN or Inf in the loss or any gradient (the norm is non-finite iff some
-  # element is) skips the update: parameters, statistics and optimiser state
-  # stay as they were, and the batch counts as consumed.
+  # element is) skips the update: parameters, statistics, optimiser and method
+  # state stay as they were, and the batch counts as consumed.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  if config.evals.collapse_metrics:
+  metrics = dict(out.metrics)
+  if config.evals.collapse_metrics and out.pairs is not None:
     # Effective rank, alignment and uniformity; costs a (d, d) eigendecomposition.
-    extra = collapse.collapse_metrics(z[:n], z[n:], axis_name=sharding.DATA_AXIS)
-    metrics = dict(metrics, **{k: v for k, v in extra.items() if k != "embedding_std"})
+    extra = collapse.collapse_metrics(*out.pairs, axis_name=sharding.DATA_AXIS)
+    metrics.update({k: v for k, v in extra.items() if k != "embedding_std"})
   probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
   if state.probe_params is not None:
-    labels = jnp.concatenate([batch["label"], batch["label"]])
+    labels = jnp.tile(batch["label"], out.features.shape[0] // n)
     probe_params, probe_opt_state, probe_metrics = online.probe_update(
       state.probe_params,
       state.probe_opt_state,
-      features,
+      out.features,
       labels,
       tx=state.probe_tx,
       num_classes=state.probe_params["kernel"].shape[1],
       axis_name=sharding.DATA_AXIS,
     )
-    metrics = dict(metrics, **probe_metrics)
+    metrics.update(probe_metrics)
   new_state = state.replace(
     step=state.step + 1,
-    params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
-    batch_stats=keep_if_bad(batch_stats, state.batch_stats),
+    params=keep_if_bad(params, state.params),
+    batch_stats=keep_if_bad(out.batch_stats, state.batch_stats),
     opt_state=keep_if_bad(opt_state, state.opt_state),
     probe_params=keep_if_bad(probe_params, state.probe_params),
     probe_opt_state=keep_if_bad(probe_opt_state, state.probe_opt_state),
+    method_state=keep_if_bad(method_state, state.method_state),
   )
-  metrics = dict(
-    metrics,
+  metrics.update(
     loss=loss,
     learning_rate=learning_rate_fn(state.step),
     grad_norm=grad_norm,
     param_norm=optax.tree.norm(state.params),
     # About 1/sqrt(d) for a healthy embedding and near 0 for a collapsed one.
-    embedding_std=jnp.mean(collapse.embedding_std(z, axis_name=sharding.DATA_AXIS)),
+    embedding_std=jnp.mean(collapse.embedding_std(out.embeddings, axis_name=sharding.DATA_AXIS)),
     nonfinite=1.0 - finite.astype(jnp.float32),
   )
   return new_state, metrics
 
 
 def make_train_step(
-  config: ml_collections.ConfigDict, mesh: Mesh, learning_rate_fn: optax.Schedule
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  learning_rate_fn: optax.Schedule,
+  *,
+  num_steps: int = 0,
+  steps_per_epoch: int = 0,
 ):
-  """``train_step`` jit-compiled over ``mesh``: state replicated and donated, batch sharded."""
-  step_fn = functools.partial(train_step, config=config, learning_rate_fn=learning_rate_fn)
-  data, rep = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+  """``train_step`` of ``config.method`` jit-compiled over ``mesh``, the state donated.
+
+  The state is replicated, but for method state the method shards (a MoCo
+  queue), the batch sharded over 'data'. ``num_steps``/``steps_per_epoch``
+  drive the method's schedules (target momentum, teacher temperature).
+  """
+  method = methods.create_method(config, num_steps, steps_per_epoch)
+  step_fn = functools.partial(train_step, method=method, learning_rate_fn=learning_rate_fn)
+  data, rep, method_specs = PartitionSpec(sharding.DATA_AXIS), PartitionSpec(), method.state_specs()
+
+  # The method state goes through shard_map as its own argument so that its
+  # specs are a plain pytree prefix (the TrainState's static fields would not
+  # match a prefix built separately).
+  def split_step(state, method_state, batch, rng):
+    new_state, metrics = step_fn(state.replace(method_state=method_state), batch, rng)
+    return new_state.replace(method_state=None), new_state.method_state, metrics
+
   mapped = jax.shard_map(
-    step_fn, mesh=mesh, in_specs=(rep, data, rep), out_specs=(rep, rep), check_vma=True
+    split_step,
+    mesh=mesh,
+    in_specs=(rep, method_specs, data, rep),
+    out_specs=(rep, method_specs, rep),
+    check_vma=True,
   )
-  return jax.jit(
-    mapped,
-    in_shardings=(
-      sharding.replicated(mesh),
-      sharding.batch_sharded(mesh),
-      sharding.replicated(mesh),
-    ),
-    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-    donate_argnums=(0,),
-  )
+
+  def step(state, batch, rng):
+    new_state, method_state, metrics = mapped(
+      state.replace(method_state=None), state.method_state, batch, rng
+    )
+    return new_state.replace(method_state=method_state), metrics
+
+  # Input shardings come from the arguments (``place_state`` and the
+  # batch_sharded iterators); outputs from shard_map's out_specs.
+  return jax.jit(step, donate_argnums=(0,))
 
 
 def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -267,34 +221,36 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[i
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, source: Any, mesh: Mesh):
-  """The iterator of two-view batches: grain on the host, or device-resident.
+  """The iterator of two-view (or multi-crop) batches: grain on the host, or device-resident.
 
   With ``data.device_resident`` the whole uint8 data set is copied to every
   device once and crops and flips happen there too (``cljax.data.device``);
-  its batches are already global device arrays.
+  its batches are already global device arrays. With
+  ``data.augment.num_local_crops > 0`` batches also hold ``local_views``.
   """
-  crop_area = (config.data.augment.crop_area_min, 1.0)
-  if config.data.device_resident:
-    return device_data.create_device_iterator(
-      source,
-      mesh,
-      seed=config.train.seed,
-      global_batch_size=config.data.global_batch_size,
-      image_size=config.data.image_size,
-      crop_area=crop_area,
-      flip=config.data.augment.flip,
-    )
-  return pipeline.create_pretrain_iterator(
-    source,
+  aug = config.data.augment
+  crops = dict(
     seed=config.train.seed,
     global_batch_size=config.data.global_batch_size,
     image_size=config.data.image_size,
+    crop_area=(aug.crop_area_min, aug.crop_area_max),
+    flip=aug.flip,
+    num_local_crops=aug.num_local_crops,
+    local_crop_size=aug.local_crop_size,
+    local_crop_area=(aug.local_crop_area_min, aug.local_crop_area_max),
+  )
+  if config.data.device_resident:
+    return device_data.create_device_iterator(source, mesh, **crops)
+  return pipeline.create_pretrain_iterator(
+    source,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     num_workers=config.data.num_workers,
-    crop_area=crop_area,
-    flip=config.data.augment.flip,
+    **crops,
   )
+
+
+BATCH_KEYS = ("view_a", "view_b", "aug_seed", "label", "local_views")
 
 
 class _StopSignal:
@@ -476,7 +432,7 @@ def train_and_evaluate(
   image_shape = (config.data.image_size, config.data.image_size, 3)
   num_classes = len(getattr(source, "class_names", None) or ())
   state = create_train_state(config, init_rng, learning_rate_fn, image_shape, num_classes)
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state = place_state(state, mesh, config)
   train_iter = create_train_iterator(config, source, mesh)
 
   manager = checkpoint.create_manager(workdir, config)
@@ -488,7 +444,9 @@ def train_and_evaluate(
     enabled=jax.process_index() == 0,
   )
   writer.write_config(config.to_dict())
-  step_fn = make_train_step(config, mesh, learning_rate_fn)
+  step_fn = make_train_step(
+    config, mesh, learning_rate_fn, num_steps=num_steps, steps_per_epoch=steps_per_epoch
+  )
   stop_at = min(num_steps, config.train.stop_at_step or num_steps)
   stop = _StopSignal()
   pending = PendingMetrics(NonFiniteGuard(config.train.max_nonfinite_streak))
@@ -497,8 +455,7 @@ def train_and_evaluate(
     while step < stop_at and not stop.should_stop(step % config.train.log_every_steps == 0):
       batch = next(train_iter)
       if not config.data.device_resident:
-        keys = ("view_a", "view_b", "aug_seed", "label")
-        batch = sharding.host_to_global({k: batch[k] for k in keys}, mesh)
+        batch = sharding.host_to_global({k: batch[k] for k in BATCH_KEYS if k in batch}, mesh)
       # Dispatch is asynchronous: the host fetches the next batch while the
       # device runs this step. Metrics stay on device until a log step.
       state, step_metrics = step_fn(state, batch, step_rng)
@@ -533,7 +490,7 @@ def _final_knn(config, state, mesh, init_rng, learning_rate_fn, image_shape) -> 
   result = knn_eval(config, state, mesh)
   if result and config.evals.knn_baseline:
     init_state = create_train_state(config, init_rng, learning_rate_fn, image_shape)
-    baseline = knn_eval(config, jax.device_put(init_state, sharding.replicated(mesh)), mesh)
+    baseline = knn_eval(config, place_state(init_state, mesh, config), mesh)
     result["knn_top1_random_init"] = baseline["knn_top1"]
   if result:
     logging.info(

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import tiny_config
 
-from cljax import metrics, train
+from cljax import methods, metrics, train
 from cljax.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -83,13 +83,14 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 def _poison_steps(monkeypatch, bad_steps):
   """Makes the inputs of the given (0-based) steps NaN inside the compiled step."""
-  original = train._augmented_views
+  original = methods.Method.views
 
-  def poisoned(batch, rng, step, aug):
-    views = original(batch, rng, step, aug)
-    return jnp.where(jnp.isin(step, jnp.asarray(bad_steps)), jnp.nan, views)
+  def poisoned(self, batch, rng, step):
+    views = original(self, batch, rng, step)
+    bad = jnp.isin(step, jnp.asarray(bad_steps))
+    return {k: jnp.where(bad, jnp.nan, v) for k, v in views.items()}
 
-  monkeypatch.setattr(train, "_augmented_views", poisoned)
+  monkeypatch.setattr(methods.Method, "views", poisoned)
 
 
 def test_a_nan_step_leaves_the_state_unchanged_and_is_counted(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from cljax.models import resnet
+from cljax.models import resnet, vit
 
 # Dense (no sparsity) bf16 peak TFLOP/s per chip from the vendors' data sheets, matched as
 # substrings of the lower-cased device_kind, first match wins. The reference's 8192^3 bf16
@@ -34,11 +34,38 @@ def _conv_out(size: int, stride: int) -> int:
   return -(-size // stride)  # 'SAME' padding.
 
 
-def encoder_macs(model_config: ml_collections.ConfigDict, image_size: int) -> tuple[int, int]:
-  """Multiply-accumulates of one image's forward pass through the ResNet's convolutions.
+def vit_macs(model_config: ml_collections.ConfigDict, image_size: int) -> tuple[int, int]:
+  """Multiply-accumulates of one image's forward pass through a ViT's matrix products.
 
-  Mirrors ``models.create_encoder``. Only convolutions count: BatchNorm, ReLU and pooling
-  add well under 1% of the arithmetic (and are bound by memory, not FLOPs).
+  Mirrors ``models.vit.ViT``: the patch projection, and per block the Q, K, V and output
+  projections, the two attention products (Q K^T and the weighted sum of V, over all heads)
+  and the MLP's two Dense layers, over the patch tokens and the class token. LayerNorm,
+  softmax, GELU and the residual additions (a few % at 224 px) are left out.
+
+  Args:
+    model_config: the config's ``model`` section (``model.variant`` gives the sizes).
+    image_size: the input side, a multiple of the patch size.
+
+  Returns:
+    ``(macs, feature_dim)``.
+  """
+  sizes = vit.parse_variant(model_config.variant)
+  d, p, mlp = sizes["hidden_dim"], sizes["patch_size"], sizes["mlp_dim"]
+  patches = (image_size // p) ** 2
+  tokens = patches + 1  # The class token.
+  macs = patches * p * p * 3 * d
+  per_block = 4 * tokens * d * d  # Q, K, V and output projections.
+  per_block += 2 * tokens * tokens * d  # Q K^T and attention-weighted V; heads split d.
+  per_block += 2 * tokens * d * mlp
+  return macs + sizes["depth"] * per_block, d
+
+
+def encoder_macs(model_config: ml_collections.ConfigDict, image_size: int) -> tuple[int, int]:
+  """Multiply-accumulates of one image's forward pass through the encoder.
+
+  A ViT (``model.name == "vit"``): see ``vit_macs``. A ResNet: mirrors
+  ``models.create_encoder``; only convolutions count: BatchNorm, ReLU and pooling add
+  well under 1% of the arithmetic (and are bound by memory, not FLOPs).
 
   Args:
     model_config: the config's ``model`` section.
@@ -47,6 +74,8 @@ def encoder_macs(model_config: ml_collections.ConfigDict, image_size: int) -> tu
   Returns:
     ``(macs, feature_dim)``.
   """
+  if model_config.get("name", "resnet") == "vit":
+    return vit_macs(model_config, image_size)
   stages = tuple(model_config.get("stage_sizes") or resnet.STAGE_SIZES[model_config.depth])
   bottleneck = model_config.depth >= 50
   width = model_config.num_filters * model_config.width_multiplier
@@ -89,6 +118,7 @@ def train_flops_per_view(config: ml_collections.ConfigDict) -> float:
 
   2 FLOPs per forward MAC, times 3: the backward pass computes gradients with respect to
   both activations and weights, each about one forward pass. CIFAR ResNet-18 at 32 px:
-  3.4 GFLOP; ResNet-50 at 224 px: 24.6 GFLOP (the reference's figures).
+  3.4 GFLOP; ResNet-50 at 224 px: 24.6 GFLOP (the reference's figures); ViT-B/16 at 224 px:
+  17.6 G forward MACs, 105 GFLOP.
   """
   return 3 * 2 * float(forward_macs_per_view(config))

@@ -20,8 +20,6 @@ from cljax.bench import flops, host, timing
 from cljax.data import device, pipeline, sources
 
 PARTS = ("step", "full", "input", "host_jpeg", "matmul")
-# What the training loop passes from a host batch to the train step.
-_BATCH_KEYS = ("view_a", "view_b", "aug_seed", "label")
 Row = dict[str, Any]
 
 
@@ -44,7 +42,7 @@ class Trainer:
     state = train.create_train_state(
       config, init_rng, self.lr_fn, (size, size, 3), self.num_classes
     )
-    self.state = jax.device_put(state, sharding.replicated(self.mesh))
+    self.state = train.place_state(state, self.mesh, config)
     self.step_fn = train.make_train_step(config, self.mesh, self.lr_fn)
     self.step = 0
     self.flops_per_view = flops.train_flops_per_view(config)
@@ -59,6 +57,11 @@ class Trainer:
     batch = {k: rng.integers(0, 256, shape, np.uint8) for k in ("view_a", "view_b")}
     batch["aug_seed"] = rng.integers(0, 2**31 - 1, local).astype(np.int32)
     batch["label"] = rng.integers(0, max(self.num_classes, 1), local).astype(np.int32)
+    aug = self.config.data.augment
+    if aug.num_local_crops:
+      size = aug.local_crop_size
+      shape = (local, aug.num_local_crops, size, size, 3)
+      batch["local_views"] = rng.integers(0, 256, shape, np.uint8)
     return sharding.host_to_global(batch, self.mesh)
 
   def iterator(self, mode: str) -> Any:
@@ -80,7 +83,8 @@ class Trainer:
     train_iter = self.iterator("host")
     try:
       for host_batch in train_iter:
-        yield sharding.host_to_global({k: host_batch[k] for k in _BATCH_KEYS}, self.mesh)
+        batch = {k: host_batch[k] for k in train.BATCH_KEYS if k in host_batch}
+        yield sharding.host_to_global(batch, self.mesh)
     finally:
       train_iter.close()
 
@@ -210,8 +214,11 @@ def _input_iterators(trainer: Trainer, mode: str) -> list[tuple[Row, Any]]:
     process_count=jax.process_count(),
     num_workers=0,
     read_threads=1,
-    crop_area=(c.data.augment.crop_area_min, 1.0),
+    crop_area=(c.data.augment.crop_area_min, c.data.augment.crop_area_max),
     flip=c.data.augment.flip,
+    num_local_crops=c.data.augment.num_local_crops,
+    local_crop_size=c.data.augment.local_crop_size,
+    local_crop_area=(c.data.augment.local_crop_area_min, c.data.augment.local_crop_area_max),
   )
   return [
     ({"mode": "host", "num_workers": c.data.num_workers, "cores_used": None}, None),

@@ -383,3 +383,40 @@ def photometric_augment(
     return apply_params(image, params)
 
   return jax.vmap(augment_one)(images.astype(jnp.float32), keys)
+
+
+# Per-channel ImageNet statistics; inputs arrive as uint8 and are normalised
+# on device so that the host ships 4x fewer bytes.
+_MEAN_RGB = (0.485, 0.456, 0.406)
+_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """(b, h, w, 3) float images in [0, 1] -> zero-mean, unit-variance channels."""
+  mean = jnp.asarray(_MEAN_RGB, jnp.float32)
+  std = jnp.asarray(_STDDEV_RGB, jnp.float32)
+  return (images - mean) / std
+
+
+def photometric(
+  images: jax.Array,
+  keys: jax.Array,
+  aug,
+  *,
+  blur_prob: float | None = None,
+  solarize_prob: float | None = None,
+) -> jax.Array:
+  """The photometric augmentation a config's ``data.augment`` section describes.
+
+  ``blur_prob``/``solarize_prob`` override the section's (a second view that
+  is augmented differently, as in BYOL).
+  """
+  return photometric_augment(
+    images,
+    keys,
+    color_strength=aug.color_strength,
+    color_jitter_prob=aug.color_jitter_prob,
+    grayscale_prob=aug.grayscale_prob,
+    blur_prob=aug.blur_prob if blur_prob is None else blur_prob,
+    solarize_prob=aug.solarize_prob if solarize_prob is None else solarize_prob,
+  )

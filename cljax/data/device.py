@@ -22,26 +22,23 @@ What is sampled, and how it relates to the host path (``pipeline.create_pretrain
   ``e`` visits the examples in a uniformly random order keyed by ``(seed, e)``
   (``epoch_order``), so every epoch covers every example exactly once and batches straddle
   epochs, as on the host path with one process (which drops no remainder either).
-- Crops: ``random_resized_crop_box``'s rule exactly (up to 10 attempts of area ~ U(area),
-  log-aspect ~ U(log aspect), the first box that fits placed uniformly, else the clamped
-  centre crop), fed by uniform numbers instead of NumPy calls; ``boxes_from_uniforms``
-  returns the same boxes as that function given the same numbers (tested against it).
-- Resize: Pillow's bicubic resampling of the cut-out crop (Keys a = -0.5, antialiased when
-  shrinking, horizontal pass then vertical, each rounded to uint8) as separable weight
-  matrices applied with batched matmuls; the flip reverses the column weights. Given the
-  same box, an enlarged crop (every CIFAR crop) has Pillow's pixels but for rare off-by-one
-  roundings (Pillow's coefficients are 22-bit fixed point); when shrinking, Pillow 13 may
-  run the vertical pass first, which moves about 5% of pixels by a few levels.
-- Per-example randomness (boxes, flips and the ``aug_seed`` of the step's photometric
-  augmentation) comes from the example's stream position ``(epoch, offset)``, never from its
-  place on a device, so batches do not depend on the device or process count.
+- Crops and resize: ``crops.py``, the host path's crop rule driven by uniform numbers and
+  Pillow's bicubic resize as batched matmuls (same boxes, same pixels up to rare roundings).
+- Multi-crop (SwAV, DINO): with ``num_local_crops`` = L > 0 the batch also holds
+  ``local_views`` (B, L, s, s, 3), L more crops of each example at side s, with their own
+  area range and flips, drawn from numbers separate from the global views' (which do not
+  change when L does).
+- Per-example randomness (boxes, flips, local views and the ``aug_seed`` of the step's
+  photometric augmentation) comes from the example's stream position ``(epoch, offset)``,
+  never from its place on a device, so batches do not depend on the device or process count.
 
 Why the batches are not bitwise those of the host path for the same seed: the host path
 draws each record's numbers from a NumPy generator seeded by grain from ``(seed, position)``
 and orders examples with grain's index shuffle, host code that a jitted function cannot
 reproduce; drawing the numbers on the host would bring back the per-step host work this
 mode removes. So the modes share the distribution of orders, boxes and flips, not the draws;
-given the same boxes they produce the same pixels (within the rounding above).
+given the same boxes they produce the same pixels (within the roundings ``crops.py``
+describes).
 
 The set is replicated, not sharded: a step gathers arbitrary examples, which from a sharded
 set would take an all-to-all of images per step; a replica costs N * H * W * 3 bytes per
@@ -64,15 +61,21 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from cljax import sharding
+from cljax.data import pipeline
 
-# random_resized_crop_box's attempts before its centre-crop fallback.
-CROP_ATTEMPTS = 10
-# Uniform numbers per view: (area, log-aspect) per attempt, then top, left and the flip coin.
-NUM_VIEW_UNIFORMS = 2 * CROP_ATTEMPTS + 3
+# The crop functions lived here; tests and callers may still import them from this module.
+from cljax.data.crops import (  # noqa: F401
+  CROP_ATTEMPTS,
+  NUM_VIEW_UNIFORMS,
+  boxes_from_uniforms,
+  crop_resize_flip,
+  views_from_uniforms,
+)
+
 # fold_in tags separating the data streams from each other and from the run's other keys.
 _DATA_TAG, _ORDER_TAG, _CROP_TAG = 0x64617461, 0, 1
-# Pillow's bicubic filter constant.
-_BICUBIC_A = -0.5
+# Under an example's key: the aug_seed's bits, then the local views' uniforms.
+_AUG_SEED_TAG, _LOCAL_TAG = 1, 2
 
 Batch = dict[str, jax.Array]
 
@@ -189,123 +192,6 @@ def stream_positions(
   return cycle * (batch_size // g) + position // num_examples, position % num_examples
 
 
-def boxes_from_uniforms(
-  u: jax.Array,
-  height: int,
-  width: int,
-  area: tuple[float, float] = (0.08, 1.0),
-  aspect: tuple[float, float] = (3 / 4, 4 / 3),
-) -> jax.Array:
-  """``pipeline.random_resized_crop_box``'s rule, driven by uniform numbers in [0, 1).
-
-  Attempt ``a`` reads its area fraction from ``u[2a]`` and its log-aspect from ``u[2a + 1]``;
-  the chosen box's top and left come from ``u[2 * CROP_ATTEMPTS]`` and the next one (as
-  ``floor(u * (range + 1))``, NumPy's ``integers``).
-
-  Args:
-    u: (..., k) uniforms, k >= 2 * CROP_ATTEMPTS + 2.
-    height: image height (static).
-    width: image width (static).
-    area: range of the crop's area fraction.
-    aspect: range of the crop's width / height.
-
-  Returns:
-    (..., 4) int32 boxes (top, left, crop_height, crop_width).
-  """
-  n = CROP_ATTEMPTS
-  log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
-  target = height * width * (area[0] + (area[1] - area[0]) * u[..., 0 : 2 * n : 2])
-  ratio = jnp.exp(log_lo + (log_hi - log_lo) * u[..., 1 : 2 * n : 2])
-  w = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
-  h = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
-  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = jnp.argmax(fits, axis=-1)[..., None]
-  found = jnp.any(fits, axis=-1)
-  fallback_h, fallback_w = _centre_crop_size(height, width, aspect)
-  h = jnp.where(found, jnp.take_along_axis(h, first, -1)[..., 0], fallback_h)
-  w = jnp.where(found, jnp.take_along_axis(w, first, -1)[..., 0], fallback_w)
-  top = jnp.minimum(jnp.floor(u[..., 2 * n] * (height - h + 1)).astype(jnp.int32), height - h)
-  left = jnp.minimum(jnp.floor(u[..., 2 * n + 1] * (width - w + 1)).astype(jnp.int32), width - w)
-  # The fallback is centred, not placed at random.
-  top = jnp.where(found, top, (height - h) // 2)
-  left = jnp.where(found, left, (width - w) // 2)
-  return jnp.stack([top, left, h, w], axis=-1)
-
-
-def _centre_crop_size(height: int, width: int, aspect: tuple[float, float]) -> tuple[int, int]:
-  if width / height < min(aspect):
-    return min(height, int(round(width / min(aspect)))), width
-  if width / height > max(aspect):
-    return height, min(width, int(round(height * max(aspect))))
-  return height, width
-
-
-def _bicubic(x: jax.Array) -> jax.Array:
-  """Pillow's bicubic kernel (Keys, a = -0.5)."""
-  x = jnp.abs(x)
-  a = _BICUBIC_A
-  inner = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-  outer = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-  return jnp.where(x < 1.0, inner, jnp.where(x < 2.0, outer, 0.0))
-
-
-def resize_weights(start: jax.Array, length: jax.Array, in_size: int, out_size: int) -> jax.Array:
-  """Pillow's bicubic resampling matrices for the crops ``[start, start + length)``.
-
-  Output pixel ``o`` of a crop of ``length`` pixels samples the crop at
-  ``(o + 0.5) * length / out_size``; the kernel widens by ``length / out_size`` when
-  shrinking (antialiasing); weights are normalised over the pixels inside the crop only, as
-  Pillow does for an image cut out before resizing.
-
-  Args:
-    start: (b,) int32 first pixel of each crop.
-    length: (b,) int32 crop lengths (>= 1).
-    in_size: the image's length along this axis (static).
-    out_size: the output length (static).
-
-  Returns:
-    (b, out_size, in_size) float32 weights whose rows sum to 1.
-  """
-  scale = length.astype(jnp.float32) / out_size
-  widen = jnp.maximum(scale, 1.0)[:, None, None]
-  center = (jnp.arange(out_size, dtype=jnp.float32) + 0.5)[None, :] * scale[:, None]
-  local = (jnp.arange(in_size)[None, :] - start[:, None]).astype(jnp.float32)[:, None, :]
-  inside = (local >= 0) & (local < length[:, None, None])
-  weights = jnp.where(inside, _bicubic((local + 0.5 - center[..., None]) / widen), 0.0)
-  return weights / jnp.sum(weights, axis=-1, keepdims=True)
-
-
-def _round_to_uint8_range(x: jax.Array) -> jax.Array:
-  # Pillow rounds half up and clips after each pass.
-  return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
-
-
-def crop_resize_flip(images: jax.Array, boxes: jax.Array, flips: jax.Array, size: int) -> jax.Array:
-  """Cuts ``boxes`` out of ``images``, resizes them to ``size`` (bicubic) and flips some.
-
-  Args:
-    images: (b, H, W, 3) uint8.
-    boxes: (b, 4) int32 (top, left, crop_height, crop_width).
-    flips: (b,) bool, flip horizontally.
-    size: the output side S (static).
-
-  Returns:
-    (b, S, S, 3) uint8, as ``pipeline.crop_and_resize`` (+ ``[:, ::-1]``) per image.
-  """
-  _, height, width, _ = images.shape
-  rows = resize_weights(boxes[:, 0], boxes[:, 2], height, size)  # (b, S, H)
-  cols = resize_weights(boxes[:, 1], boxes[:, 3], width, size)  # (b, S, W)
-  cols = jnp.where(flips[:, None, None], cols[:, ::-1], cols)
-  x = images.astype(jnp.float32)
-  # Full precision: TF32 or bf16 passes would change the rounded pixels.
-  einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
-  # Horizontal pass first, as Pillow: (b, H, W, 3) x (b, S, W) -> (b, H, S, 3).
-  x = _round_to_uint8_range(einsum("byxc,box->byoc", x, cols))
-  # Then vertical: (b, S, H) x (b, H, S, 3) -> (b, S, S, 3).
-  x = _round_to_uint8_range(einsum("bpy,byoc->bpoc", rows, x))
-  return x.astype(jnp.uint8)
-
-
 def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
   """The examples in epoch ``epoch``'s order: a uniformly random permutation of range(N).
 
@@ -338,10 +224,13 @@ def _local_batch(
   area: tuple[float, float],
   aspect: tuple[float, float],
   flip: bool,
+  num_local_crops: int,
+  local_crop_size: int,
+  local_crop_area: tuple[float, float],
   return_index: bool,
 ) -> Batch:
   """This device's rows of the step's batch; runs inside ``shard_map`` over 'data'."""
-  num_examples, height, width, _ = images.shape
+  num_examples = images.shape[0]
   n = batch_size // num_shards
   index = jax.lax.axis_index(sharding.DATA_AXIS) * n + jnp.arange(n)
   epoch, offset = stream_positions(step, index, batch_size, num_examples)
@@ -365,17 +254,31 @@ def _local_batch(
     # One threefry call for both views' numbers (separate calls compile slowly), and one
     # for the seed of the step's photometric augmentation (31 random bits, like the host's).
     u = jax.random.uniform(example_key, (2, NUM_VIEW_UNIFORMS))
-    bits = jax.random.bits(jax.random.fold_in(example_key, 1), (), jnp.uint32)
-    return u, (bits >> 1).astype(jnp.int32)
+    bits = jax.random.bits(jax.random.fold_in(example_key, _AUG_SEED_TAG), (), jnp.uint32)
+    # The local views' numbers come from a key of their own: the global views and aug_seed
+    # are the same with or without them.
+    u_local = None
+    if num_local_crops:
+      local_key = jax.random.fold_in(example_key, _LOCAL_TAG)
+      u_local = jax.random.uniform(local_key, (num_local_crops, NUM_VIEW_UNIFORMS))
+    return u, (bits >> 1).astype(jnp.int32), u_local
 
-  u, aug_seed = jax.vmap(draws)(epoch, offset)
+  u, aug_seed, u_local = jax.vmap(draws)(epoch, offset)
   pixels = images[example]
   batch = {"aug_seed": aug_seed, "label": labels[example]}
   for v, name in enumerate(("view_a", "view_b")):
-    boxes = boxes_from_uniforms(u[:, v], height, width, area, aspect)
-    # The coin is drawn even when flip is off, so turning it off changes no crop.
-    flips = (u[:, v, -1] < 0.5) & flip
-    batch[name] = crop_resize_flip(pixels, boxes, flips, image_size)
+    batch[name] = views_from_uniforms(pixels, u[:, v], image_size, area, aspect, flip)
+  if num_local_crops:
+    # Every (example, local view) pair is one row of the same batched crop.
+    local = views_from_uniforms(
+      images[jnp.repeat(example, num_local_crops)],
+      u_local.reshape(n * num_local_crops, NUM_VIEW_UNIFORMS),
+      local_crop_size,
+      local_crop_area,
+      aspect,
+      flip,
+    )
+    batch["local_views"] = local.reshape(n, num_local_crops, *local.shape[1:])
   if return_index:
     batch["index"] = example.astype(jnp.int32)
   return batch
@@ -390,6 +293,9 @@ def make_batch_fn(
   crop_area: tuple[float, float] = (0.08, 1.0),
   crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
   flip: bool = True,
+  num_local_crops: int = 0,
+  local_crop_size: int = 96,
+  local_crop_area: tuple[float, float] = (0.05, 0.4),
   return_index: bool = False,
 ) -> Callable[[Any], Batch]:
   """A jitted ``step -> batch`` over ``data``: order, crop and flip all on device.
@@ -398,20 +304,24 @@ def make_batch_fn(
     data: the device-resident set.
     seed: the run's seed (order and crops).
     global_batch_size: examples per step over all devices.
-    image_size: side S of the square views.
-    crop_area: range of the crop's area fraction.
-    crop_aspect: range of the crop's width / height (sampled log-uniformly).
-    flip: random horizontal flips with probability 1/2.
+    image_size: side S of the square (global) views.
+    crop_area: range of the global crops' area fraction.
+    crop_aspect: range of the crops' width / height (sampled log-uniformly), global and local.
+    flip: random horizontal flips with probability 1/2, of every view.
+    num_local_crops: L, multi-crop's extra local views per example (0: none).
+    local_crop_size: side s of the local views.
+    local_crop_area: range of the local crops' area fraction.
     return_index: also return "index", the source index of each example.
 
   Returns:
     ``batch_fn(step)`` -> {"view_a", "view_b": uint8 (B, S, S, 3), "aug_seed", "label":
-    int32 (B,)}, sharded over 'data': the keys the train step reads from host batches.
-    ``step`` is an int or a () int array; new values do not recompile.
+    int32 (B,)}, and with L > 0 "local_views": uint8 (B, L, s, s, 3); sharded over 'data':
+    the keys the train step reads from host batches. ``step`` is an int or a () int array;
+    new values do not recompile.
 
   Raises:
     ValueError: the batch does not split over the devices, exceeds the data set, or the
-      ranges are invalid.
+      ranges or multi-crop settings are invalid.
   """
   num_examples = len(data)
   sharding.check_global_batch(global_batch_size, data.mesh)
@@ -425,6 +335,7 @@ def make_batch_fn(
     raise ValueError(f"bad crop_area {crop_area} or crop_aspect {crop_aspect}")
   if image_size < 1:
     raise ValueError(f"image_size must be positive, got {image_size}")
+  pipeline.check_local_crops(num_local_crops, local_crop_size, local_crop_area)
   local = functools.partial(
     _local_batch,
     batch_size=global_batch_size,
@@ -433,6 +344,9 @@ def make_batch_fn(
     area=tuple(crop_area),
     aspect=tuple(crop_aspect),
     flip=bool(flip),
+    num_local_crops=int(num_local_crops),
+    local_crop_size=int(local_crop_size),
+    local_crop_area=tuple(float(x) for x in local_crop_area),
     return_index=return_index,
   )
   rep, data_spec = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
@@ -473,13 +387,7 @@ class DeviceBatchIterator(grain.DatasetIterator):
     return {"pipeline": self._signature, "next_batch": self._next_batch}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    saved = state.get("pipeline", {})
-    diff = {k: (saved.get(k), v) for k, v in self._signature.items() if saved.get(k) != v}
-    if diff or "next_batch" not in state:
-      raise ValueError(
-        "the saved data-iterator state belongs to a different pipeline; its batches would "
-        f"not continue the saved run. Differences (saved, now): {diff}; state: {state}"
-      )
+    pipeline.check_state(state, self._signature)
     self._next_batch = int(state["next_batch"])
 
 
@@ -493,11 +401,19 @@ def create_device_iterator(
   crop_area: tuple[float, float] = (0.08, 1.0),
   crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
   flip: bool = True,
+  num_local_crops: int = 0,
+  local_crop_size: int = 96,
+  local_crop_area: tuple[float, float] = (0.05, 0.4),
 ) -> DeviceBatchIterator:
   """Loads ``source`` onto ``mesh`` and returns the iterator of its two-view batches.
 
-  The arguments mean what they mean for ``pipeline.create_pretrain_iterator``.
+  The arguments mean what they mean for ``pipeline.create_pretrain_iterator``; with
+  ``num_local_crops`` > 0 batches also hold "local_views" (``make_batch_fn``).
+
+  Raises:
+    ValueError: as ``make_batch_fn``.
   """
+  pipeline.check_local_crops(num_local_crops, local_crop_size, local_crop_area)
   data = DeviceData.create(source, mesh)
   batch_fn = make_batch_fn(
     data,
@@ -507,6 +423,9 @@ def create_device_iterator(
     crop_area=crop_area,
     crop_aspect=crop_aspect,
     flip=flip,
+    num_local_crops=num_local_crops,
+    local_crop_size=local_crop_size,
+    local_crop_area=local_crop_area,
   )
   signature = {
     "kind": "device_resident",
@@ -518,4 +437,5 @@ def create_device_iterator(
     "crop_aspect": [float(x) for x in crop_aspect],
     "flip": bool(flip),
   }
+  signature |= pipeline.local_crops_signature(num_local_crops, local_crop_size, local_crop_area)
   return DeviceBatchIterator(batch_fn, signature)

@@ -1,5 +1,9 @@
 """grain input pipelines: shuffled, sharded two-view crops for pretraining; ordered evaluation.
 
+Pretraining batches may also carry multi-crop local views (SwAV, DINO): ``num_local_crops``
+smaller crops of each example, from the same per-record generator, after the two global
+views and ``aug_seed``, which are therefore the same with or without them.
+
 Checkpointing the pretraining iterator with orbax (grain registers its handler with orbax)::
 
   import grain, orbax.checkpoint as ocp
@@ -17,6 +21,7 @@ is a small JSON-serialisable dict (the settings and the next batch number) and
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,7 +88,11 @@ def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int
 
 
 class TwoViews(grain.transforms.RandomMap):
-  """Example -> two independent random-resized-crop (+ flip) views, from the per-record rng."""
+  """Example -> two independent random-resized-crop (+ flip) views, from the per-record rng.
+
+  With ``num_local_crops`` > 0 also "local_views": that many more crops (+ flips) of side
+  ``local_crop_size``, their area from ``local_crop_area``, drawn after everything else.
+  """
 
   def __init__(
     self,
@@ -91,13 +100,20 @@ class TwoViews(grain.transforms.RandomMap):
     crop_area: tuple[float, float],
     crop_aspect: tuple[float, float],
     flip: bool,
+    num_local_crops: int = 0,
+    local_crop_size: int = 96,
+    local_crop_area: tuple[float, float] = (0.05, 0.4),
   ):
     self.image_size, self.flip = image_size, flip
     self.crop_area, self.crop_aspect = crop_area, crop_aspect
+    self.num_local_crops, self.local_crop_size = num_local_crops, local_crop_size
+    self.local_crop_area = local_crop_area
 
-  def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    box = random_resized_crop_box(*image.shape[:2], rng, self.crop_area, self.crop_aspect)
-    view = crop_and_resize(image, box, self.image_size)
+  def _view(
+    self, image: np.ndarray, rng: np.random.Generator, size: int, area: tuple[float, float]
+  ) -> np.ndarray:
+    box = random_resized_crop_box(*image.shape[:2], rng, area, self.crop_aspect)
+    view = crop_and_resize(image, box, size)
     # Draw the coin even when flip is off, so turning it off changes no crop.
     if rng.random() < 0.5 and self.flip:
       view = view[:, ::-1]
@@ -105,18 +121,27 @@ class TwoViews(grain.transforms.RandomMap):
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image = element["image"]
-    view_a = self._view(image, rng)
-    view_b = self._view(image, rng)
+    view_a = self._view(image, rng, self.image_size, self.crop_area)
+    view_b = self._view(image, rng, self.image_size, self.crop_area)
     # Seeds the on-device photometric augmentation of this record. Drawn from
     # the record's rng, it depends on the record's place in the global shuffled
     # stream only: not on the process, device or batch layout.
     aug_seed = np.int32(rng.integers(0, 2**31 - 1))
-    return {
+    out = {
       "view_a": view_a,
       "view_b": view_b,
       "label": np.int32(element["label"]),
       "aug_seed": aug_seed,
     }
+    if self.num_local_crops:
+      # Last, so that the draws above do not depend on the multi-crop settings.
+      out["local_views"] = np.stack(
+        [
+          self._view(image, rng, self.local_crop_size, self.local_crop_area)
+          for _ in range(self.num_local_crops)
+        ]
+      )
+    return out
 
 
 class CentreView(grain.transforms.Map):
@@ -190,13 +215,7 @@ class BatchIterator(grain.DatasetIterator):
     return {"pipeline": self._signature, "next_batch": self._next_batch}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    saved = state.get("pipeline", {})
-    diff = {k: (saved.get(k), v) for k, v in self._signature.items() if saved.get(k) != v}
-    if diff or "next_batch" not in state:
-      raise ValueError(
-        "the saved data-iterator state belongs to a different pipeline; its batches would "
-        f"not continue the saved run. Differences (saved, now): {diff}; state: {state}"
-      )
+    check_state(state, self._signature)
     self._close_inner()
     self._next_batch = int(state["next_batch"])
 
@@ -214,6 +233,68 @@ class BatchIterator(grain.DatasetIterator):
 
   def __str__(self) -> str:
     return f"BatchIterator(next_batch={self._next_batch})"
+
+
+def check_state(state: dict[str, Any], signature: dict[str, Any]) -> None:
+  """Refuses an iterator state saved by a pipeline other than the one ``signature`` describes.
+
+  Every setting either side has must match: one that only one side has (the multi-crop
+  settings, present only with local views) counts as a difference.
+
+  Args:
+    state: a saved ``get_state()``.
+    signature: the restoring pipeline's settings.
+
+  Raises:
+    ValueError: the settings differ, or the state has no "next_batch".
+  """
+  saved = state.get("pipeline", {})
+  keys = [*signature, *(k for k in saved if k not in signature)]
+  diff = {k: (saved.get(k), signature.get(k)) for k in keys if saved.get(k) != signature.get(k)}
+  if diff or "next_batch" not in state:
+    raise ValueError(
+      "the saved data-iterator state belongs to a different pipeline; its batches would "
+      f"not continue the saved run. Differences (saved, now): {diff}; state: {state}"
+    )
+
+
+def check_local_crops(
+  num_local_crops: int, local_crop_size: int, local_crop_area: Sequence[float]
+) -> None:
+  """Raises ValueError unless the multi-crop settings are valid (also when there are none).
+
+  Args:
+    num_local_crops: local views per example, an integer >= 0.
+    local_crop_size: their side, an integer >= 1.
+    local_crop_area: (min, max) of their area fraction, 0 < min <= max <= 1.
+  """
+  for name, value, low in (
+    ("num_local_crops", num_local_crops, 0),
+    ("local_crop_size", local_crop_size, 1),
+  ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+  try:
+    area = tuple(local_crop_area)
+  except TypeError:
+    area = (local_crop_area,)  # Not a pair: _check_range says so.
+  _check_range("local_crop_area", area, 0.0, 1.0)
+
+
+def local_crops_signature(
+  num_local_crops: int, local_crop_size: int, local_crop_area: Sequence[float]
+) -> dict[str, Any]:
+  """The multi-crop settings for an iterator's state: none without local views.
+
+  So states saved without multi-crop (also by versions that predate it) still restore.
+  """
+  if not num_local_crops:
+    return {}
+  return {
+    "num_local_crops": int(num_local_crops),
+    "local_crop_size": int(local_crop_size),
+    "local_crop_area": [float(x) for x in local_crop_area],
+  }
 
 
 def _per_process_batch(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -259,6 +340,9 @@ def create_pretrain_iterator(
   flip: bool = True,
   num_epochs: int | None = None,
   read_threads: int | None = None,
+  num_local_crops: int = 0,
+  local_crop_size: int = 96,
+  local_crop_area: tuple[float, float] = (0.05, 0.4),
 ) -> BatchIterator:
   """Returns this process's iterator of two-view pretraining batches.
 
@@ -269,6 +353,11 @@ def create_pretrain_iterator(
   generator seeded by (seed, position in the global stream): the same on any number of
   processes or workers. Batches may straddle epochs; the last partial one is dropped.
 
+  Multi-crop (SwAV, DINO): with ``num_local_crops`` = L > 0 each example also gets L local
+  views, independent random resized crops (area from ``local_crop_area``, aspect from
+  ``crop_aspect``) resized to ``local_crop_size`` and flipped as the global views, drawn
+  from the same generator after the global views (which do not change with L).
+
   Args:
     source: a random-access source of {"image": uint8 (H, W, 3), "label": int32} (sources.py).
     seed: the run's seed: order and augmentations.
@@ -277,16 +366,19 @@ def create_pretrain_iterator(
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()).
     num_workers: grain worker processes (0: read in this process, with threads).
-    crop_area: range of the crop's area fraction.
-    crop_aspect: range of the crop's width / height (sampled log-uniformly).
-    flip: random horizontal flips with probability 1/2.
+    crop_area: range of the global crops' area fraction.
+    crop_aspect: range of the crops' width / height (sampled log-uniformly), global and local.
+    flip: random horizontal flips with probability 1/2, of every view.
     num_epochs: passes over the data; None repeats forever.
     read_threads: threads building batches, per worker (or in this process); default 2.
+    num_local_crops: L, multi-crop's extra local views per example (0: none).
+    local_crop_size: side s of the local views.
+    local_crop_area: range of the local crops' area fraction.
 
   Returns:
     A grain DatasetIterator of {"view_a": uint8 (b, S, S, 3), "view_b": uint8 (b, S, S, 3),
-    "label": int32 (b,), "aug_seed": int32 (b,)}, b = global_batch_size // process_count,
-    with get_state/set_state.
+    "label": int32 (b,), "aug_seed": int32 (b,)}, and with L > 0 "local_views": uint8
+    (b, L, s, s, 3); b = global_batch_size // process_count. With get_state/set_state.
 
   Raises:
     ValueError: the global batch does not split evenly over the processes, a process's share
@@ -296,6 +388,7 @@ def create_pretrain_iterator(
   _check_workers(num_workers)
   _check_range("crop_area", crop_area, 0.0, 1.0)
   _check_range("crop_aspect", crop_aspect, 0.0, math.inf)
+  check_local_crops(num_local_crops, local_crop_size, local_crop_area)
   if image_size < 1:
     raise ValueError(f"image_size must be positive, got {image_size}")
   usable = len(source) - len(source) % process_count
@@ -306,7 +399,16 @@ def create_pretrain_iterator(
     )
   ds = grain.MapDataset.source(source).seed(seed).shuffle()
   # Augment before sharding: the record's rng then depends on its global stream position.
-  ds = ds.random_map(TwoViews(image_size, tuple(crop_area), tuple(crop_aspect), flip))
+  views = TwoViews(
+    image_size,
+    tuple(crop_area),
+    tuple(crop_aspect),
+    flip,
+    num_local_crops=int(num_local_crops),
+    local_crop_size=int(local_crop_size),
+    local_crop_area=tuple(float(x) for x in local_crop_area),
+  )
+  ds = ds.random_map(views)
   # Slicing keeps the epoch in the index it passes up, so every epoch is reshuffled.
   ds = ds[:usable][process_index::process_count]
   ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
@@ -323,6 +425,7 @@ def create_pretrain_iterator(
     "flip": bool(flip),
     "num_epochs": num_epochs,
   }
+  signature |= local_crops_signature(num_local_crops, local_crop_size, local_crop_area)
   return BatchIterator(ds, signature, num_workers, read_threads)
 
 

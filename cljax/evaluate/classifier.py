@@ -297,7 +297,7 @@ def _initial_variables(model: Classifier, variables: dict, config, frozen: bool)
   trainable_keys = ("classifier",) if frozen else ("encoder", "classifier")
   trainable = {k: params[k] for k in trainable_keys}
   fixed = {k: v for k, v in params.items() if k not in trainable_keys}
-  return trainable, fixed, {"encoder": variables["batch_stats"]["encoder"]}
+  return trainable, fixed, {"encoder": variables["batch_stats"].get("encoder", {})}
 
 
 def evaluate_classifier(

@@ -17,6 +17,7 @@ holding the (local x global) logits; see docs/loss_memory.md.
 """
 
 from cljax.losses._common import l2_normalize
+from cljax.losses.barlow import barlow_twins_loss
 from cljax.losses.blockwise import info_nce_blockwise, nt_xent_blockwise
 from cljax.losses.contrastive import (
   contrastive_logits,
@@ -26,28 +27,38 @@ from cljax.losses.contrastive import (
   positive_accuracy,
   softmax_cross_entropy,
 )
+from cljax.losses.debiased import debiased_nt_xent, decoupled_nt_xent, hard_negative_nt_xent
 from cljax.losses.dino import dino_center_update, dino_loss, teacher_temperature_schedule
 from cljax.losses.moco import moco_v2_loss, moco_v3_loss
 from cljax.losses.regression import byol_loss, simsiam_loss
 from cljax.losses.schedules import cosine_ramp, ema_update
+from cljax.losses.supcon import supcon_loss
+from cljax.losses.swav import sinkhorn, swav_loss
 
 __all__ = [
+  "barlow_twins_loss",
   "byol_loss",
+  "contrastive_logits",
   "cosine_ramp",
+  "debiased_nt_xent",
+  "decoupled_nt_xent",
   "dino_center_update",
   "dino_loss",
   "ema_update",
-  "moco_v2_loss",
-  "moco_v3_loss",
-  "simsiam_loss",
-  "teacher_temperature_schedule",
-  "contrastive_logits",
+  "hard_negative_nt_xent",
   "info_nce",
   "info_nce_blockwise",
   "l2_normalize",
+  "moco_v2_loss",
+  "moco_v3_loss",
   "nt_xent",
   "nt_xent_blockwise",
   "nt_xent_logits",
   "positive_accuracy",
+  "simsiam_loss",
+  "sinkhorn",
   "softmax_cross_entropy",
+  "supcon_loss",
+  "swav_loss",
+  "teacher_temperature_schedule",
 ]

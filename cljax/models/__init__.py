@@ -1,27 +1,40 @@
-"""Models: ResNet encoders and projection heads, built from a config."""
+"""Models: ResNet and ViT encoders and projection heads, built from a config."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from cljax.models import heads, resnet
+from cljax.models import heads, resnet, vit
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class EncoderWithHead(nn.Module):
-  """An encoder followed by a projection head; returns (features, embeddings)."""
+  """An encoder, a projection head and optionally a predictor.
+
+  Returns ``(features, embeddings)``, or ``(features, embeddings,
+  predictions)`` with ``predict=True`` (BYOL, SimSiam, MoCo v3). A momentum
+  target network applies the same module without ``predict``, so its
+  parameters need no ``predictor`` subtree.
+  """
 
   encoder: nn.Module
   head: nn.Module
+  predictor: nn.Module | None = None
 
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, predict: bool = False):
     features = self.encoder(x, train=train)
-    return features, self.head(features, train=train)
+    z = self.head(features, train=train)
+    if not predict:
+      return features, z
+    if self.predictor is None:
+      raise ValueError("predict=True needs a predictor: set predictor.num_layers >= 1.")
+    return features, z, self.predictor(z, train=train)
 
 
 def dtype_from_name(name: str) -> Any:
@@ -31,9 +44,23 @@ def dtype_from_name(name: str) -> Any:
 
 
 def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
-  """The encoder trunk named by ``model_config.name``."""
+  """The encoder trunk named by ``model_config.name``: "resnet" or "vit".
+
+  A ViT's size comes from ``model.variant``: "Ti/16", "S/16", "B/16", "L/16" (the
+  number is the patch size), or for tests and toy models an explicit
+  "custom:hidden=32,depth=2,heads=2,mlp=64,patch=4" (see ``vit.parse_variant``).
+  It also reads ``model.posemb``, ``model.freeze_patch_embed`` and ``model.dtype``;
+  it has no BatchNorm, so ``bn_axis_name`` does not apply to it.
+  """
+  if model_config.name == "vit":
+    return vit.create_vit(
+      model_config.variant,
+      posemb=model_config.get("posemb", "sincos2d"),
+      freeze_patch_embed=bool(model_config.get("freeze_patch_embed", False)),
+      dtype=dtype_from_name(model_config.dtype),
+    )
   if model_config.name != "resnet":
-    raise ValueError(f"Unknown model.name {model_config.name!r}; available: 'resnet'.")
+    raise ValueError(f"Unknown model.name {model_config.name!r}; available: 'resnet', 'vit'.")
   kwargs = dict(
     width_multiplier=model_config.width_multiplier,
     num_filters=model_config.num_filters,
@@ -51,18 +78,33 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
 
 def encoder_feature_dim(config: ml_collections.ConfigDict) -> int:
   """Width of the encoder's output features (the input of the projection head)."""
-  return resnet.feature_dim(create_encoder(config.model))
+  encoder = create_encoder(config.model)
+  if isinstance(encoder, vit.ViT):
+    return vit.feature_dim(encoder)
+  return resnet.feature_dim(encoder)
 
 
 def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
-  """Encoder + projection head for ``config.model`` and ``config.head``."""
+  """Encoder + projection head (+ predictor) for ``config.model``, ``head``, ``predictor``."""
   encoder = create_encoder(config.model, bn_axis_name)
-  head = heads.ProjectionHead(
-    num_layers=config.head.num_layers,
-    hidden_dim=config.head.hidden_dim,
-    output_dim=config.head.output_dim,
+  mlp = functools.partial(
+    heads.ProjectionHead,
     dtype=dtype_from_name(config.model.dtype),
     bn_axis_name=bn_axis_name,
     bn_momentum=config.model.bn_momentum,
   )
-  return EncoderWithHead(encoder=encoder, head=head)
+  head = mlp(
+    num_layers=config.head.num_layers,
+    hidden_dim=config.head.hidden_dim,
+    output_dim=config.head.output_dim,
+    output_norm=config.head.output_norm,
+  )
+  predictor = None
+  if config.predictor.num_layers > 0:
+    predictor = mlp(
+      num_layers=config.predictor.num_layers,
+      hidden_dim=config.predictor.hidden_dim,
+      output_dim=config.head.output_dim,
+      output_norm=config.predictor.output_norm,
+    )
+  return EncoderWithHead(encoder=encoder, head=head, predictor=predictor)

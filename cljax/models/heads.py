@@ -9,11 +9,14 @@ import jax.numpy as jnp
 
 
 class ProjectionHead(nn.Module):
-  """SimCLR's projection MLP.
+  """The projection (or prediction) MLP between the encoder and the loss.
 
   ``num_layers - 1`` hidden layers of Dense -> BatchNorm -> ReLU, then a
-  Dense to ``output_dim`` followed by BatchNorm without a bias (as in the
-  SimCLR v2 reference code). ``num_layers=2`` is SimCLR v1, 3 is v2.
+  Dense to ``output_dim``. With ``output_norm="bn"`` that Dense is followed by
+  BatchNorm without a bias (as in the SimCLR v2 reference code; MoCo v3 and
+  SimSiam also end in BatchNorm); with ``"none"`` the last Dense has a bias
+  and nothing follows (BYOL's projector and predictor, SimSiam's predictor).
+  ``num_layers=2`` is SimCLR v1, 3 is v2.
   """
 
   num_layers: int = 2
@@ -22,11 +25,14 @@ class ProjectionHead(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
+  output_norm: str = "bn"  # "bn" | "none"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
+    if self.output_norm not in ("bn", "none"):
+      raise ValueError(f"output_norm must be 'bn' or 'none', got {self.output_norm!r}.")
 
     def norm(**kwargs):
       return nn.BatchNorm(
@@ -41,6 +47,8 @@ class ProjectionHead(nn.Module):
     for _ in range(self.num_layers - 1):
       x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype)(x)
       x = nn.relu(norm()(x))
+    if self.output_norm == "none":
+      return nn.Dense(self.output_dim, dtype=self.dtype)(x).astype(jnp.float32)
     x = nn.Dense(self.output_dim, use_bias=False, dtype=self.dtype)(x)
     x = norm(use_bias=False)(x)
     return x.astype(jnp.float32)

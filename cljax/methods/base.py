@@ -1,0 +1,207 @@
+"""What a self-supervised method is to the train step: views in, a loss and its state out.
+
+The train step (``cljax.train.train_step``) is the same for every method: it
+asks the method for the augmented views of the batch, differentiates the
+method's loss with respect to the online parameters, applies the optimiser,
+and then lets the method update its own state (a momentum target network, a
+queue of keys, a centre) from the new parameters. All of it runs inside one
+``jax.shard_map`` over the ``'data'`` axis, jit-compiled once; the method's
+losses see the global batch through the collectives in ``cljax.losses``.
+
+A method subclasses :class:`Method` and overrides what differs from SimCLR:
+
+- ``create_model``: the online network (default: encoder + projection head
+  [+ predictor] from the config). Its ``apply`` must return
+  ``(features, embeddings)`` so evaluation can read the encoder features.
+- ``init_state``/``state_specs``: the method's extra state, which lives in
+  ``TrainState.method_state`` (checkpointed with everything else), and how it
+  is laid out over the mesh (``PartitionSpec()`` replicates; a MoCo queue is
+  sharded over ``'data'``).
+- ``loss``: the loss of the online parameters, and a :class:`StepOutput`.
+- ``update_state``: the method state after the optimiser step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import PartitionSpec
+
+from cljax import models, sharding
+from cljax.data import augment
+from cljax.losses import schedules
+
+
+class StepOutput(NamedTuple):
+  """What a method's loss hands back to the train step besides the loss value.
+
+  Attributes:
+    batch_stats: the online network's updated BatchNorm statistics.
+    metrics: global scalar metrics of the loss.
+    embeddings: (m, d) online embeddings of this device, for ``embedding_std``.
+    features: (k * n, f) encoder features of k views of the local batch of n,
+      in view order, for the online linear probe.
+    pairs: ``(z_a, z_b)`` (n, d) embeddings of the two views of the same
+      images, for the optional collapse metrics (alignment), or None.
+    extra: anything ``update_state`` needs (keys to enqueue, teacher outputs).
+  """
+
+  batch_stats: Any
+  metrics: dict[str, jax.Array]
+  embeddings: jax.Array
+  features: jax.Array
+  pairs: tuple[jax.Array, jax.Array] | None = None
+  extra: Any = None
+
+
+def forward(
+  apply_fn: Any, params: Any, batch_stats: Any, views: jax.Array, num_chunks: int = 1, **kwargs
+) -> tuple:
+  """The network's outputs on ``views`` and its updated BatchNorm statistics.
+
+  Returns ``(*outputs, batch_stats)``: ``(features, embeddings, batch_stats)``
+  for the plain model, with the predictions before the statistics when
+  ``predict=True`` is passed through ``kwargs``.
+
+  With ``num_chunks > 1`` this is gradient caching (GradCache, Gao et al.
+  2021) by rematerialisation: the views pass through the network in chunks
+  under ``lax.scan``, and ``jax.checkpoint`` keeps only each chunk's input, so
+  the backward pass recomputes one chunk's activations at a time. Activation
+  memory falls by about ``num_chunks`` while the loss still sees every
+  embedding of the global batch. BatchNorm then normalises each chunk with its
+  own statistics (ghost BatchNorm, still averaged across devices), and the
+  running averages are updated chunk after chunk; gradients equal those of
+  the same chunked forward without rematerialisation.
+  """
+
+  def apply(stats, x):
+    variables = {"params": params, "batch_stats": stats}
+    outputs, new_vars = apply_fn(variables, x, train=True, mutable=["batch_stats"], **kwargs)
+    return new_vars.get("batch_stats", stats), outputs
+
+  if num_chunks == 1:
+    stats, outputs = apply(batch_stats, views)
+    return (*outputs, stats)
+  if views.shape[0] % num_chunks:
+    raise ValueError(
+      f"train.grad_chunks={num_chunks} must divide the {views.shape[0]} views on each device."
+    )
+  chunk = jax.checkpoint(apply, prevent_cse=False)
+  chunks = views.reshape(num_chunks, -1, *views.shape[1:])
+  stats, outputs = jax.lax.scan(chunk, batch_stats, chunks)
+  return (*(o.reshape(-1, *o.shape[2:]) for o in outputs), stats)
+
+
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array, num_steps: int) -> jax.Array:
+  """The momentum of a target network at ``step``: ``ema.base``, ramped to ``ema.final``.
+
+  ``ema.schedule="cosine"`` is BYOL's / MoCo v3's / DINO's
+  ``final - (final - base) * (cos(pi k / K) + 1) / 2`` over the run's K steps;
+  ``"constant"`` (MoCo v2) keeps ``ema.base``. Without a known number of steps
+  (``num_steps=0``) the schedule stays at ``ema.base``.
+  """
+  if config.ema.schedule == "constant" or num_steps <= 0:
+    return jnp.asarray(config.ema.base, jnp.float32)
+  if config.ema.schedule == "cosine":
+    return schedules.cosine_ramp(step, num_steps, config.ema.base, config.ema.final)
+  raise ValueError(f"ema.schedule must be 'cosine' or 'constant', got {config.ema.schedule!r}.")
+
+
+def copy_tree(tree: Any) -> Any:
+  """A copy with its own buffers (a target network must not alias the donated online one)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+class Method:
+  """SimCLR's choices, which other methods override piece by piece.
+
+  Args:
+    config: the run config.
+    num_steps: the run's total steps, for schedules (0: unknown, schedules
+      stay at their start values).
+    steps_per_epoch: for schedules given in epochs (0: unknown).
+  """
+
+  name = "base"
+
+  def __init__(
+    self, config: ml_collections.ConfigDict, num_steps: int = 0, steps_per_epoch: int = 0
+  ):
+    self.config = config
+    self.num_steps = num_steps
+    self.steps_per_epoch = steps_per_epoch
+    self.axis_name = sharding.DATA_AXIS
+
+  # ---- The model and the method's state.
+
+  def create_model(self, bn_axis_name: str | None = None):
+    """The online network; ``apply`` returns ``(features, embeddings)``."""
+    return models.create_model(self.config, bn_axis_name)
+
+  def init_variables(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict:
+    """The online network's initial ``{"params", "batch_stats"}``."""
+    model = self.create_model()
+    kwargs = {"predict": True} if self.config.predictor.num_layers > 0 else {}
+    init = jax.jit(functools.partial(model.init, train=False, **kwargs))
+    variables = init(rng, jnp.zeros((2, *image_shape), jnp.float32))
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+  def init_state(self, rng: jax.Array, variables: dict) -> Any:
+    """The method's extra state (None for SimCLR)."""
+    del rng, variables
+    return None
+
+  def state_specs(self) -> Any:
+    """A ``PartitionSpec`` prefix of the method state (inside ``shard_map``)."""
+    return PartitionSpec()
+
+  # ---- One step.
+
+  def views(self, batch: dict, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+    """The augmented, normalised float views of this device's batch.
+
+    Returns ``{"global": (2n, h, w, 3)}`` ordered ``[view_a; view_b]``, and
+    with multi-crop also ``{"local": (L * n, s, s, 3)}`` ordered crop by crop.
+    Each example's photometric keys come from its ``aug_seed`` (drawn by the
+    pipeline from the record's place in the shuffled stream), so
+    augmentations do not depend on how the batch is split over devices.
+    """
+    aug = self.config.data.augment
+
+    def augmented(images, v, **probs):
+      x = images.astype(jnp.float32) / 255.0
+      if aug.photometric:
+        keys = augment.example_keys(jax.random.fold_in(rng, v), step, batch["aug_seed"])
+        x = augment.photometric(x, keys, aug, **probs)
+      return augment.normalize_images(x)
+
+    second = {
+      "blur_prob": aug.blur_prob_b if aug.blur_prob_b >= 0 else None,
+      "solarize_prob": aug.solarize_prob_b if aug.solarize_prob_b >= 0 else None,
+    }
+    views = {
+      "global": jnp.concatenate(
+        [augmented(batch["view_a"], 0), augmented(batch["view_b"], 1, **second)]
+      )
+    }
+    if "local_views" in batch:
+      local = batch["local_views"]  # (n, L, s, s, 3)
+      crops = [augmented(local[:, j], 2 + j) for j in range(local.shape[1])]
+      views["local"] = jnp.concatenate(crops)
+    return views
+
+  def forward(self, apply_fn, params, batch_stats, x, **kwargs) -> tuple:
+    """:func:`forward` with the config's ``train.grad_chunks``."""
+    return forward(apply_fn, params, batch_stats, x, self.config.train.grad_chunks, **kwargs)
+
+  def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
+    raise NotImplementedError
+
+  def update_state(self, state: Any, params: Any, out: StepOutput) -> Any:
+    """The method state after the step; ``params`` are the updated online parameters."""
+    del params, out
+    return state.method_state
