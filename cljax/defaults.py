@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import types
+
 import ml_collections
 
 
@@ -112,6 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-6
   c.optim.momentum = 0.9
   c.optim.trust_coefficient = 1e-3
+  c.optim.b2 = 0.999  # AdamW's second-moment decay (CLIP: 0.98).
+  c.optim.eps = 1e-8  # AdamW's epsilon (CLIP: 1e-6).
   c.optim.warmup_epochs = 10.0
 
   c.data = ml_collections.ConfigDict()
@@ -172,3 +178,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.knn_temperature = 0.07
   c.evals.batch_size = 512
   return c
+
+
+def load_sibling(config_file: str, relative_path: str) -> types.ModuleType:
+  """Loads the Python file at ``relative_path`` from the folder of ``config_file``.
+
+  Config files are read by path from any working directory, not imported as a
+  package; recipes share pieces (a data set, a CPU preset, a base recipe) this way:
+  ``common = defaults.load_sibling(__file__, "common/cifar10.py")``.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), relative_path)
+  name = "cljax_recipe_" + os.path.splitext(relative_path)[0].replace(os.sep, "_").replace("/", "_")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -86,5 +86,11 @@ def create_optimizer(
       optax.sgd(learning_rate_fn, momentum=optim_config.momentum),
     )
   if name == "adamw":
-    return optax.adamw(learning_rate_fn, weight_decay=optim_config.weight_decay, mask=lars_mask)
+    return optax.adamw(
+      learning_rate_fn,
+      b2=optim_config.get("b2", 0.999),
+      eps=optim_config.get("eps", 1e-8),
+      weight_decay=optim_config.weight_decay,
+      mask=lars_mask,
+    )
   raise ValueError(f"optim.name must be 'lars', 'sgd' or 'adamw', got {name!r}.")

@@ -179,25 +179,30 @@ def test_global_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
 
 def test_every_config_builds_its_model_and_optimizer():
   import importlib.util
+  import inspect
 
   import optax
   from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 
-  from cljax import models, optim
+  from cljax import methods, optim
 
   for path in sorted((REPO / "configs").glob("*.py")):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
     assert module.__doc__ and "python -m cljax.main" in module.__doc__ or "make " in module.__doc__
-    model = models.create_model(config)
-    size = config.data.image_size
-    shapes = jax.eval_shape(
-      lambda m=model, s=size: m.init(jax.random.key(0), jax.numpy.zeros((2, s, s, 3)), train=False)
-    )
-    tx = optim.create_optimizer(config.optim, optax.constant_schedule(0.1))
-    jax.eval_shape(tx.init, shapes["params"])
+    presets = [()]
+    if "preset" in inspect.signature(module.get_config).parameters:
+      presets.append(("cpu",))
+    for preset in presets:
+      config = module.get_config(*preset)
+      method = methods.create_method(config)
+      size = config.data.image_size
+      shapes = jax.eval_shape(
+        lambda m=method, s=size: m.init_variables(jax.random.key(0), (s, s, 3))
+      )
+      tx = optim.create_optimizer(config.optim, optax.constant_schedule(0.1))
+      jax.eval_shape(tx.init, shapes["params"])
 
 
 def test_sigterm_saves_exits_cleanly_and_the_next_start_resumes(tmp_path):
