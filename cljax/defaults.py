@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   # "simclr" | "moco_v2" | "moco_v3" | "byol" | "simsiam" | "dino" | "swav" |
-  # "barlow_twins" | "supcon" (see cljax/methods/).
+  # "barlow_twins" | "supcon" | "clip" (see cljax/methods/).
   c.method = "simclr"
 
   # The momentum target network of MoCo, BYOL and DINO: decay ema.base,
@@ -62,6 +62,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Barlow Twins (Zbontar et al. 2021).
   c.barlow_twins = ml_collections.ConfigDict()
   c.barlow_twins.lambda_ = 5e-3  # Weight of the off-diagonal terms.
+  # Gradient scale on biases and BatchNorm parameters: the paper's 0.0048 learning
+  # rate for them against 0.2 for weights (exact under LARS and SGD).
+  c.barlow_twins.bias_lr_ratio = 0.0048 / 0.2
+
+  # CLIP (Radford et al. 2021): text tower, joint space, captions; see cljax/methods/clip.py.
+  from cljax.methods import clip as clip_method  # Here, so that importing defaults stays light.
+
+  c.clip = clip_method.clip_config()
 
   # Supervised contrastive (Khosla et al. 2020): uses the labels.
   c.supcon = ml_collections.ConfigDict()

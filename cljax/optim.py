@@ -11,7 +11,7 @@ import optax
 # Parameter names that LARS leaves alone: biases and BatchNorm/LayerNorm scales/offsets
 # get neither weight decay nor trust-ratio adaptation (SimCLR, You et al. 2017), nor do a
 # ViT's class token and learned position embeddings (MoCo v3, DINO: decay on kernels only).
-_UNADAPTED_NAMES = ("bias", "scale", "cls_token", "pos_embedding")
+_UNADAPTED_NAMES = ("bias", "scale", "cls_token", "pos_embedding", "logit_scale", "logit_bias")
 # Modules whose parameters never train (a ViT's frozen patch projection, ``models.vit``):
 # their gradients are zero, and without weight decay every optimiser here leaves them as
 # they are.

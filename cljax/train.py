@@ -223,6 +223,9 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[i
 def create_train_iterator(config: ml_collections.ConfigDict, source: Any, mesh: Mesh):
   """The iterator of two-view (or multi-crop) batches: grain on the host, or device-resident.
 
+  CLIP (``method="clip"``) gets (one view, caption ``tokens``) batches from
+  ``cljax.data.captions`` instead, captioning ``source`` as ``clip.captions`` says.
+
   With ``data.device_resident`` the whole uint8 data set is copied to every
   device once and crops and flips happen there too (``cljax.data.device``);
   its batches are already global device arrays. With
@@ -239,6 +242,11 @@ def create_train_iterator(config: ml_collections.ConfigDict, source: Any, mesh: 
     local_crop_size=aug.local_crop_size,
     local_crop_area=(aug.local_crop_area_min, aug.local_crop_area_max),
   )
+  if config.method == "clip":
+    # (view, caption tokens) pairs; imported here so only CLIP runs need `tokenizers`.
+    from cljax.data import captions
+
+    return captions.create_train_iterator(config, source, jax.process_index(), jax.process_count())
   if config.data.device_resident:
     return device_data.create_device_iterator(source, mesh, **crops)
   return pipeline.create_pretrain_iterator(
@@ -250,7 +258,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, source: Any, mesh: 
   )
 
 
-BATCH_KEYS = ("view_a", "view_b", "aug_seed", "label", "local_views")
+BATCH_KEYS = ("view_a", "view_b", "aug_seed", "label", "local_views", "tokens")
 
 
 class _StopSignal:
@@ -373,12 +381,15 @@ class PendingMetrics:
 
 def _log_run(config, num_examples: int, steps_per_epoch: int, num_steps: int, peak_lr: float):
   batch = config.data.global_batch_size
+  negatives = {
+    "simclr": f"; {2 * batch - 2} negatives per anchor",
+    "moco_v2": f"; {config.moco.queue_size} queued negatives per query",
+  }.get(config.method, "")
   logging.info(
-    "cljax: %d process(es), %d device(s) (%s); global batch %d images = %d views, %d "
-    "negatives per anchor; %d examples, %d steps per epoch, %d steps; peak LR %.4g.",
-    *(jax.process_count(), jax.device_count(), jax.devices()[0].platform),
-    *(batch, 2 * batch, 2 * batch - 2),
-    *(num_examples, steps_per_epoch, num_steps, peak_lr),
+    "cljax %s: %d process(es), %d device(s) (%s); global batch %d images%s; %d examples, "
+    "%d steps per epoch, %d steps; peak LR %.4g.",
+    *(config.method, jax.process_count(), jax.device_count(), jax.devices()[0].platform),
+    *(batch, negatives, num_examples, steps_per_epoch, num_steps, peak_lr),
   )
   logging.info("Config:\n%s", config)
 
@@ -431,6 +442,11 @@ def train_and_evaluate(
   init_rng, step_rng = jax.random.split(rng)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   num_classes = len(getattr(source, "class_names", None) or ())
+  if config.method == "supcon" and num_classes < 2:
+    raise ValueError(
+      f"method='supcon' trains with labels, but the data source {config.data.source!r} "
+      f"({config.data.name!r}) has {num_classes} classes. Use a labelled source."
+    )
   state = create_train_state(config, init_rng, learning_rate_fn, image_shape, num_classes)
   state = place_state(state, mesh, config)
   train_iter = create_train_iterator(config, source, mesh)
@@ -440,7 +456,7 @@ def train_and_evaluate(
   writer = metrics.MetricWriter(
     workdir,
     total_steps=num_steps,
-    views_per_step=2 * config.data.global_batch_size,
+    views_per_step=(1 if config.method == "clip" else 2) * config.data.global_batch_size,
     enabled=jax.process_index() == 0,
   )
   writer.write_config(config.to_dict())

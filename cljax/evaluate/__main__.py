@@ -43,6 +43,12 @@ _FINETUNE_EPOCHS = flags.DEFINE_integer(
 _CLASSIFIER_BATCH = flags.DEFINE_integer(
   "classifier_batch_size", 4096, "Global batch of the SGD linear protocol and fine-tuning."
 )
+_ZERO_SHOT = flags.DEFINE_bool(
+  "zero_shot",
+  None,
+  "Zero-shot accuracy (prompt ensemble) and image-text retrieval R@1/5/10; default: on for "
+  "method clip.",
+)
 _WORKERS = flags.DEFINE_integer("num_workers", 0, "grain worker processes for the eval pipeline.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -61,6 +67,18 @@ def _summary(result: dict) -> list[str]:
     if "linear_probe" in base:
       parts.append(f"linear {base['linear_probe']['top1']:.2%}")
     lines.append(f"baseline {name}: " + ", ".join(parts))
+  if "zero_shot" in result:
+    zs = result["zero_shot"]
+    lines.append(
+      f"zero-shot top-1 {zs['top1']:.2%} (chance {zs['chance']:.2%}, {zs['num_prompts']} "
+      f"prompts, {zs['num_images']} images)"
+    )
+  if "retrieval" in result:
+    r = result["retrieval"]
+    for name in ("image_to_text", "text_to_image"):
+      got, chance = r[name], r[f"chance_{name}"]
+      recalls = ", ".join(f"R@{k[1:]} {got[k]:.2%} (chance {chance[k]:.2%})" for k in got)
+      lines.append(f"retrieval {name.replace('_', '-')}: {recalls}")
   projection = result["collapse"]["projection"]
   lines.append(
     f"embeddings: std x sqrt(d) {projection['embedding_std_ratio']:.3f}, effective rank "
@@ -89,6 +107,7 @@ def main(argv):
     finetune_epochs=_FINETUNE_EPOCHS.value,
     classifier_batch_size=_CLASSIFIER_BATCH.value,
     num_workers=_WORKERS.value,
+    zero_shot=_CONFIG.value.method == "clip" if _ZERO_SHOT.value is None else _ZERO_SHOT.value,
   )
   if jax.process_index() == 0:
     print("\n".join(_summary(result)))

@@ -337,6 +337,7 @@ def evaluate_checkpoint(
   finetune_epochs: int | None = None,
   classifier_batch_size: int = 4096,
   baselines: bool = False,
+  zero_shot: bool = False,
   mesh: Mesh | None = None,
   **kwargs: Any,
 ) -> dict[str, Any]:
@@ -354,6 +355,8 @@ def evaluate_checkpoint(
     classifier_batch_size: batch of the SGD linear protocol and of fine-tuning.
     baselines: also evaluate (kNN and linear probe) the encoder at random initialisation
       (the run's seed) and raw pixels.
+    zero_shot: CLIP runs: zero-shot classification and image-text retrieval
+      (``cljax.evaluate.zero_shot``), into ``result["zero_shot"]`` and ``["retrieval"]``.
     mesh: default all devices.
     **kwargs: passed to ``evaluate_state`` (linear_probe, plot, tsne_points, ...).
 
@@ -378,6 +381,10 @@ def evaluate_checkpoint(
       linear_probe=kwargs.get("linear_probe", True),
       linear_max_steps=kwargs.get("linear_max_steps", 1000),
     )
+  if zero_shot:
+    from cljax.evaluate import zero_shot as zero_shot_lib  # Needs `tokenizers`: CLIP only.
+
+    result.update(zero_shot_lib.evaluate_zero_shot(config, state, mesh))
   common = dict(batch_size=classifier_batch_size, mesh=mesh)
   if linear_sgd_epochs > 0:
     result["linear_probe_sgd"] = classifier.linear_probe_sgd(

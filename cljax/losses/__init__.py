@@ -19,6 +19,7 @@ holding the (local x global) logits; see docs/loss_memory.md.
 from cljax.losses._common import l2_normalize
 from cljax.losses.barlow import barlow_twins_loss
 from cljax.losses.blockwise import info_nce_blockwise, nt_xent_blockwise
+from cljax.losses.clip import clip_logit_scale, clip_loss, siglip_loss
 from cljax.losses.contrastive import (
   contrastive_logits,
   info_nce,
@@ -38,6 +39,8 @@ from cljax.losses.swav import sinkhorn, swav_loss
 __all__ = [
   "barlow_twins_loss",
   "byol_loss",
+  "clip_logit_scale",
+  "clip_loss",
   "contrastive_logits",
   "cosine_ramp",
   "debiased_nt_xent",
@@ -55,6 +58,7 @@ __all__ = [
   "nt_xent_blockwise",
   "nt_xent_logits",
   "positive_accuracy",
+  "siglip_loss",
   "simsiam_loss",
   "sinkhorn",
   "softmax_cross_entropy",

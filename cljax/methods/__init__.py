@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import ml_collections
 
+from cljax.methods.barlow_twins import BarlowTwins
 from cljax.methods.base import Method, StepOutput
+from cljax.methods.clip import CLIP
+from cljax.methods.dino import DINO
 from cljax.methods.momentum import BYOL, MoCoV2, MoCoV3
 from cljax.methods.simclr import SimCLR
 from cljax.methods.simsiam import SimSiam
+from cljax.methods.supcon import SupCon
+from cljax.methods.swav import SwAV
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, MoCoV2, MoCoV3, BYOL, SimSiam)}
+METHODS: dict[str, type[Method]] = {
+  m.name: m for m in (SimCLR, MoCoV2, MoCoV3, BYOL, SimSiam, DINO, CLIP, SwAV, BarlowTwins, SupCon)
+}
 
 
 def create_method(
