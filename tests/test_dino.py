@@ -1,0 +1,293 @@
+"""DINO in the shared train step: sharding, the EMA teacher, the centre, multi-crop, freezing."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import tiny_config
+from jax.sharding import PartitionSpec as P
+from test_train_step import _batch as _two_view_batch
+
+from cljax import losses, methods, models, sharding, train
+from cljax.methods import base, dino
+
+N, SIZE, LOCAL, NUM_LOCAL, OUT_DIM = 16, 16, 8, 2, 32
+# Two steps per epoch: the teacher temperature warms up over steps 0-2 and the
+# last layer is frozen for steps 0 and 1 (one epoch each).
+STEPS_PER_EPOCH, NUM_STEPS = 2, 3
+TINY_VIT = "custom:hidden=16,depth=1,heads=2,mlp=32,patch=4"
+
+
+def _config(model="vit"):
+  c = tiny_config()
+  c.method = "dino"
+  if model == "vit":
+    c.model.name = "vit"
+    c.model.variant = TINY_VIT
+  c.dino.out_dim = OUT_DIM
+  c.dino.hidden_dim = 32
+  c.dino.bottleneck_dim = 16
+  c.dino.warmup_teacher_temperature = 0.04
+  c.dino.teacher_temperature = 0.07
+  c.dino.warmup_teacher_temperature_epochs = 1.0
+  c.dino.freeze_last_layer_epochs = 1.0
+  c.ema.base = 0.9  # A visible EMA step.
+  # SGD without weight decay: a zero gradient leaves a parameter exactly as it was, and
+  # LARS's trust ratios would amplify float32 summation-order differences (test_methods).
+  c.optim.name = "sgd"
+  c.optim.weight_decay = 0.0
+  c.data.augment.num_local_crops = NUM_LOCAL
+  c.data.augment.local_crop_size = LOCAL
+  return c
+
+
+def _batch(seed=0):
+  batch = _two_view_batch(n=N, size=SIZE, seed=seed)
+  rng = np.random.default_rng(seed + 100)
+  batch["local_views"] = rng.integers(0, 256, (N, NUM_LOCAL, LOCAL, LOCAL, 3), dtype=np.uint8)
+  return batch
+
+
+def _run(config, devices, num_steps=NUM_STEPS):
+  """The states before and after each step (on the host) and each step's metrics."""
+  mesh = sharding.create_mesh(devices)
+  lr_fn = optax.constant_schedule(0.1)
+  state = train.create_train_state(config, jax.random.key(0), lr_fn, (SIZE, SIZE, 3), 4)
+  states = [jax.device_get(state)]
+  state = train.place_state(state, mesh, config)
+  step_fn = train.make_train_step(
+    config, mesh, lr_fn, num_steps=NUM_STEPS, steps_per_epoch=STEPS_PER_EPOCH
+  )
+  history = []
+  for k in range(num_steps):
+    batch = jax.device_put(_batch(seed=k), sharding.batch_sharded(mesh))
+    state, step_metrics = step_fn(state, batch, jax.random.key(1))
+    states.append(jax.device_get(state))
+    history.append(jax.device_get(step_metrics))
+  return states, history
+
+
+@pytest.fixture(scope="module")
+def vit_runs():
+  config = _config("vit")
+  return {"config": config, 8: _run(config, jax.devices()), 1: _run(config, jax.devices()[:1])}
+
+
+def _views(config, k):
+  """Step k's views of the whole global batch, on one device."""
+  method = methods.create_method(config)
+  return method.views(jax.tree.map(jnp.asarray, _batch(seed=k)), jax.random.key(1), jnp.asarray(k))
+
+
+def test_vit_step_on_8_devices_equals_1_device(vit_runs):
+  (states8, hist8), (states1, hist1) = vit_runs[8], vit_runs[1]
+  for m8, m1 in zip(hist8, hist1, strict=True):
+    chex.assert_trees_all_close(m8, m1, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(states8[-1].params, states1[-1].params, rtol=1e-4, atol=3e-5)
+  chex.assert_trees_all_close(
+    states8[-1].method_state, states1[-1].method_state, rtol=1e-4, atol=3e-5
+  )
+  assert np.all(np.isfinite([m["loss"] for m in hist8]))
+  # The online probe reads the student's global-crop features.
+  assert "probe_top1" in hist8[0] and hist8[0]["embedding_std"] > 0
+
+
+def test_resnet_batchnorm_is_global_and_updates_in_sequence():
+  # 8 devices == 1 device is checked on the ViT above; here the ResNet's statistics after
+  # a step on 8 devices equal those of the whole batch recomputed on one device.
+  config = _config("resnet")
+  states8, hist8 = _run(config, jax.devices(), num_steps=1)
+  assert np.isfinite(hist8[0]["loss"])
+  # The student's statistics: the global forward's update, then the local one's on top;
+  # the teacher's: its own forward on the global crops. One device sees the global batch.
+  init, after = states8[0], states8[1]
+  model = methods.create_method(config).create_model(bn_axis_name=None)
+  views = _views(config, 0)
+
+  def stats_after(params, stats, x):
+    _, new = model.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return new["batch_stats"]
+
+  only_global = stats_after(init.params, init.batch_stats, views["global"])
+  student = stats_after(init.params, only_global, views["local"])
+  chex.assert_trees_all_close(after.batch_stats, student, rtol=1e-5, atol=1e-6)
+  ms = init.method_state
+  teacher = stats_after(ms["teacher_params"], ms["teacher_batch_stats"], views["global"])
+  chex.assert_trees_all_close(after.method_state["teacher_batch_stats"], teacher, rtol=1e-5)
+  # Not the global forward's statistics alone: the local crops moved them.
+  bn_mean = lambda stats: stats["encoder"]["bn_init"]["mean"]
+  assert not np.allclose(bn_mean(after.batch_stats), bn_mean(only_global))
+
+
+def test_teacher_is_the_ema_of_the_new_student_parameters(vit_runs):
+  config, (states, history) = vit_runs["config"], vit_runs[8]
+  for k in range(NUM_STEPS):
+    decay = float(base.ema_decay(config, jnp.asarray(k), NUM_STEPS))
+    assert history[k]["ema_decay"] == pytest.approx(decay, rel=1e-6)
+    expected = jax.tree.map(
+      lambda t, s, d=decay: d * t + (1 - d) * s,
+      states[k].method_state["teacher_params"],
+      states[k + 1].params,
+    )
+    chex.assert_trees_all_close(
+      states[k + 1].method_state["teacher_params"], expected, rtol=1e-6, atol=1e-7
+    )
+  # The cosine ramp: 0.9 at step 0, halfway at 1.5 of 3 steps.
+  assert history[0]["ema_decay"] == pytest.approx(0.9)
+  # The teacher started as a copy of the student and then lagged behind it.
+  first = states[0]
+  chex.assert_trees_all_equal(first.method_state["teacher_params"], first.params)
+  embedding = lambda params: params["encoder"]["embedding"]["kernel"]
+  student_moved = np.abs(embedding(states[-1].params) - embedding(first.params)).max()
+  teacher = states[-1].method_state["teacher_params"]
+  teacher_moved = np.abs(embedding(teacher) - embedding(first.params)).max()
+  assert 0 < teacher_moved < student_moved
+
+
+def test_center_is_the_ema_of_the_teachers_global_crop_logits(vit_runs):
+  config, (states, _) = vit_runs["config"], vit_runs[8]
+  model = methods.create_method(config).create_model(bn_axis_name=None)
+  apply = jax.jit(lambda params, x: model.apply({"params": params}, x, train=True))
+  assert np.all(states[0].method_state["center"] == 0)
+  for k in range(NUM_STEPS):
+    ms = states[k].method_state
+    # The teacher before step k on the global crops of the whole batch, on one device.
+    _, logits = apply(ms["teacher_params"], _views(config, k)["global"])
+    assert logits.shape == (2 * N, OUT_DIM)
+    expected = 0.9 * np.asarray(ms["center"]) + 0.1 * np.asarray(logits).mean(0)
+    np.testing.assert_allclose(states[k + 1].method_state["center"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_temperature_warms_up_and_the_last_layer_is_frozen_for_one_epoch(vit_runs):
+  states, history = vit_runs[8]
+  np.testing.assert_allclose(
+    [m["teacher_temperature"] for m in history], [0.04, 0.055, 0.07], rtol=1e-6
+  )
+  assert [m["last_layer_frozen"] for m in history] == [1.0, 1.0, 0.0]
+  last = [s.params["head"]["last_layer"]["kernel"] for s in states]
+  # Frozen during steps 0 and 1 (SGD without weight decay: exactly unchanged), trained at 2.
+  np.testing.assert_array_equal(last[1], last[0])
+  np.testing.assert_array_equal(last[2], last[0])
+  assert np.abs(last[3] - last[2]).max() > 1e-6
+  # Everything else trained from the first step.
+  mlp = [s.params["head"]["mlp_0"]["kernel"] for s in states]
+  assert np.abs(mlp[1] - mlp[0]).max() > 1e-6
+
+
+def test_teacher_gets_no_gradient_and_sees_only_the_global_crops(monkeypatch):
+  config = _config("vit")
+  mesh = sharding.create_mesh()
+  seen = {"teacher_inputs": [], "loss_inputs": []}
+
+  class Recording(dino.DINO):
+    def teacher_forward(self, state, x):
+      seen["teacher_inputs"].append(x.shape)
+      return super().teacher_forward(state, x)
+
+  dino_loss = losses.dino_loss
+
+  def recording_loss(student, teacher, center, **kwargs):
+    seen["loss_inputs"].append((student.shape, teacher.shape, center.shape))
+    return dino_loss(student, teacher, center, **kwargs)
+
+  monkeypatch.setattr(losses, "dino_loss", recording_loss)
+  method = Recording(config, NUM_STEPS, STEPS_PER_EPOCH)
+  lr_fn = optax.constant_schedule(0.1)
+  state = train.place_state(
+    train.create_train_state(config, jax.random.key(0), lr_fn, (SIZE, SIZE, 3)), mesh, config
+  )
+  batch = jax.device_put(_batch(), sharding.batch_sharded(mesh))
+
+  def teacher_grad(method_state, batch):
+    s = state.replace(method_state=method_state)
+    views = method.views(batch, jax.random.key(1), s.step)
+
+    def loss_of_teacher(teacher_params):
+      s2 = s.replace(method_state=dict(method_state, teacher_params=teacher_params))
+      return method.loss(s.params, s2, views, batch)[0]
+
+    return jax.grad(loss_of_teacher)(method_state["teacher_params"])
+
+  grads = jax.jit(
+    jax.shard_map(
+      teacher_grad,
+      mesh=mesh,
+      in_specs=(method.state_specs(), P("data")),
+      out_specs=P(),
+      check_vma=False,
+    )
+  )(state.method_state, batch)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+  n = N // 8  # Images per device.
+  assert seen["teacher_inputs"] == [(2 * n, SIZE, SIZE, 3)]
+  # The student: 2 global then 2 local crops of each image; the teacher: the 2 global ones.
+  assert seen["loss_inputs"] == [((2 + NUM_LOCAL, n, OUT_DIM), (2, n, OUT_DIM), (OUT_DIM,))]
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_head_is_mlp_l2_norm_and_weight_normalised_prototypes(norm_last_layer):
+  head = dino.DINOHead(out_dim=12, hidden_dim=8, bottleneck_dim=4, norm_last_layer=norm_last_layer)
+  x = jax.random.normal(jax.random.key(0), (5, 6))
+  params = head.init(jax.random.key(1), x)["params"]
+  assert sorted(params) == ["last_layer", "mlp_0", "mlp_1", "mlp_2"]
+  last = params["last_layer"]
+  assert sorted(last) == (["kernel"] if norm_last_layer else ["kernel", "scale"])
+  if not norm_last_layer:
+    np.testing.assert_array_equal(last["scale"], 1.0)  # DINO's g starts at 1.
+    last["scale"] = jnp.linspace(0.5, 1.5, 12)  # A trained gain.
+  z, logits = head.apply({"params": params}, x)
+  # Independently: the GELU MLP, l2-normalisation, unit-norm prototype columns.
+  y = np.asarray(x, np.float64)
+  for i in range(2):
+    y = y @ params[f"mlp_{i}"]["kernel"] + params[f"mlp_{i}"]["bias"]
+    y = np.asarray(jax.nn.gelu(y, approximate=False))
+  y = y @ params["mlp_2"]["kernel"] + params["mlp_2"]["bias"]
+  y = y / np.linalg.norm(y, axis=1, keepdims=True)
+  w = np.asarray(last["kernel"], np.float64)
+  w = w / np.linalg.norm(w, axis=0, keepdims=True)
+  if not norm_last_layer:
+    w = w * np.asarray(last["scale"])
+  np.testing.assert_allclose(z, y, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits, y @ w, rtol=1e-5, atol=1e-6)
+  if norm_last_layer:
+    assert np.abs(logits).max() <= 1 + 1e-6  # Cosines.
+
+  # Frozen: zero gradient for the last layer's parameters (kernel and gain) only.
+  @jax.jit
+  def grads(frozen):
+    loss = lambda p: jnp.sum(head.apply({"params": p}, x, frozen_last_layer=frozen)[1] ** 2)
+    return jax.grad(loss)(params)
+
+  g = grads(jnp.asarray(True))
+  assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(g["last_layer"]))
+  assert np.abs(g["mlp_0"]["kernel"]).max() > 0
+  assert all(np.abs(v).max() > 0 for v in jax.tree.leaves(grads(jnp.asarray(False))["last_layer"]))
+
+
+def test_model_returns_encoder_features_and_logits_for_evaluation(vit_runs):
+  config = vit_runs["config"]
+  method = methods.create_method(config)
+  variables = {"params": vit_runs[1][0][0].params, "batch_stats": {}}  # A ViT has no BN.
+  apply = jax.jit(lambda x: method.create_model().apply(variables, x, train=False))
+  features, logits = apply(jnp.zeros((3, SIZE, SIZE, 3)))
+  assert features.shape == (3, models.encoder_feature_dim(config))
+  assert logits.shape == (3, OUT_DIM)
+  # The local resolution goes through the same parameters (sin-cos position embeddings).
+  _, local = apply(jnp.zeros((3, LOCAL, LOCAL, 3)))
+  assert local.shape == (3, OUT_DIM)
+  state = method.init_state(jax.random.key(0), variables)
+  assert sorted(state) == ["center", "teacher_batch_stats", "teacher_params"]
+  assert state["center"].shape == (OUT_DIM,)
+
+
+def test_schedules_without_steps_per_epoch():
+  config = _config("vit")
+  method = methods.create_method(config)  # steps_per_epoch unknown
+  assert method.freeze_steps == 0 and method.last_layer_frozen(jnp.asarray(0)) is False
+  assert float(method.teacher_temperature(jnp.asarray(100))) == pytest.approx(0.04)
+  method = methods.create_method(config, num_steps=100, steps_per_epoch=10)
+  config.dino.freeze_last_layer_epochs = 0.25  # 2.5 steps: frozen at steps 0, 1 and 2.
+  assert method.freeze_steps == 3
+  assert float(method.teacher_temperature(jnp.asarray(5))) == pytest.approx(0.055)
