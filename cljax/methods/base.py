@@ -199,7 +199,10 @@ class Method:
     return forward(apply_fn, params, batch_stats, x, self.config.train.grad_chunks, **kwargs)
 
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
-    raise NotImplementedError
+    """The loss of the online ``params`` and a :class:`StepOutput`; every method defines it."""
+    raise NotImplementedError(
+      f"{type(self).__name__} does not define loss(); subclass Method and implement it."
+    )
 
   def update_state(self, state: Any, params: Any, out: StepOutput) -> Any:
     """The method state after the step; ``params`` are the updated online parameters."""
