@@ -38,6 +38,16 @@ RECIPES = {
   "swav": "swav_cifar10.py",
   "barlow_twins": "barlow_twins_cifar10.py",
   "supcon": "supcon_cifar10.py",
+  "supervised": "supervised_cifar10.py",
+  "simclr_debiased": "simclr_debiased_cifar10.py",
+  # The InfoNCE variants of Methods II: the debiased recipe with another loss.name.
+  "simclr_hard_negative": "simclr_debiased_cifar10.py",
+  "simclr_decoupled": "simclr_debiased_cifar10.py",
+}
+# Overrides of a recipe's ``:cpu`` config, for the entries that share a recipe file.
+OVERRIDES = {
+  "simclr_hard_negative": {"loss.name": "hard_negative", "loss.beta": 1.0},
+  "simclr_decoupled": {"loss.name": "decoupled"},
 }
 
 _METHODS = flags.DEFINE_list("methods", ["all"], f"Methods to run, or all: {sorted(RECIPES)}.")
@@ -51,7 +61,11 @@ def recipe_config(method: str):
   spec = importlib.util.spec_from_file_location(f"recipe_{method}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config("cpu")
+  config = module.get_config("cpu")
+  for key, value in OVERRIDES.get(method, {}).items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
 
 
 def run_method(method: str, steps: int, workdir: str, baseline: bool) -> dict:
@@ -72,7 +86,8 @@ def run_method(method: str, steps: int, workdir: str, baseline: bool) -> dict:
   losses = [r["loss"] for r in records if "loss" in r]
   result = {
     "method": method,
-    "recipe": f"configs/{RECIPES[method]}:cpu",
+    "recipe": f"configs/{RECIPES[method]}:cpu"
+    + "".join(f" {k}={v}" for k, v in OVERRIDES.get(method, {}).items()),
     "date": datetime.date.today().isoformat(),
     "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
     "steps": steps,

@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   # "simclr" | "moco_v2" | "moco_v3" | "byol" | "simsiam" | "dino" | "swav" |
-  # "barlow_twins" | "supcon" | "clip" (see cljax/methods/).
+  # "barlow_twins" | "supcon" | "clip" | "supervised" (cross-entropy; see cljax/methods/).
   c.method = "simclr"
 
   # The momentum target network of MoCo, BYOL and DINO: decay ema.base,

@@ -447,6 +447,8 @@ def train_and_evaluate(
       f"method='supcon' trains with labels, but the data source {config.data.source!r} "
       f"({config.data.name!r}) has {num_classes} classes. Use a labelled source."
     )
+  if config.method == "supervised":
+    methods.supervised.check_classifier_head(config, num_classes)
   state = create_train_state(config, init_rng, learning_rate_fn, image_shape, num_classes)
   state = place_state(state, mesh, config)
   train_iter = create_train_iterator(config, source, mesh)

@@ -17,10 +17,24 @@ from cljax.methods.momentum import BYOL, MoCoV2, MoCoV3
 from cljax.methods.simclr import SimCLR
 from cljax.methods.simsiam import SimSiam
 from cljax.methods.supcon import SupCon
+from cljax.methods.supervised import Supervised
 from cljax.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {
-  m.name: m for m in (SimCLR, MoCoV2, MoCoV3, BYOL, SimSiam, DINO, CLIP, SwAV, BarlowTwins, SupCon)
+  m.name: m
+  for m in (
+    SimCLR,
+    MoCoV2,
+    MoCoV3,
+    BYOL,
+    SimSiam,
+    DINO,
+    CLIP,
+    SwAV,
+    BarlowTwins,
+    SupCon,
+    Supervised,
+  )
 }
 
 
