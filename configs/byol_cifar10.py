@@ -21,6 +21,7 @@ common = defaults.load_sibling(__file__, "common/cifar10.py")
 
 
 def get_config(preset: str = "gpu"):
+  common.check_preset(preset)
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "byol"
   c.head.num_layers = 2
@@ -49,8 +50,6 @@ def get_config(preset: str = "gpu"):
   c.train.checkpoint_every_steps = 5000
   if preset == "gpu":
     return c
-  if preset != "cpu":
-    raise ValueError(f"preset must be 'gpu' or 'cpu', got {preset!r}.")
   common.cpu_preset(c)
   c.head.output_dim = 64
   c.ema.base = 0.99

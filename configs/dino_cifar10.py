@@ -42,6 +42,7 @@ common = defaults.load_sibling(__file__, "common/cifar10.py")
 
 
 def get_config(preset: str = "gpu"):
+  common.check_preset(preset)
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "dino"
   c.dino.out_dim = 4096
@@ -92,8 +93,6 @@ def get_config(preset: str = "gpu"):
   c.evals.knn_at_end = True
   if preset == "gpu":
     return c
-  if preset != "cpu":
-    raise ValueError(f"preset must be 'gpu' or 'cpu', got {preset!r}.")
   common.cpu_preset(c)
   c.dino.out_dim = 1024
   c.dino.hidden_dim = 256

@@ -22,6 +22,7 @@ common = defaults.load_sibling(__file__, "common/cifar10.py")
 
 
 def get_config(preset: str = "gpu"):
+  common.check_preset(preset)
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "moco_v3"
   c.head.num_layers = 3
@@ -49,8 +50,6 @@ def get_config(preset: str = "gpu"):
   c.train.checkpoint_every_steps = 5000
   if preset == "gpu":
     return c
-  if preset != "cpu":
-    raise ValueError(f"preset must be 'gpu' or 'cpu', got {preset!r}.")
   common.cpu_preset(c)
   c.head.num_layers = 2
   c.head.output_dim = 64

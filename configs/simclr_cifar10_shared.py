@@ -20,44 +20,19 @@ Hardware and expected results:
   15 minutes: see ``docs/results.md`` for measured kNN and linear-probe accuracy.
 """
 
-import importlib.util
-import os
+from cljax import defaults
 
-
-def _base_recipe():
-  # Loaded by path: config files are read from any working directory, not as a package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simclr_cifar10.py")
-  spec = importlib.util.spec_from_file_location("simclr_cifar10_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+common = defaults.load_sibling(__file__, "common/cifar10.py")
+recipe = defaults.load_sibling(__file__, "simclr_cifar10.py")
 
 
 def get_config(preset: str = "gpu"):
-  c = _base_recipe()
-  c.data.source = "encoded_npz"
-  c.data.name = "cifar10_shared"
-  c.data.data_dir = "../shared/data/cifar10"
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
+  common.check_preset(preset)
+  c = common.shared_data(recipe.get_config())
   if preset == "gpu":
     return c
-  if preset != "cpu":
-    raise ValueError(f"preset must be 'gpu' or 'cpu', got {preset!r}.")
-  c.model.stage_sizes = (1, 1, 1)
-  c.model.num_filters = 16
-  c.model.dtype = "float32"  # bfloat16 is slow on CPUs.
-  c.head.hidden_dim = 256
+  common.cpu_preset(c)
   c.head.output_dim = 64
   c.loss.temperature = 0.2  # Sharper than the 1000-epoch recipe's 0.5: learns faster early.
-  c.optim.weight_decay = 1e-4
-  c.optim.warmup_epochs = 0.5
-  c.data.global_batch_size = 256
-  c.data.num_workers = 0  # Two cores: worker processes would compete with the step.
   c.data.augment.crop_area_min = 0.2
-  c.train.num_epochs = 3
-  c.train.log_every_steps = 20
-  c.train.checkpoint_every_steps = 200
-  c.train.max_to_keep = 2
-  c.evals.batch_size = 500
   return c

@@ -30,6 +30,7 @@ common = defaults.load_sibling(__file__, "common/cifar10.py")
 
 
 def get_config(preset: str = "gpu"):
+  common.check_preset(preset)
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "supcon"
   c.head.num_layers = 2
@@ -53,8 +54,6 @@ def get_config(preset: str = "gpu"):
   c.train.checkpoint_every_steps = 2500
   if preset == "gpu":
     return c
-  if preset != "cpu":
-    raise ValueError(f"preset must be 'gpu' or 'cpu', got {preset!r}.")
   common.cpu_preset(c)
   c.head.output_dim = 64
   c.optim.base_lr = 0.4  # solo-learn's ResNet-18 lr at batch 256: learns faster early.

@@ -194,6 +194,8 @@ def test_every_config_builds_its_model_and_optimizer():
     presets = [()]
     if "preset" in inspect.signature(module.get_config).parameters:
       presets.append(("cpu",))
+      with pytest.raises(ValueError, match=r"preset must be one of \('gpu', 'cpu'\)"):
+        module.get_config("tpu")
     for preset in presets:
       config = module.get_config(*preset)
       method = methods.create_method(config)

@@ -3,11 +3,27 @@
 Recipes load this file by path (config files are read from any working directory, not as
 a package):
 
-    common = load_common()  # see any configs/*_cifar10.py
-    common.shared_data(c)
-    if preset == "cpu":
+    common = defaults.load_sibling(__file__, "common/cifar10.py")
+
+    def get_config(preset="gpu"):
+      common.check_preset(preset)
+      c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
+      ...  # the recipe
+      if preset == "gpu":
+        return c
       common.cpu_preset(c)
+      ...  # the recipe's own CPU choices
 """
+
+PRESETS = ("gpu", "cpu")
+
+
+def check_preset(preset):
+  """Raises ``ValueError`` unless ``preset`` (``--config=configs/X.py:preset``) is known."""
+  if preset not in PRESETS:
+    raise ValueError(
+      f"preset must be one of {PRESETS} (--config=configs/<recipe>.py:cpu), got {preset!r}."
+    )
 
 
 def shared_data(c):
