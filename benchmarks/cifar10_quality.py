@@ -19,10 +19,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
-import shutil
 import time
 
+import budget
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -51,43 +50,18 @@ _LINEAR_MAX_STEPS = flags.DEFINE_integer(
 )
 
 
-def _steps_per_second(config, workdir: str) -> float:
-  """Times a few training steps in a scratch workdir, excluding compilation."""
-  scratch = os.path.join(workdir, "calibration")
-  shutil.rmtree(scratch, ignore_errors=True)
-  calib = config.copy_and_resolve_references()
-  calib.train.num_steps = _CALIBRATION_STEPS.value
-  calib.train.log_every_steps = 1
-  calib.train.checkpoint_every_steps = 10**9
-  calib.evals.knn_at_end = False
-  train.train_and_evaluate(calib, scratch)
-  records = metrics.read_jsonl(os.path.join(scratch, "metrics.jsonl"))
-  times = [r["time"] for r in records]
-  shutil.rmtree(scratch, ignore_errors=True)
-  # The first two records include compilation and the first batch; time the rest.
-  rate = (len(times) - 2) / (times[-1] - times[1])
-  logging.info("Calibration: %.3f steps/s.", rate)
-  return rate
-
-
 def _plan(config, workdir: str, num_examples: int) -> dict:
-  """Steps to train, fixed at the first invocation so that a rerun resumes the same run."""
-  path = os.path.join(workdir, "quality_plan.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  """The steps of the run: --epochs if set, else what --budget_minutes allows."""
   steps_per_epoch = num_examples // config.data.global_batch_size
-  if _EPOCHS.value > 0:
-    plan = {"num_steps": int(round(_EPOCHS.value * steps_per_epoch)), "budget_minutes": None}
-  else:
-    rate = _steps_per_second(config, workdir)
-    steps = int(_BUDGET.value * 60 * rate)
-    plan = {"num_steps": steps, "budget_minutes": _BUDGET.value, "calibrated_steps_per_s": rate}
-  plan["epochs"] = plan["num_steps"] / steps_per_epoch
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(plan, f, indent=2)
-  return plan
+  return budget.plan(
+    config,
+    workdir,
+    num_examples,
+    path=os.path.join(workdir, "quality_plan.json"),
+    budget_minutes=_BUDGET.value,
+    num_steps=int(round(_EPOCHS.value * steps_per_epoch)) if _EPOCHS.value > 0 else 0,
+    calibration_steps=_CALIBRATION_STEPS.value,
+  )
 
 
 def _table(result: dict) -> list[str]:
@@ -122,17 +96,9 @@ def main(argv):
     config, workdir, baselines=True, linear_max_steps=_LINEAR_MAX_STEPS.value
   )
   eval_seconds = time.time() - t0
-  device = jax.devices()[0]
   summary = {
     "date": datetime.date.today().isoformat(),
-    "machine": {
-      "platform": device.platform,
-      "device": device.device_kind,
-      "devices": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "processor": platform.processor() or platform.machine(),
-      "jax": jax.__version__,
-    },
+    "machine": budget.machine(),
     "plan": plan,
     "steps": result["step"],
     "epochs": result["step"] * config.data.global_batch_size / num_examples,
