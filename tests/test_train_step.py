@@ -98,6 +98,39 @@ def test_batchnorm_statistics_are_global():
   )
 
 
+def _compiled_step_text(config, devices, lr_fn):
+  mesh = sharding.create_mesh(devices)
+  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
+  state = jax.device_put(state, sharding.replicated(mesh))
+  batch = jax.device_put(_batch(), sharding.batch_sharded(mesh))
+  step_fn = train.make_train_step(config, mesh, lr_fn)
+  return step_fn.lower(state, batch, jax.random.key(1)).compile().as_text(), step_fn, state, batch
+
+
+def test_one_device_step_has_no_batchnorm_all_reduce_and_keeps_the_state_pytree():
+  # On one device the step swaps in the model without BatchNorm's axis, so no
+  # one-participant all-reduce per BatchNorm layer is left in the compiled step
+  # (the 8-device equality above shows the results are the same); on 8 devices
+  # every BatchNorm layer of the tiny ResNet (5 in the encoder, 1 in the head)
+  # must sum its statistics across devices.
+  config = tiny_config()
+  lr_fn = optax.constant_schedule(0.1)
+  text1, step_fn, state, batch = _compiled_step_text(config, jax.devices()[:1], lr_fn)
+  text8, *_ = _compiled_step_text(config, jax.devices(), lr_fn)
+  bn_reduces = lambda text: (
+    text.count("BatchNorm")
+    and sum("all-reduce(" in line and "BatchNorm" in line for line in text.splitlines())
+  )
+  assert bn_reduces(text1) == 0
+  assert bn_reduces(text8) >= 5
+  # The returned state has the caller's apply_fn: the next call hits the compile cache.
+  treedef = jax.tree.structure(state)
+  new_state, _ = step_fn(state, batch, jax.random.key(1))
+  assert jax.tree.structure(new_state) == treedef
+  step_fn(new_state, batch, jax.random.key(1))
+  assert step_fn._cache_size() == 1
+
+
 def test_thirty_steps_on_a_fixed_batch_drive_the_loss_far_below_chance():
   config = tiny_config()
   # At temperature 0.5 the loss cannot fall below about log(1 + 30 e^-2) = 1.6
