@@ -462,13 +462,7 @@ def train_and_evaluate(
   init_rng, step_rng = jax.random.split(rng)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   num_classes = len(getattr(source, "class_names", None) or ())
-  if config.method == "supcon" and num_classes < 2:
-    raise ValueError(
-      f"method='supcon' trains with labels, but the data source {config.data.source!r} "
-      f"({config.data.name!r}) has {num_classes} classes. Use a labelled source."
-    )
-  if config.method == "supervised":
-    methods.supervised.check_classifier_head(config, num_classes)
+  methods.create_method(config).check_data(source, num_classes)
   state = create_train_state(config, init_rng, learning_rate_fn, image_shape, num_classes)
   state = place_state(state, mesh, config)
   train_iter = create_train_iterator(config, source, mesh)

@@ -18,7 +18,8 @@ from test_methods2 import (
 )
 from test_train_step import _batch
 
-from cljax.methods import supervised
+from cljax import methods
+from cljax.methods import supcon, supervised
 
 NUM_CLASSES = 4  # _batch's labels are 0..3.
 
@@ -84,6 +85,17 @@ def test_a_head_that_is_not_a_linear_classifier_is_a_clear_error(head, match):
   supervised.check_classifier_head(_supervised_config(), NUM_CLASSES)  # The right head passes.
 
 
-def test_unlabelled_data_is_a_clear_error():
-  with pytest.raises(ValueError, match="method='supervised' trains with labels"):
-    supervised.check_classifier_head(_supervised_config(), 0)
+def test_unlabelled_data_is_a_clear_error_before_anything_compiles():
+  method = methods.create_method(_supervised_config())
+  with pytest.raises(ValueError, match="method='supervised' trains with labels, .* 0 classes"):
+    method.check_data(None, 0)
+  method.check_data(None, NUM_CLASSES)
+  with pytest.raises(ValueError, match="head.output_dim=10"):
+    method.check_data(None, 10)
+  with pytest.raises(ValueError, match="method='supcon' trains with labels, .* 1 classes"):
+    methods.create_method(_config("supcon")).check_data(None, 1)
+
+
+def test_unlabelled_batch_in_the_step_names_the_method():
+  with pytest.raises(ValueError, match="method='supervised' needs class labels, but 3 labels"):
+    supcon._raise_unlabelled("supervised", 3)

@@ -159,6 +159,11 @@ class Method:
     """A ``PartitionSpec`` prefix of the method state (inside ``shard_map``)."""
     return PartitionSpec()
 
+  def check_data(self, source: Any, num_classes: int) -> None:
+    """Raises ``ValueError`` before anything compiles if the method cannot train on ``source``
+    (``num_classes``: the number of class names it has, 0 for unlabelled data)."""
+    del source, num_classes
+
   # ---- One step.
 
   def views(self, batch: dict, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:

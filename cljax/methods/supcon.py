@@ -10,6 +10,7 @@ only positive is the partner view and the loss is SimCLR's NT-Xent (scaled by
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -19,15 +20,15 @@ from cljax import losses
 from cljax.methods.base import Method, StepOutput
 
 
-def _raise_unlabelled(count: Any) -> Any:
+def _raise_unlabelled(method: str, count: Any) -> Any:
   raise ValueError(
-    f"method='supcon' needs class labels, but {int(count)} labels of the global batch are < 0 "
+    f"method={method!r} needs class labels, but {int(count)} labels of the global batch are < 0 "
     "(a data set without labels: an unlabelled image folder, or data.num_classes=0 for "
     "synthetic data). Use a labelled source or a self-supervised method."
   )
 
 
-def check_labelled(labels: jax.Array, axis_name: str | None) -> jax.Array:
+def check_labelled(labels: jax.Array, axis_name: str | None, method: str = "supcon") -> jax.Array:
   """True; raises ``ValueError`` through a host callback if a label of the global batch is < 0.
 
   The count of negative labels is summed over ``axis_name`` first, so every
@@ -42,7 +43,8 @@ def check_labelled(labels: jax.Array, axis_name: str | None) -> jax.Array:
   count = jnp.sum(labels < 0).astype(jnp.int32)
   if axis_name is not None:
     count = jax.lax.psum(count, axis_name)
-  fail = lambda c: jax.pure_callback(_raise_unlabelled, jax.ShapeDtypeStruct((), jnp.bool_), c)
+  raise_unlabelled = functools.partial(_raise_unlabelled, method)
+  fail = lambda c: jax.pure_callback(raise_unlabelled, jax.ShapeDtypeStruct((), jnp.bool_), c)
   return jax.lax.cond(count > 0, fail, lambda c: jnp.asarray(True), count)
 
 
@@ -66,6 +68,14 @@ class SupCon(Method):
 
   name = "supcon"
 
+  def check_data(self, source: Any, num_classes: int) -> None:
+    if num_classes < 2:
+      raise ValueError(
+        f"method={self.name!r} trains with labels, but the data source "
+        f"{self.config.data.source!r} ({self.config.data.name!r}) has {num_classes} classes. "
+        "Use a labelled source."
+      )
+
   def views(self, batch: dict, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     """The two views, behind the check that the batch has labels (:func:`check_labelled`).
 
@@ -74,7 +84,7 @@ class SupCon(Method):
     before every device has passed the check or raised.
     """
     views = super().views(batch, rng, step)
-    labelled = check_labelled(jnp.asarray(batch["label"]), self.axis_name)
+    labelled = check_labelled(jnp.asarray(batch["label"]), self.axis_name, self.name)
     views["global"] = jnp.where(labelled, views["global"], jnp.nan)
     return views
 

@@ -16,18 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cljax.methods.base import Method, StepOutput
-from cljax.methods.supcon import check_labelled
+from cljax.methods.base import StepOutput
+from cljax.methods.supcon import SupCon
 
 
 def check_classifier_head(config: Any, num_classes: int) -> None:
   """Raises ``ValueError`` unless ``config.head`` is a linear classifier over ``num_classes``."""
   head = config.head
-  if num_classes < 2:
-    raise ValueError(
-      f"method='supervised' trains with labels, but the data source {config.data.source!r} "
-      f"({config.data.name!r}) has {num_classes} classes. Use a labelled source."
-    )
   if head.output_dim != num_classes or head.num_layers != 1 or head.output_norm != "none":
     raise ValueError(
       "method='supervised' needs a linear classifier head: head.num_layers=1, "
@@ -37,22 +32,20 @@ def check_classifier_head(config: Any, num_classes: int) -> None:
     )
 
 
-class Supervised(Method):
+class Supervised(SupCon):
   """Encoder + linear classifier, softmax cross-entropy over both views of the global batch.
 
-  Labels come from ``batch["label"]``; a batch with a label < 0 (unlabelled
-  data) raises ``ValueError`` as in SupCon. Logged: ``train_accuracy``, the
-  top-1 of the classifier on the (augmented) training views.
+  SupCon's views and label checks (a batch with a label < 0 raises
+  ``ValueError``), its loss replaced by cross-entropy. Logged:
+  ``train_accuracy``, the top-1 of the classifier on the (augmented) training
+  views.
   """
 
   name = "supervised"
 
-  def views(self, batch: dict, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
-    """The two views, behind the check that the batch has labels (as SupCon's)."""
-    views = super().views(batch, rng, step)
-    labelled = check_labelled(jnp.asarray(batch["label"]), self.axis_name)
-    views["global"] = jnp.where(labelled, views["global"], jnp.nan)
-    return views
+  def check_data(self, source: Any, num_classes: int) -> None:
+    super().check_data(source, num_classes)
+    check_classifier_head(self.config, num_classes)
 
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     x = views["global"]
