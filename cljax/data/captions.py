@@ -30,7 +30,6 @@ from __future__ import annotations
 import colorsys
 import csv
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -394,38 +393,23 @@ def create_caption_iterator(
     "label": int32 (b,), "aug_seed": int32 (b,)}, b = global_batch_size // process_count,
     with get_state/set_state.
   """
-  batch_size = pipeline._per_process_batch(global_batch_size, process_index, process_count)
-  pipeline._check_workers(num_workers)
-  pipeline._check_range("crop_area", crop_area, 0.0, 1.0)
-  pipeline._check_range("crop_aspect", crop_aspect, 0.0, math.inf)
-  if image_size < 1:
-    raise ValueError(f"image_size must be positive, got {image_size}")
-  usable = len(source) - len(source) % process_count
-  if usable // process_count < batch_size:
-    raise ValueError(
-      f"{len(source)} examples give each of {process_count} processes fewer than one batch "
-      f"of {batch_size}"
-    )
-  ds = grain.MapDataset.source(source).seed(seed).shuffle()
-  # Mapped before sharding: the record's rng depends on its global stream position only.
-  ds = ds.random_map(CaptionedView(tokenizer, image_size, crop_area, crop_aspect, flip))
-  ds = ds[:usable][process_index::process_count]
-  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
-  signature = {
-    "kind": "captions",
-    "source": f"{type(source).__name__}[{len(source)}]",
-    "seed": int(seed),
-    "global_batch_size": int(global_batch_size),
-    "image_size": int(image_size),
-    "process_index": int(process_index),
-    "process_count": int(process_count),
-    "crop_area": [float(x) for x in crop_area],
-    "crop_aspect": [float(x) for x in crop_aspect],
-    "flip": bool(flip),
-    "num_epochs": num_epochs,
-    "tokenizer": tokenizer.fingerprint(),
-  }
-  return pipeline.BatchIterator(ds, signature, num_workers, read_threads)
+  return pipeline.augmented_batches(
+    source,
+    CaptionedView(tokenizer, image_size, crop_area, crop_aspect, flip),
+    kind="captions",
+    seed=seed,
+    global_batch_size=global_batch_size,
+    image_size=image_size,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers,
+    crop_area=crop_area,
+    crop_aspect=crop_aspect,
+    flip=flip,
+    num_epochs=num_epochs,
+    read_threads=read_threads,
+    signature={"tokenizer": tokenizer.fingerprint()},
+  )
 
 
 def create_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.CaptionTokenizer:

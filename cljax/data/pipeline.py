@@ -384,11 +384,66 @@ def create_pretrain_iterator(
     ValueError: the global batch does not split evenly over the processes, a process's share
       of an epoch is smaller than one batch, or an argument is out of range.
   """
+  check_local_crops(num_local_crops, local_crop_size, local_crop_area)
+  views = TwoViews(
+    image_size,
+    tuple(crop_area),
+    tuple(crop_aspect),
+    flip,
+    num_local_crops=int(num_local_crops),
+    local_crop_size=int(local_crop_size),
+    local_crop_area=tuple(float(x) for x in local_crop_area),
+  )
+  return augmented_batches(
+    source,
+    views,
+    kind="pretrain",
+    seed=seed,
+    global_batch_size=global_batch_size,
+    image_size=image_size,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers,
+    crop_area=crop_area,
+    crop_aspect=crop_aspect,
+    flip=flip,
+    num_epochs=num_epochs,
+    read_threads=read_threads,
+    signature=local_crops_signature(num_local_crops, local_crop_size, local_crop_area),
+  )
+
+
+def augmented_batches(
+  source: Any,
+  transform: grain.transforms.RandomMap,
+  *,
+  kind: str,
+  seed: int,
+  global_batch_size: int,
+  image_size: int,
+  process_index: int,
+  process_count: int,
+  num_workers: int,
+  crop_area: tuple[float, float],
+  crop_aspect: tuple[float, float],
+  flip: bool,
+  num_epochs: int | None,
+  read_threads: int | None,
+  signature: dict[str, Any] | None = None,
+) -> BatchIterator:
+  """The stream every training iterator shares: shuffle, ``transform``, shard, batch.
+
+  Each epoch is a global shuffle of ``source`` (from ``seed``); ``transform`` (a grain
+  random map: crops, captions) runs before sharding, so a record's rng depends on its
+  global stream position only; its first len(source) - len(source) % process_count
+  positions are dealt round-robin to the processes. The iterator's state carries a
+  signature of these settings (``kind`` names the iterator; ``signature`` adds its own
+  fields), and refuses a state saved under others.
+  """
   batch_size = _per_process_batch(global_batch_size, process_index, process_count)
   _check_workers(num_workers)
   _check_range("crop_area", crop_area, 0.0, 1.0)
   _check_range("crop_aspect", crop_aspect, 0.0, math.inf)
-  check_local_crops(num_local_crops, local_crop_size, local_crop_area)
   if image_size < 1:
     raise ValueError(f"image_size must be positive, got {image_size}")
   usable = len(source) - len(source) % process_count
@@ -399,21 +454,12 @@ def create_pretrain_iterator(
     )
   ds = grain.MapDataset.source(source).seed(seed).shuffle()
   # Augment before sharding: the record's rng then depends on its global stream position.
-  views = TwoViews(
-    image_size,
-    tuple(crop_area),
-    tuple(crop_aspect),
-    flip,
-    num_local_crops=int(num_local_crops),
-    local_crop_size=int(local_crop_size),
-    local_crop_area=tuple(float(x) for x in local_crop_area),
-  )
-  ds = ds.random_map(views)
+  ds = ds.random_map(transform)
   # Slicing keeps the epoch in the index it passes up, so every epoch is reshuffled.
   ds = ds[:usable][process_index::process_count]
   ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
-  signature = {
-    "kind": "pretrain",
+  full_signature = {
+    "kind": kind,
     "source": f"{type(source).__name__}[{len(source)}]",
     "seed": int(seed),
     "global_batch_size": int(global_batch_size),
@@ -425,8 +471,7 @@ def create_pretrain_iterator(
     "flip": bool(flip),
     "num_epochs": num_epochs,
   }
-  signature |= local_crops_signature(num_local_crops, local_crop_size, local_crop_area)
-  return BatchIterator(ds, signature, num_workers, read_threads)
+  return BatchIterator(ds, full_signature | (signature or {}), num_workers, read_threads)
 
 
 def create_eval_iterator(
