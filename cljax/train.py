@@ -322,7 +322,7 @@ def knn_eval(config: ml_collections.ConfigDict, state: TrainState, mesh: Mesh) -
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = methods.create_method(config).eval_variables(state)
     batches[split] = features.extract_features(variables, state.apply_fn, it, mesh)
   (train_x, train_y), (test_x, test_y) = batches["train"], batches["eval"]
   if np.any(train_y < 0) or np.any(test_y < 0):

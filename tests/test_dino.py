@@ -291,3 +291,33 @@ def test_schedules_without_steps_per_epoch():
   config.dino.freeze_last_layer_epochs = 0.25  # 2.5 steps: frozen at steps 0, 1 and 2.
   assert method.freeze_steps == 3
   assert float(method.teacher_temperature(jnp.asarray(5))) == pytest.approx(0.055)
+
+
+def test_evaluation_embeds_with_the_teacher(vit_runs):
+  config = vit_runs["config"]
+  final = vit_runs[1][0][-1]  # The state after the last step: teacher != student.
+  variables = methods.create_method(config).eval_variables(final)
+  chex.assert_trees_all_equal(variables["params"], final.method_state["teacher_params"])
+  # Every other method embeds with its online network.
+  simclr = methods.create_method(tiny_config()).eval_variables(final)
+  chex.assert_trees_all_equal(simclr["params"], final.params)
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), final.params, variables["params"])
+  assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_knn_evaluation_of_a_run_uses_the_teacher(vit_runs, monkeypatch):
+  config = vit_runs["config"]
+  final = vit_runs[1][0][-1]
+  seen = []
+
+  def fake_extract(variables, apply_fn, it, mesh):
+    seen.append(variables)
+    return np.zeros((8, 4), np.float32), np.arange(8) % 2
+
+  monkeypatch.setattr(train.features, "extract_features", fake_extract)
+  config = config.copy_and_resolve_references()
+  config.data.source, config.data.num_classes = "synthetic", 2
+  train.knn_eval(config, final, sharding.create_mesh(jax.devices()[:1]))
+  assert len(seen) == 2  # The train and the eval split.
+  for variables in seen:
+    chex.assert_trees_all_equal(variables["params"], final.method_state["teacher_params"])

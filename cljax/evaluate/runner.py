@@ -28,7 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import checkpoint, metrics, sharding, train
+from cljax import checkpoint, methods, metrics, sharding, train
 from cljax.data import augment, pipeline, sources
 from cljax.evaluate import classifier, collapse, features, knn, linear, plots
 
@@ -109,7 +109,7 @@ def split_features(
     process_count=jax.process_count(),
     num_workers=num_workers,
   )
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = methods.create_method(config).eval_variables(state)
   x, y = features.extract_features(variables, state.apply_fn, it, mesh)
   if cache_path and jax.process_index() == 0:
     features.save_features(cache_path, x, y, step=int(state.step))
@@ -158,7 +158,7 @@ def two_view_embeddings(
       x = train.photometric(x, keys, aug)
     return state.apply_fn(variables, train.normalize_images(x), train=False)
 
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = methods.create_method(config).eval_variables(state)
   rng = jax.random.key(seed)
   out = {}
   for i, name in enumerate(("a", "b")):

@@ -159,6 +159,11 @@ class Method:
     """A ``PartitionSpec`` prefix of the method state (inside ``shard_map``)."""
     return PartitionSpec()
 
+  def eval_variables(self, state: Any) -> dict:
+    """The ``{"params", "batch_stats"}`` that evaluation (kNN, linear probe) embeds with:
+    the online network's, but for methods whose papers evaluate another (DINO's teacher)."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
   def check_data(self, source: Any, num_classes: int) -> None:
     """Raises ``ValueError`` before anything compiles if the method cannot train on ``source``
     (``num_classes``: the number of class names it has, 0 for unlabelled data)."""

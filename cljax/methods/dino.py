@@ -191,6 +191,13 @@ class DINO(Method):
 
   # ---- The model and the method's state.
 
+  def eval_variables(self, state: Any) -> dict:
+    """The teacher's: DINO's paper evaluates it (kNN and linear), as it is the better network
+    through training (Caron et al. 2021, section 5.1). Before the first step the two are the
+    same."""
+    ms = state.method_state
+    return {"params": ms["teacher_params"], "batch_stats": ms["teacher_batch_stats"]}
+
   def create_model(self, bn_axis_name: str | None = None) -> DINOModel:
     config = self.config
     head = DINOHead(
