@@ -56,5 +56,6 @@ class Supervised(SupCon):
     # Every device holds the same number of views: the mean of means is the global mean.
     loss = jax.lax.pmean(jnp.mean(ce), self.axis_name)
     accuracy = jax.lax.pmean(accuracy, self.axis_name)
-    # No pairs: the collapse metrics of two embeddings do not apply to class logits.
-    return loss, StepOutput(batch_stats, {"train_accuracy": accuracy}, h, h)
+    # The logits are the embeddings (embedding_std: their spread over the batch); no pairs,
+    # as the collapse metrics of two views' embeddings do not apply to class logits.
+    return loss, StepOutput(batch_stats, {"train_accuracy": accuracy}, logits, h)
