@@ -164,6 +164,10 @@ def base_config() -> ml_collections.ConfigDict:
   # solarize 0.0 / 0.2); < 0 means the same as the first view's.
   c.data.augment.blur_prob_b = -1.0
   c.data.augment.solarize_prob_b = -1.0
+  # Multi-crop's local views' blur probability (DINO: 0.5, its global views 1.0 / 0.1);
+  # < 0 means the same as the first view's. Local views are never solarized unless the
+  # first view is.
+  c.data.augment.blur_prob_local = -1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0

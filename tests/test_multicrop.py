@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 
-from cljax import sharding
-from cljax.data import crops, device, pipeline, sources
+from cljax import methods, sharding
+from cljax.data import augment, crops, device, pipeline, sources
 
 # A small batch of 48x48 images; global views at 16 from (0.4, 1), four local views at 24.
 N, SIDE, BATCH, VIEW, LOCAL, NUM_LOCAL = 16, 48, 8, 16, 24, 4
@@ -238,3 +239,26 @@ def test_device_local_views_are_the_host_views_for_the_same_numbers():
   # As for global views: the same box, then Pillow's pixels up to fixed-point roundings
   # (and the pass order when shrinking).
   assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("local_prob, expected", [(-1.0, 1.0), (0.5, 0.5)])
+def test_local_views_take_their_own_blur_probability(monkeypatch, local_prob, expected):
+  # DINO: global views blurred with 1.0 and 0.1, local views with 0.5.
+  config = tiny_config()
+  aug = config.data.augment
+  aug.photometric, aug.blur_prob, aug.blur_prob_b, aug.blur_prob_local = True, 1.0, 0.1, local_prob
+  seen = []
+  monkeypatch.setattr(augment, "photometric", lambda x, keys, aug, **probs: seen.append(probs) or x)
+  n, size = 4, 8
+  rng = np.random.default_rng(0)
+  batch = {
+    "view_a": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+    "view_b": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+    "local_views": rng.integers(0, 256, (n, 2, size, size, 3), dtype=np.uint8),
+    "aug_seed": np.arange(n, dtype=np.int32),
+  }
+  methods.create_method(config).views(batch, jax.random.key(0), jnp.zeros((), jnp.int32))
+  blur = [probs.get("blur_prob") for probs in seen]
+  # First view: the section's own (no override); second: blur_prob_b; locals: their own.
+  assert blur[0] is None and blur[1] == 0.1
+  assert [b if b is not None else aug.blur_prob for b in blur[2:]] == [expected, expected]

@@ -200,7 +200,8 @@ class Method:
     }
     if "local_views" in batch:
       local = batch["local_views"]  # (n, L, s, s, 3)
-      crops = [augmented(local[:, j], 2 + j) for j in range(local.shape[1])]
+      probs = {"blur_prob": aug.blur_prob_local} if aug.blur_prob_local >= 0 else {}
+      crops = [augmented(local[:, j], 2 + j, **probs) for j in range(local.shape[1])]
       views["local"] = jnp.concatenate(crops)
     return views
 
