@@ -67,6 +67,21 @@ def _ref_effective_rank_unnormalized(z):
   return np.exp(-(p * np.log(p)).sum())
 
 
+def test_effective_rank_of_embeddings_wider_than_the_batch_uses_the_gram_matrix():
+  # 48 rows of 512-d (DINO's logits are 65,536 wide): the (d, d) covariance is never formed,
+  # and the rank is still the covariance's, at most n - 1 after centring.
+  z = _gaussian(3, n=48, d=512) + 0.2
+  got = collapse.effective_rank(z)
+  np.testing.assert_allclose(got, _ref_effective_rank(z), rtol=1e-4)
+  assert got < 48
+  low_rank = _gaussian(4, n=48, d=3) @ _gaussian(5, n=3, d=512)
+  np.testing.assert_allclose(
+    collapse.effective_rank(low_rank, normalize=False),
+    _ref_effective_rank_unnormalized(low_rank),
+    rtol=1e-3,
+  )
+
+
 def test_constant_encoder_is_flagged():
   z = np.tile(np.random.default_rng(2).normal(size=(1, 32)), (128, 1)).astype(np.float32)
   stats = {k: float(v) for k, v in collapse.collapse_metrics(z, z).items()}

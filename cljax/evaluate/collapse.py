@@ -104,7 +104,15 @@ def effective_rank(
   """
   _check_2d("z", z)
   z = losses.l2_normalize(z) if normalize else z.astype(jnp.float32)
-  s = jnp.maximum(jnp.linalg.eigvalsh(covariance(z, axis_name=axis_name)), 0.0)
+  n, d = z.shape
+  if axis_name is None and d > n:
+    # Wide embeddings (DINO's 65,536 logits): the (n, n) Gram matrix of the centred rows
+    # has the covariance's non-zero eigenvalues, without the (d, d) matrix.
+    centered = z - jnp.mean(z, axis=0)
+    s = jnp.linalg.eigvalsh(centered @ centered.T / n)
+  else:
+    s = jnp.linalg.eigvalsh(covariance(z, axis_name=axis_name))
+  s = jnp.maximum(s, 0.0)
   total = jnp.sum(s)
   p = s / jnp.where(total > 0, total, 1.0)
   # 0 log 0 = 0; the inner where keeps log's argument positive so no NaN appears.
