@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.hidden_dim = 2048
   c.head.output_dim = 128
   c.head.output_norm = "bn"  # "bn": BatchNorm after the last Dense; "none": a bias instead.
+  c.head.hidden_norm = "bn"  # "bn": BatchNorm in the hidden layers; "none" (MoCo v2): bias.
 
   # The prediction MLP of BYOL, SimSiam and MoCo v3 (0 layers: none). Its
   # output has the head's output_dim.

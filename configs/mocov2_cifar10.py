@@ -9,8 +9,8 @@ root; ``--config.data.data_dir=DIR`` elsewhere), device-resident.
 
 - default: one GPU; CIFAR ResNet-18, batch 256, symmetric loss with both views' keys
   enqueued into a 4,096-key queue, T = 0.2, momentum 0.99 cosine-ramped to 1, SGD lr 0.3,
-  weight decay 5e-4, 1000 epochs (solo-learn's "mocov2plus" CIFAR recipe, which reports
-  92.9% linear top-1 on CIFAR-10).
+  weight decay 5e-4, head 2048-256 without BatchNorm, 1000 epochs (solo-learn's
+  "mocov2plus" CIFAR recipe, which reports 92.9% linear top-1 on CIFAR-10).
 - ``:cpu``: a 2-core CPU; the tiny ResNet of ``configs/common/cifar10.py``. Measured kNN in
   docs/results.md.
 """
@@ -27,6 +27,8 @@ def get_config(preset: str = "gpu"):
   c.head.num_layers = 2
   c.head.hidden_dim = 2048
   c.head.output_dim = 256
+  c.head.hidden_norm = "none"  # MoCo v2's MLP head has no BatchNorm.
+  c.head.output_norm = "none"
   c.moco.queue_size = 4096
   c.moco.symmetric = True
   c.ema.base = 0.99

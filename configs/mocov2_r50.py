@@ -11,8 +11,8 @@ Learning", https://arxiv.org/abs/2003.04297): queue of 65,536 keys, key-encoder 
 0.999 (constant), InfoNCE with T = 0.2, 2-layer MLP head to 128-d, SGD lr 0.03 x B/256,
 momentum 0.9, weight decay 1e-4, cosine schedule, 200 epochs; augmentation: crop area
 0.2-1, colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale 0.2, Gaussian blur 0.5,
-flip, no solarisation. Departures: the head's hidden layer has BatchNorm (cljax's
-projection MLP; MoCo v2's has none), and BatchNorm is global across devices rather than
+flip, no solarisation. The head is MoCo v2's: Dense-ReLU-Dense with biases, no
+BatchNorm. Departure: the encoder's BatchNorm is global across devices rather than
 shuffled (see cljax/methods/momentum.py for why).
 
 Expected result: 67.5% ImageNet linear-probe top-1 after 200 epochs (71.1% after 800),
@@ -31,6 +31,8 @@ def get_config():
   c.head.num_layers = 2
   c.head.hidden_dim = 2048
   c.head.output_dim = 128
+  c.head.hidden_norm = "none"  # MoCo v2's MLP head has no BatchNorm.
+  c.head.output_norm = "none"
   c.moco.queue_size = 65536
   c.ema.base = 0.999
   c.ema.schedule = "constant"

@@ -87,6 +87,23 @@ def test_projection_head_layers_and_output(num_layers):
   assert out.shape == (4, 8) and out.dtype == jnp.float32
 
 
+def test_projection_head_without_batchnorm_is_moco_v2s_mlp():
+  head = heads.ProjectionHead(
+    num_layers=2, hidden_dim=32, output_dim=8, hidden_norm="none", output_norm="none"
+  )
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  variables = head.init(jax.random.key(0), x, train=False)
+  params = variables["params"]
+  assert sorted(params) == ["Dense_0", "Dense_1"] and "batch_stats" not in variables
+  assert {"kernel", "bias"} == set(params["Dense_0"]) == set(params["Dense_1"])
+  # Dense-ReLU-Dense, with biases.
+  hidden = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+  expected = hidden @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+  np.testing.assert_allclose(head.apply(variables, x, train=True), expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="hidden_norm must be 'bn' or 'none'"):
+    heads.ProjectionHead(hidden_norm="ln").init(jax.random.key(0), x, train=False)
+
+
 def test_create_model_from_config():
   config = defaults.base_config()
   config.model.depth = 18

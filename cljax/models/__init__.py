@@ -98,6 +98,7 @@ def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = N
     hidden_dim=config.head.hidden_dim,
     output_dim=config.head.output_dim,
     output_norm=config.head.output_norm,
+    hidden_norm=config.head.hidden_norm,
   )
   predictor = None
   if config.predictor.num_layers > 0:

@@ -16,7 +16,8 @@ class ProjectionHead(nn.Module):
   BatchNorm without a bias (as in the SimCLR v2 reference code; MoCo v3 and
   SimSiam also end in BatchNorm); with ``"none"`` the last Dense has a bias
   and nothing follows (BYOL's projector and predictor, SimSiam's predictor).
-  ``num_layers=2`` is SimCLR v1, 3 is v2.
+  ``num_layers=2`` is SimCLR v1, 3 is v2. ``hidden_norm="none"`` drops the
+  hidden layers' BatchNorm (their Dense then has a bias): MoCo v2's head.
   """
 
   num_layers: int = 2
@@ -26,6 +27,7 @@ class ProjectionHead(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
   output_norm: str = "bn"  # "bn" | "none"
+  hidden_norm: str = "bn"  # "bn" | "none"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -33,6 +35,8 @@ class ProjectionHead(nn.Module):
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
     if self.output_norm not in ("bn", "none"):
       raise ValueError(f"output_norm must be 'bn' or 'none', got {self.output_norm!r}.")
+    if self.hidden_norm not in ("bn", "none"):
+      raise ValueError(f"hidden_norm must be 'bn' or 'none', got {self.hidden_norm!r}.")
 
     def norm(**kwargs):
       return nn.BatchNorm(
@@ -45,6 +49,9 @@ class ProjectionHead(nn.Module):
       )
 
     for _ in range(self.num_layers - 1):
+      if self.hidden_norm == "none":
+        x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype)(x))
+        continue
       x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype)(x)
       x = nn.relu(norm()(x))
     if self.output_norm == "none":
