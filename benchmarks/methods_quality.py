@@ -43,11 +43,17 @@ RECIPES = {
   # The InfoNCE variants of Methods II: the debiased recipe with another loss.name.
   "simclr_hard_negative": "simclr_debiased_cifar10.py",
   "simclr_decoupled": "simclr_debiased_cifar10.py",
+  # SwAV's CPU preset with fewer prototypes than the 512 global crops of a batch.
+  "swav_k100": "swav_cifar10.py",
+  # ... and with the recipe's queue (15 batches: 4,352 rows in Sinkhorn for 3,000 prototypes).
+  "swav_queue": "swav_cifar10.py",
 }
 # Overrides of a recipe's ``:cpu`` config, for the entries that share a recipe file.
 OVERRIDES = {
   "simclr_hard_negative": {"loss.name": "hard_negative", "loss.beta": 1.0},
   "simclr_decoupled": {"loss.name": "decoupled"},
+  "swav_k100": {"swav.num_prototypes": 100},
+  "swav_queue": {"swav.queue_size": 3840, "swav.queue_start_epoch": 0.2},
 }
 
 _METHODS = flags.DEFINE_list("methods", ["all"], f"Methods to run, or all: {sorted(RECIPES)}.")
