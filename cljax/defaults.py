@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.base_lr = 0.075
   c.optim.lr_scaling = "sqrt"  # "linear": base_lr * B / 256; "sqrt": base_lr * sqrt(B).
   c.optim.weight_decay = 1e-6
+  # >= 0: weight decay follows a half cosine from weight_decay to this over the run (DINO:
+  # 0.04 -> 0.4; SGD and AdamW only); < 0: constant.
+  c.optim.weight_decay_end = -1.0
   c.optim.momentum = 0.9
   c.optim.trust_coefficient = 1e-3
   c.optim.b2 = 0.999  # AdamW's second-moment decay (CLIP: 0.98).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -64,11 +65,55 @@ def lars_mask(params) -> object:
   return jax.tree_util.tree_map_with_path(adapted, params)
 
 
+def weight_decay_schedule(optim_config: ml_collections.ConfigDict, num_steps: int):
+  """``optim.weight_decay``, or with ``optim.weight_decay_end >= 0`` a half cosine from it to
+  ``weight_decay_end`` over ``num_steps`` (DINO: 0.04 -> 0.4); constant if ``num_steps`` is 0."""
+  start, end = optim_config.weight_decay, optim_config.get("weight_decay_end", -1.0)
+  if end < 0:
+    return start
+  if num_steps <= 0:
+    return optax.constant_schedule(start)
+  return optax.cosine_decay_schedule(start, num_steps, alpha=end / start if start else 0.0)
+
+
+def add_decayed_weights(weight_decay, mask) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights``, also for a schedule of the step (which optax's takes not).
+
+  A schedule's transform keeps its own step count; a constant is optax's own transform
+  (so the optimiser state, and checkpoints, stay as they were without a schedule).
+  """
+  if not callable(weight_decay):
+    return optax.add_decayed_weights(weight_decay, mask=mask)
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params):
+    if params is None:
+      raise ValueError("add_decayed_weights needs the parameters.")
+    decay = weight_decay(state.count)
+    updates = jax.tree.map(lambda g, p: g + decay * p, updates, params)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+
+
 def create_optimizer(
-  optim_config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+  optim_config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, num_steps: int = 0
 ) -> optax.GradientTransformation:
-  """The optimiser named by ``optim_config.name`` ("lars", "sgd" or "adamw")."""
+  """The optimiser named by ``optim_config.name`` ("lars", "sgd" or "adamw").
+
+  ``num_steps`` (the run's length) sizes the weight-decay schedule of SGD and AdamW when
+  ``optim.weight_decay_end >= 0`` (:func:`weight_decay_schedule`).
+  """
   name = optim_config.name
+  weight_decay = weight_decay_schedule(optim_config, num_steps)
+  if name == "lars" and callable(weight_decay):
+    raise ValueError(
+      "optim.weight_decay_end (a weight-decay schedule) works with optim.name='sgd' or "
+      "'adamw'; LARS takes a constant optim.weight_decay: set optim.weight_decay_end=-1."
+    )
   if name == "lars":
     return optax.lars(
       learning_rate=learning_rate_fn,
@@ -82,15 +127,19 @@ def create_optimizer(
     )
   if name == "sgd":
     return optax.chain(
-      optax.add_decayed_weights(optim_config.weight_decay, mask=lars_mask),
+      add_decayed_weights(weight_decay, lars_mask),
       optax.sgd(learning_rate_fn, momentum=optim_config.momentum),
     )
   if name == "adamw":
-    return optax.adamw(
-      learning_rate_fn,
-      b2=optim_config.get("b2", 0.999),
-      eps=optim_config.get("eps", 1e-8),
-      weight_decay=optim_config.weight_decay,
-      mask=lars_mask,
+    b2, eps = optim_config.get("b2", 0.999), optim_config.get("eps", 1e-8)
+    if not callable(weight_decay):
+      return optax.adamw(
+        learning_rate_fn, b2=b2, eps=eps, weight_decay=weight_decay, mask=lars_mask
+      )
+    # optax.adamw's own chain, its decoupled weight decay on a schedule.
+    return optax.chain(
+      optax.scale_by_adam(b2=b2, eps=eps),
+      add_decayed_weights(weight_decay, lars_mask),
+      optax.scale_by_learning_rate(learning_rate_fn),
     )
   raise ValueError(f"optim.name must be 'lars', 'sgd' or 'adamw', got {name!r}.")

@@ -38,8 +38,11 @@ def create_train_state(
   learning_rate_fn: optax.Schedule,
   image_shape: tuple[int, int, int],
   num_classes: int = 0,
+  num_steps: int = 0,
 ) -> TrainState:
   """Initialises parameters, BatchNorm statistics, the optimiser and the method's state.
+
+  ``num_steps`` (the run's length) sizes a weight-decay schedule, if the config has one.
 
   With ``num_classes >= 2`` and ``evals.online_probe`` it adds the online
   linear probe on the encoder features.
@@ -47,7 +50,7 @@ def create_train_state(
   method = methods.create_method(config)
   model_rng, probe_rng, method_rng = jax.random.split(rng, 3)
   variables = method.init_variables(model_rng, image_shape)
-  tx = optim.create_optimizer(config.optim, learning_rate_fn)
+  tx = optim.create_optimizer(config.optim, learning_rate_fn, num_steps)
   probe_params = probe_tx = None
   if num_classes >= 2 and config.evals.online_probe:
     feature_dim = models.encoder_feature_dim(config)
@@ -463,7 +466,9 @@ def train_and_evaluate(
   image_shape = (config.data.image_size, config.data.image_size, 3)
   num_classes = len(getattr(source, "class_names", None) or ())
   methods.create_method(config).check_data(source, num_classes)
-  state = create_train_state(config, init_rng, learning_rate_fn, image_shape, num_classes)
+  state = create_train_state(
+    config, init_rng, learning_rate_fn, image_shape, num_classes, num_steps=num_steps
+  )
   state = place_state(state, mesh, config)
   train_iter = create_train_iterator(config, source, mesh)
 

@@ -17,11 +17,10 @@ code defaults to 8 local crops); head 2048 -> 2048 -> 256 -> 65,536
 prototypes; student temperature 0.1, teacher 0.04 -> 0.07 linearly over the
 first 30 epochs, centre momentum 0.9; teacher EMA 0.996 -> 1 (cosine); last
 layer frozen during the first epoch; AdamW, lr 0.0005 x B/256 (0.002 at
-1024) after a 10-epoch linear warm-up, then cosine; BYOL's augmentations.
+1024) after a 10-epoch linear warm-up, then cosine, weight decay 0.04 -> 0.4 by a
+half cosine over the run; BYOL's augmentations.
 
 Differences from the official run, all from what cljax offers:
-- weight decay is fixed at 0.04 (the official schedule rises 0.04 -> 0.4 by a
-  cosine; cljax's optimiser has one fixed value);
 - no gradient clipping (official 3.0) and no stochastic depth (official drop
   path 0.1 for ViT-S); the LR decays to 0 (official 1e-6);
 - sin-cos 2-D position embeddings (fixed) instead of learned ones, so the same
@@ -69,7 +68,8 @@ def get_config():
   c.optim.name = "adamw"
   c.optim.base_lr = 0.0005  # x 1024 / 256 = 0.002
   c.optim.lr_scaling = "linear"
-  c.optim.weight_decay = 0.04  # Fixed: the official cosine goes 0.04 -> 0.4.
+  c.optim.weight_decay = 0.04
+  c.optim.weight_decay_end = 0.4  # The official half cosine over the run.
   c.optim.warmup_epochs = 10.0
 
   c.data.source = "tfds"

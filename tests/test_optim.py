@@ -83,3 +83,58 @@ def test_schedule_warmup_end_and_last_step():
   assert float(fn(550)) == pytest.approx(2.4, rel=1e-5)
   assert float(fn(999)) == pytest.approx(4.8 * 0.5 * (1 + math.cos(math.pi * 899 / 900)), abs=1e-7)
   assert float(fn(1000)) == pytest.approx(0.0, abs=1e-7)
+
+
+def _optim_config(name, weight_decay=0.04, weight_decay_end=-1.0):
+  c = defaults.base_config().optim
+  c.name, c.weight_decay, c.weight_decay_end = name, weight_decay, weight_decay_end
+  return c
+
+
+def test_weight_decay_schedule_is_dinos_half_cosine():
+  c = _optim_config("adamw", 0.04, 0.4)
+  schedule = optim.weight_decay_schedule(c, num_steps=100)
+  for t in (0, 25, 50, 99, 100, 150):
+    # DINO's cosine_scheduler: end + 0.5 (start - end) (1 + cos(pi t / T)), held at the end.
+    expected = 0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * min(t, 100) / 100))
+    np.testing.assert_allclose(float(schedule(t)), expected, rtol=1e-5)
+  assert optim.weight_decay_schedule(_optim_config("adamw"), 100) == 0.04  # No schedule.
+  assert float(optim.weight_decay_schedule(c, 0)(7)) == pytest.approx(0.04)  # Length unknown.
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_scheduled_weight_decay_adds_the_steps_decay_to_the_kernels_only(name):
+  params = {"Dense_0": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)}}
+  grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  lr = 0.5
+  fixed = optim.create_optimizer(_optim_config(name, 0.04), optax.constant_schedule(lr))
+  scheduled = optim.create_optimizer(
+    _optim_config(name, 0.04, 0.4), optax.constant_schedule(lr), num_steps=10
+  )
+  state_f, state_s = fixed.init(params), scheduled.init(params)
+  schedule = optim.weight_decay_schedule(_optim_config(name, 0.04, 0.4), 10)
+  for t in range(4):
+    up_f, state_f = fixed.update(grads, state_f, params)
+    up_s, state_s = scheduled.update(grads, state_s, params)
+    extra = float(schedule(t)) - 0.04
+    # AdamW: the decay term is -lr * wd * p after Adam's scaling; SGD: wd * p joins the
+    # gradient before momentum, so step t's difference is the momentum sum of past ones.
+    if name == "adamw":
+      np.testing.assert_allclose(
+        up_s["Dense_0"]["kernel"] - up_f["Dense_0"]["kernel"],
+        -lr * extra * 2.0,
+        rtol=1e-5,
+        atol=1e-7,
+      )
+    np.testing.assert_array_equal(up_s["Dense_0"]["bias"], up_f["Dense_0"]["bias"])
+    if t > 0:
+      assert np.all(np.abs(up_s["Dense_0"]["kernel"]) > np.abs(up_f["Dense_0"]["kernel"]))
+
+
+def test_constant_weight_decay_keeps_optaxs_adamw_state_and_lars_refuses_a_schedule():
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))}}
+  tx = optim.create_optimizer(_optim_config("adamw"), optax.constant_schedule(0.1))
+  reference = optax.adamw(optax.constant_schedule(0.1), weight_decay=0.04, mask=optim.lars_mask)
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(reference.init(params))
+  with pytest.raises(ValueError, match="LARS takes a constant optim.weight_decay"):
+    optim.create_optimizer(_optim_config("lars", 0.04, 0.4), optax.constant_schedule(0.1), 10)
