@@ -59,7 +59,7 @@ def _plan(config, workdir: str, num_examples: int) -> dict:
     num_examples,
     path=os.path.join(workdir, "quality_plan.json"),
     budget_minutes=_BUDGET.value,
-    num_steps=int(round(_EPOCHS.value * steps_per_epoch)) if _EPOCHS.value > 0 else 0,
+    num_steps=max(1, round(_EPOCHS.value * steps_per_epoch)) if _EPOCHS.value > 0 else 0,
     calibration_steps=_CALIBRATION_STEPS.value,
   )
 

@@ -36,6 +36,14 @@ RESUMABLE_CHANGES = (
   "evals",
 )
 
+# Config keys added after runs were already saved without them, with the value that does
+# what those runs did: a saved config that lacks one of them means that value.
+ADDED_KEYS = {
+  "head.hidden_norm": "bn",
+  "data.augment.blur_prob_local": -1.0,
+  "optim.weight_decay_end": -1.0,
+}
+
 
 def check_workdir(workdir: str) -> None:
   """Fails early, with the path, when ``workdir`` cannot be created or written."""
@@ -195,7 +203,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
   """Keys whose values differ between the saved and the current config, as text."""
-  old = _flatten(saved)
+  old = {**ADDED_KEYS, **_flatten(saved)}
   new = _flatten(json.loads(json.dumps(current.to_dict())))
   diffs = []
   for key in sorted(set(old) | set(new)):

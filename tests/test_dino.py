@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 from test_train_step import _batch as _two_view_batch
 
 from cljax import losses, methods, models, sharding, train
+from cljax.evaluate import classifier, runner
+from cljax.evaluate import features as features_lib
 from cljax.methods import base, dino
 
 N, SIZE, LOCAL, NUM_LOCAL, OUT_DIM = 16, 16, 8, 2, 32
@@ -321,3 +323,31 @@ def test_knn_evaluation_of_a_run_uses_the_teacher(vit_runs, monkeypatch):
   assert len(seen) == 2  # The train and the eval split.
   for variables in seen:
     chex.assert_trees_all_equal(variables["params"], final.method_state["teacher_params"])
+
+
+def test_cached_student_features_are_not_reused_for_the_teacher(vit_runs, monkeypatch, tmp_path):
+  config = vit_runs["config"].copy_and_resolve_references()
+  config.data.source, config.data.num_classes = "synthetic", 2
+  final = vit_runs[1][0][-1]
+  cache = str(tmp_path / "features_step3_train.npz")
+  # A cache written before the network was recorded: the online network's features.
+  features_lib.save_features(cache, np.ones((8, 4), np.float32), np.zeros(8, np.int64), step=3)
+  calls = []
+
+  def fake_extract(variables, apply_fn, it, mesh):
+    calls.append(variables)
+    return np.zeros((8, 4), np.float32), np.arange(8) % 2
+
+  monkeypatch.setattr(runner.features, "extract_features", fake_extract)
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  x, _ = runner.split_features(config, final, "train", mesh, cache_path=cache)
+  assert len(calls) == 1 and not x.any()  # Recomputed with the teacher, not the old cache.
+  assert features_lib.load_features(cache)[2]["network"] == "teacher"
+  runner.split_features(config, final, "train", mesh, cache_path=cache)
+  assert len(calls) == 1  # Now the cache is the teacher's: reused.
+  # Fine-tuning and the SGD linear protocol start from the teacher too, also from a plain
+  # orbax restore (a dict).
+  as_dict = {"params": final.params, "batch_stats": {}, "method_state": final.method_state}
+  chex.assert_trees_all_equal(
+    classifier._variables(as_dict, config)["params"], final.method_state["teacher_params"]
+  )

@@ -74,6 +74,8 @@ def test_effective_rank_of_embeddings_wider_than_the_batch_uses_the_gram_matrix(
   got = collapse.effective_rank(z)
   np.testing.assert_allclose(got, _ref_effective_rank(z), rtol=1e-4)
   assert got < 48
+  jaxpr = str(jax.make_jaxpr(collapse.effective_rank)(z))
+  assert "f32[48,48]" in jaxpr and "f32[512,512]" not in jaxpr
   low_rank = _gaussian(4, n=48, d=3) @ _gaussian(5, n=3, d=512)
   np.testing.assert_allclose(
     collapse.effective_rank(low_rank, normalize=False),

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import tiny_config
 
-from cljax import metrics, train
+from cljax import checkpoint, defaults, metrics, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,23 @@ def test_changed_config_refuses_to_resume_unless_forced(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
   result = train.train_and_evaluate(config, str(tmp_path), force_resume=True)
   assert np.isfinite(result["loss"])
+
+
+def test_configs_saved_before_a_key_was_added_still_resume():
+  current = defaults.base_config()
+  saved = json.loads(json.dumps(current.to_dict()))
+  for key in checkpoint.ADDED_KEYS:  # As a run saved before these keys existed.
+    section, *rest = key.split(".")
+    node = saved[section]
+    for part in rest[:-1]:
+      node = node[part]
+    del node[rest[-1]]
+  assert checkpoint.config_differences(saved, current) == []
+  # A value other than the one the old runs used is still a difference.
+  current.head.hidden_norm = "none"
+  assert checkpoint.config_differences(saved, current) == [
+    "head.hidden_norm: saved 'bn', now 'none'"
+  ]
 
 
 def test_global_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):

@@ -309,8 +309,13 @@ def test_supcon_without_labels_is_a_clear_error(supcon_run):
   batch = dict(_batch(), label=np.full(N, -1, np.int32))
   with pytest.raises(Exception, match="method='supcon' needs class labels, but 16 labels"):
     one_more_step(batch)
-  # The failed step's runtime tokens keep its error until an effectful computation on the
-  # same devices replaces them (else jax.effects_barrier, e.g. at exit, re-raises it).
+  flush_callback_errors()
+
+
+def flush_callback_errors():
+  """After a step whose host callback raised: its runtime tokens keep the error until an
+  effectful computation on the same devices replaces them (else jax.effects_barrier, e.g.
+  at exit, re-raises it)."""
   mesh = sharding.create_mesh()
   flush = jax.shard_map(
     lambda x: (jax.debug.callback(lambda: None), x)[1],

@@ -10,16 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_methods2 import (
+  N,
   _assert_8_devices_equal_1,
   _config,
   _global_embeddings,
   _linear_params,
   _method_losses,
+  flush_callback_errors,
 )
 from test_train_step import _batch
 
 from cljax import methods
-from cljax.methods import supcon, supervised
+from cljax.methods import supervised
 
 NUM_CLASSES = 4  # _batch's labels are 0..3.
 
@@ -61,11 +63,23 @@ def test_loss_is_cross_entropy_over_both_views_of_the_global_batch():
     np.testing.assert_allclose(grads[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
-def test_step_on_8_devices_equals_1_device_and_learns_the_labels():
-  batch = _batch(seed=0)
-  _, hist = _assert_8_devices_equal_1(_supervised_config(), [batch] * 4)
+@pytest.fixture(scope="module")
+def supervised_run():
+  return _assert_8_devices_equal_1(_supervised_config(), [_batch(seed=0)] * 4, keep_going=True)
+
+
+def test_step_on_8_devices_equals_1_device_and_learns_the_labels(supervised_run):
+  _, hist, _ = supervised_run
   assert len(hist) == 4 and hist[0]["loss"] > hist[-1]["loss"]
   assert {"train_accuracy", "loss"} <= set(hist[0])
+
+
+def test_unlabelled_batch_in_the_step_is_an_error_that_names_the_method(supervised_run):
+  *_, one_more_step = supervised_run  # The compiled 8-device step.
+  batch = dict(_batch(), label=np.full(N, -1, np.int32))
+  with pytest.raises(Exception, match="method='supervised' needs class labels, but 16 labels"):
+    one_more_step(batch)
+  flush_callback_errors()
 
 
 @pytest.mark.parametrize(
@@ -94,8 +108,3 @@ def test_unlabelled_data_is_a_clear_error_before_anything_compiles():
     method.check_data(None, 10)
   with pytest.raises(ValueError, match="method='supcon' trains with labels, .* 1 classes"):
     methods.create_method(_config("supcon")).check_data(None, 1)
-
-
-def test_unlabelled_batch_in_the_step_names_the_method():
-  with pytest.raises(ValueError, match="method='supervised' needs class labels, but 3 labels"):
-    supcon._raise_unlabelled("supervised", 3)

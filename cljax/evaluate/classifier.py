@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from cljax import models, sharding, train
+from cljax import methods, models, sharding, train
 from cljax.data import pipeline, sources
 from cljax.evaluate import features, linear
 
@@ -163,11 +164,16 @@ def create_train_iterator(
   return iter(iter_ds)
 
 
-def _variables(state: Any) -> dict[str, Any]:
-  """``{"params", "batch_stats"}`` of a TrainState or of a plain-orbax restored dict."""
+def _variables(state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The ``{"params", "batch_stats"}`` that evaluation starts from (``Method.eval_variables``:
+  DINO's teacher), of a TrainState or of a plain-orbax restored dict."""
   if isinstance(state, Mapping):
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}
-  return {"params": state.params, "batch_stats": state.batch_stats}
+    state = types.SimpleNamespace(
+      params=state["params"],
+      batch_stats=state["batch_stats"],
+      method_state=state.get("method_state"),
+    )
+  return methods.create_method(config).eval_variables(state)
 
 
 def _make_step(model: Classifier, tx: optax.GradientTransformation):
@@ -247,7 +253,8 @@ def train_classifier(
   usable = len(train_source) - len(train_source) % jax.process_count()
   num_steps = num_epochs * usable // batch_size
   model = Classifier(models.create_encoder(config.model), num_classes, frozen)
-  trainable, fixed, batch_stats = _initial_variables(model, _variables(state), config, frozen)
+  variables = _variables(state, config)
+  trainable, fixed, batch_stats = _initial_variables(model, variables, config, frozen)
   schedule = optax.cosine_decay_schedule(base_lr * batch_size / 256, num_steps)
   tx = optax.sgd(schedule, momentum=momentum, nesterov=True)
   rep = sharding.replicated(mesh)

@@ -107,7 +107,8 @@ def effective_rank(
   n, d = z.shape
   if axis_name is None and d > n:
     # Wide embeddings (DINO's 65,536 logits): the (n, n) Gram matrix of the centred rows
-    # has the covariance's non-zero eigenvalues, without the (d, d) matrix.
+    # has the covariance's non-zero eigenvalues, without the (d, d) matrix. (Sharded, in
+    # the step, the covariance is formed: d there is a head's output, a few hundred wide.)
     centered = z - jnp.mean(z, axis=0)
     s = jnp.linalg.eigvalsh(centered @ centered.T / n)
   else:

@@ -97,10 +97,15 @@ def split_features(
   num_workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Encoder features and labels of a whole split (centre crops), cached in ``cache_path``."""
+  method = methods.create_method(config)
   if cache_path and os.path.exists(cache_path):
-    x, y, _ = features.load_features(cache_path)
-    logging.info("Loaded %s features %s from %s.", split, x.shape, cache_path)
-    return x, y
+    x, y, meta = features.load_features(cache_path)
+    # Caches written before the network was recorded hold the online network's features.
+    if meta.get("network", "online") == method.eval_network:
+      logging.info("Loaded %s features %s from %s.", split, x.shape, cache_path)
+      return x, y
+    logging.info("Ignoring %s: features of another network than the %s.", cache_path,
+                 method.eval_network)  # fmt: skip
   it = pipeline.create_eval_iterator(
     sources.create_source(config.data, split),
     batch_size=config.evals.batch_size,
@@ -109,10 +114,10 @@ def split_features(
     process_count=jax.process_count(),
     num_workers=num_workers,
   )
-  variables = methods.create_method(config).eval_variables(state)
+  variables = method.eval_variables(state)
   x, y = features.extract_features(variables, state.apply_fn, it, mesh)
   if cache_path and jax.process_index() == 0:
-    features.save_features(cache_path, x, y, step=int(state.step))
+    features.save_features(cache_path, x, y, step=int(state.step), network=method.eval_network)
   return x, y
 
 

@@ -159,6 +159,9 @@ class Method:
     """A ``PartitionSpec`` prefix of the method state (inside ``shard_map``)."""
     return PartitionSpec()
 
+  # Which network eval_variables returns, recorded with cached features.
+  eval_network = "online"
+
   def eval_variables(self, state: Any) -> dict:
     """The ``{"params", "batch_stats"}`` that evaluation (kNN, linear probe) embeds with:
     the online network's, but for methods whose papers evaluate another (DINO's teacher)."""

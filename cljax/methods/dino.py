@@ -191,6 +191,8 @@ class DINO(Method):
 
   # ---- The model and the method's state.
 
+  eval_network = "teacher"
+
   def eval_variables(self, state: Any) -> dict:
     """The teacher's: DINO's paper evaluates it (kNN and linear), as it is the better network
     through training (Caron et al. 2021, section 5.1). Before the first step the two are the

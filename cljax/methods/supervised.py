@@ -36,7 +36,8 @@ class Supervised(SupCon):
   """Encoder + linear classifier, softmax cross-entropy over both views of the global batch.
 
   SupCon's views and label checks (a batch with a label < 0 raises
-  ``ValueError``), its loss replaced by cross-entropy. Logged:
+  ``ValueError``), its loss replaced by cross-entropy. Multi-crop's local views,
+  if the data has them, are not used. Logged:
   ``train_accuracy``, the top-1 of the classifier on the (augmented) training
   views.
   """
