@@ -13,6 +13,9 @@ root; ``--config.data.data_dir=DIR`` elsewhere), device-resident.
   "mocov2plus" CIFAR recipe, which reports 92.9% linear top-1 on CIFAR-10).
 - ``:cpu``: a 2-core CPU; the tiny ResNet of ``configs/common/cifar10.py``. Measured kNN in
   docs/results.md.
+
+Runs started before 2026-11-27 used a head with BatchNorm; resume or evaluate them with
+``--config.head.hidden_norm=bn --config.head.output_norm=bn``.
 """
 
 from cljax import defaults

@@ -17,6 +17,9 @@ shuffled (see cljax/methods/momentum.py for why).
 
 Expected result: 67.5% ImageNet linear-probe top-1 after 200 epochs (71.1% after 800),
 Table 2 of the paper.
+
+Runs started before 2026-11-27 used a head with BatchNorm; resume or evaluate them with
+``--config.head.hidden_norm=bn --config.head.output_norm=bn``.
 """
 
 from cljax import defaults
