@@ -8,6 +8,7 @@ written to ``path`` at the first invocation so that a rerun resumes the same run
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -82,3 +83,27 @@ def machine() -> dict:
     "processor": platform.processor() or platform.machine(),
     "jax": jax.__version__,
   }
+
+
+def save_summary(path: str, config, plan: dict, train_seconds: float, eval_seconds: float,
+                 final: dict, **results) -> dict:  # fmt: skip
+  """The run's summary (date, machine, plan, timings, last train metrics, ``results``,
+  config), written as JSON to ``path`` by process 0; returned.
+
+  ``train_seconds`` is of this invocation: 0 if the run had already finished and was
+  only re-evaluated.
+  """
+  summary = {
+    "date": datetime.date.today().isoformat(),
+    "machine": machine(),
+    "plan": plan,
+    "train_seconds": train_seconds,
+    "eval_seconds": eval_seconds,
+    "final_train_metrics": final,
+    **results,
+    "config": config.to_dict(),
+  }
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True, default=str)
+  return summary

@@ -16,8 +16,6 @@ printed. Rerunning with the same workdir resumes or re-evaluates instead of star
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import time
 
@@ -96,22 +94,18 @@ def main(argv):
     config, workdir, baselines=True, linear_max_steps=_LINEAR_MAX_STEPS.value
   )
   eval_seconds = time.time() - t0
-  summary = {
-    "date": datetime.date.today().isoformat(),
-    "machine": budget.machine(),
-    "plan": plan,
-    "steps": result["step"],
-    "epochs": result["step"] * config.data.global_batch_size / num_examples,
-    # Of this invocation: 0 if the run had already finished and was only re-evaluated.
-    "train_seconds": train_seconds,
-    "eval_seconds": eval_seconds,
-    "final_train_metrics": final,
-    "eval": result,
-    "config": config.to_dict(),
-  }
+  summary = budget.save_summary(
+    os.path.join(workdir, "quality.json"),
+    config,
+    plan,
+    train_seconds,
+    eval_seconds,
+    final,
+    steps=result["step"],
+    epochs=result["step"] * config.data.global_batch_size / num_examples,
+    eval=result,
+  )
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "quality.json"), "w") as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
     print(
       f"{summary['epochs']:.2f} epochs ({result['step']} steps) in {train_seconds / 60:.1f} "
       f"min on {summary['machine']['device']} x{summary['machine']['devices']}; "

@@ -19,8 +19,6 @@ workdir resumes or re-evaluates instead of starting over.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import time
 
@@ -106,20 +104,17 @@ def main(argv):
     "same model, random init": zero_shot.evaluate_zero_shot(config, init, mesh),
   }
   eval_seconds = time.time() - t0
-  summary = {
-    "date": datetime.date.today().isoformat(),
-    "machine": budget.machine(),
-    "plan": plan,
-    "steps": step,
-    "train_seconds": train_seconds,  # Of this invocation (0 if only re-evaluated).
-    "eval_seconds": eval_seconds,
-    "final_train_metrics": final,
-    "results": results,
-    "config": config.to_dict(),
-  }
+  budget.save_summary(
+    os.path.join(workdir, "clip_quality.json"),
+    config,
+    plan,
+    train_seconds,
+    eval_seconds,
+    final,
+    steps=step,
+    results=results,
+  )
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "clip_quality.json"), "w") as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
     print(
       f"{plan['epochs']:.2f} epochs ({step} steps) in {train_seconds / 60:.1f} min; "
       f"evaluation {eval_seconds / 60:.1f} min; held-out: "
