@@ -25,6 +25,7 @@ Published: solo-learn reports 92.1% linear top-1 on CIFAR-10 for this setting (R
 
 from cljax import defaults
 
+augment = defaults.load_sibling(__file__, "common/augment.py")
 common = defaults.load_sibling(__file__, "common/cifar10.py")
 
 
@@ -33,31 +34,21 @@ def get_config(preset: str = "gpu"):
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "barlow_twins"
   c.head.num_layers = 3
-  c.head.hidden_dim = 2048
   c.head.output_dim = 2048
   c.head.output_norm = "none"
-  c.barlow_twins.lambda_ = 5e-3
   c.barlow_twins.bias_lr_ratio = 0.1  # solo-learn's loss scale 0.1, on the unadapted params.
-  c.optim.name = "lars"
   c.optim.base_lr = 0.3
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1e-3  # solo-learn's 1e-4 with its loss scaled by 0.1.
   c.optim.trust_coefficient = 0.02
-  c.optim.warmup_epochs = 10.0
   c.data.global_batch_size = 256
-  c.data.augment.crop_area_min = 0.08
-  c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 0.0  # 32 px: no blur, as in the CIFAR recipes.
-  c.data.augment.blur_prob_b = 0.0
-  c.data.augment.solarize_prob = 0.0
-  c.data.augment.solarize_prob_b = 0.2
+  augment.byol_views(c, blur=False)  # 32 px: no blur, as in the CIFAR recipes.
   c.train.num_epochs = 1000
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 5000
   if preset == "gpu":
     return c
   common.cpu_preset(c)
-  c.head.hidden_dim = 256
   c.head.output_dim = 256
   c.data.augment.crop_area_min = 0.2
   return c

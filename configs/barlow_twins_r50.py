@@ -30,44 +30,22 @@ Expected result: 73.2% ImageNet linear-probe top-1 after 1000 epochs (paper Tabl
 
 from cljax import defaults
 
+augment = defaults.load_sibling(__file__, "common/augment.py")
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
+  c = common.imagenet(defaults.base_config(), global_batch_size=2048)
   c.method = "barlow_twins"
-  c.model.depth = 50
-  c.model.stem = "imagenet"
-  c.model.dtype = "bfloat16"
   c.head.num_layers = 3
   c.head.hidden_dim = 8192
   c.head.output_dim = 8192
   c.head.output_norm = "none"
-  c.barlow_twins.lambda_ = 5e-3
-  c.barlow_twins.bias_lr_ratio = 0.0048 / 0.2
 
-  c.optim.name = "lars"
   c.optim.base_lr = 0.2  # x 2048 / 256 = 1.6 (weights; biases and BatchNorm x 0.024)
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1.5e-6
-  c.optim.momentum = 0.9
-  c.optim.trust_coefficient = 1e-3
-  c.optim.warmup_epochs = 10.0
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.image_size = 224
-  c.data.global_batch_size = 2048
-  c.data.num_workers = 16
-  c.data.augment.crop_area_min = 0.08
-  c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 1.0
-  c.data.augment.blur_prob_b = 0.1
-  c.data.augment.solarize_prob = 0.0
-  c.data.augment.solarize_prob_b = 0.2
-
+  augment.byol_views(c)
   c.train.num_epochs = 1000
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2500
-  c.evals.knn_at_end = False  # kNN over 1.28M train features is an evaluation job of its own.
   return c

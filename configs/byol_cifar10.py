@@ -17,6 +17,7 @@ root; ``--config.data.data_dir=DIR`` elsewhere), device-resident.
 
 from cljax import defaults
 
+augment = defaults.load_sibling(__file__, "common/augment.py")
 common = defaults.load_sibling(__file__, "common/cifar10.py")
 
 
@@ -24,27 +25,16 @@ def get_config(preset: str = "gpu"):
   common.check_preset(preset)
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "byol"
-  c.head.num_layers = 2
   c.head.hidden_dim = 4096
   c.head.output_dim = 256
   c.head.output_norm = "none"
   c.predictor.num_layers = 2
-  c.predictor.hidden_dim = 4096
-  c.predictor.output_norm = "none"
   c.ema.base = 0.99
-  c.ema.schedule = "cosine"
-  c.optim.name = "lars"
   c.optim.base_lr = 1.0
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1e-5
-  c.optim.warmup_epochs = 10.0
   c.data.global_batch_size = 256
-  c.data.augment.crop_area_min = 0.08
-  c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 0.0  # 32 px: no blur, as in the CIFAR recipes.
-  c.data.augment.blur_prob_b = 0.0
-  c.data.augment.solarize_prob = 0.0
-  c.data.augment.solarize_prob_b = 0.2
+  augment.byol_views(c, blur=False)  # 32 px: no blur, as in the CIFAR recipes.
   c.train.num_epochs = 1000
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 5000
@@ -52,7 +42,6 @@ def get_config(preset: str = "gpu"):
     return c
   common.cpu_preset(c)
   c.head.output_dim = 64
-  c.ema.base = 0.99
   c.optim.weight_decay = 1e-4
   c.data.augment.crop_area_min = 0.2
   return c

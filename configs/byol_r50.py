@@ -20,44 +20,22 @@ Table 1 / appendix of the paper.
 
 from cljax import defaults
 
+augment = defaults.load_sibling(__file__, "common/augment.py")
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
+  c = common.imagenet(defaults.base_config(), global_batch_size=4096)
   c.method = "byol"
-  c.model.depth = 50
-  c.model.stem = "imagenet"
-  c.model.dtype = "bfloat16"
-  c.head.num_layers = 2
   c.head.hidden_dim = 4096
   c.head.output_dim = 256
   c.head.output_norm = "none"
   c.predictor.num_layers = 2
-  c.predictor.hidden_dim = 4096
-  c.predictor.output_norm = "none"
-  c.ema.base = 0.996
-  c.ema.final = 1.0
-  c.ema.schedule = "cosine"
 
-  c.optim.name = "lars"
   c.optim.base_lr = 0.2
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1.5e-6
-  c.optim.warmup_epochs = 10.0
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.image_size = 224
-  c.data.global_batch_size = 4096
-  c.data.num_workers = 16
-  c.data.augment.crop_area_min = 0.08
-  c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 1.0
-  c.data.augment.blur_prob_b = 0.1
-  c.data.augment.solarize_prob = 0.0
-  c.data.augment.solarize_prob_b = 0.2
-
+  augment.byol_views(c)
   c.train.num_epochs = 300
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2500
-  c.evals.knn_at_end = False
   return c

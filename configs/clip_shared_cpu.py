@@ -26,15 +26,12 @@ text-to-image R@1 (chance 0.25%) on the held-out test images: see ``docs/results
 """
 
 from cljax import defaults
-from cljax.methods import clip
 from cljax.models import text
 
 
 def get_config():
   c = defaults.base_config()
   c.method = "clip"
-  if "clip" not in c:
-    c.clip = clip.clip_config()
   c.clip.embed_dim = 128
   sizes = text.text_size("tiny")
   c.clip.text_width, c.clip.text_depth, c.clip.text_heads = (
@@ -44,13 +41,7 @@ def get_config():
   )
   c.clip.context_length = 32  # The longest caption or prompt here is 22 tokens.
   c.clip.vocab_size = 512  # The shipped vocabulary has 461 tokens.
-  c.clip.tokenizer = "builtin"
-  c.clip.loss = "clip"
-  c.clip.captions = "templates"
-  c.clip.caption_attributes = True
-  c.clip.retrieval_examples = 1000
 
-  c.model.name = "resnet"
   c.model.depth = 18
   c.model.stage_sizes = (1, 1, 1)
   c.model.num_filters = 16
@@ -68,13 +59,11 @@ def get_config():
   c.data.source = "encoded_npz"
   c.data.name = "cifar10_shared_captions"
   c.data.data_dir = "../shared/data/cifar10"
-  c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.image_size = 32
   c.data.global_batch_size = 256
   c.data.num_workers = 0  # Two cores: worker processes would compete with the step.
   c.data.augment.crop_area_min = 0.5
-  c.data.augment.flip = True  # No caption here says left or right.
   c.data.augment.photometric = False
 
   c.train.num_epochs = 3

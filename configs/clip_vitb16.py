@@ -32,34 +32,22 @@ ViT-B/16; far less on smaller data sets. Not run here (no accelerator was availa
 """
 
 from cljax import defaults
-from cljax.methods import clip
+
+common = defaults.load_sibling(__file__, "common/imagenet.py")
 
 
 def get_config():
-  c = defaults.base_config()
+  c = common.large_run(defaults.base_config(), global_batch_size=32768, checkpoint_every_steps=2000)
   c.method = "clip"
-  if "clip" not in c:
-    c.clip = clip.clip_config()
-  c.clip.embed_dim = 512
-  c.clip.text_width = 512
-  c.clip.text_depth = 12
-  c.clip.text_heads = 8
-  c.clip.context_length = 77
-  c.clip.vocab_size = 49408
   c.clip.tokenizer = "hf:openai/clip-vit-base-patch16"
   c.clip.eot_id = 49407
-  c.clip.loss = "clip"
   c.clip.init_logit_scale = 1 / 0.07
-  c.clip.max_logit_scale = 100.0
   c.clip.captions = "file"
-  c.clip.caption_file = ""  # Set: --config.clip.caption_file=DIR/train.jsonl
-  c.clip.eval_caption_file = ""
   c.clip.retrieval_examples = 5000  # As MS-COCO's 5k test split.
 
   c.model.name = "vit"
   c.model.variant = "B/16"
   c.model.posemb = "learn"
-  c.model.dtype = "bfloat16"
 
   c.optim.name = "adamw"
   c.optim.base_lr = 5e-4
@@ -71,22 +59,12 @@ def get_config():
 
   c.data.source = "folder"
   c.data.name = "image_text_pairs"
-  c.data.data_dir = ""
-  c.data.train_split = "train"
   c.data.eval_split = "val"
-  c.data.image_size = 224
-  c.data.global_batch_size = 32768
-  c.data.num_workers = 16
   c.data.augment.crop_area_min = 0.9
-  c.data.augment.crop_area_max = 1.0
   c.data.augment.flip = False
   c.data.augment.photometric = False
 
   c.train.num_epochs = 32
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2000
-
   c.evals.online_probe = False
-  c.evals.knn_at_end = False
   c.evals.batch_size = 1024
   return c

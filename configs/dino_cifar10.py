@@ -21,8 +21,8 @@ Hardware and expected results:
   512, 1000 epochs; head 2048 -> 256 -> 4096 prototypes, teacher 0.04 -> 0.07 over 50
   epochs and EMA 0.99 -> 1 as in solo-learn's CIFAR DINO recipe (which adds no local crops
   and reports about 89.5% linear top-1 for ResNet-18 after 1000 epochs), but AdamW 0.001 x
-  B/256 with DINO's weight decay, 0.04 -> 0.4 by a half cosine, instead of its LARS (see the comment in ``get_config``). Not
-  measured here; the JPEG copy is not bit-exact CIFAR-10.
+  B/256 with DINO's weight decay, 0.04 -> 0.4 by a half cosine, instead of its LARS (see
+  the comment in ``get_config``). Not measured here; the JPEG copy is not bit-exact CIFAR-10.
 - ``:cpu``: a 2-core CPU; the tiny ResNet of ``configs/common/cifar10.py`` (one basic block
   per stage, width 16, 64-d features), 2 x 32 px + 2 x 16 px crops at batch 256 (student
   and teacher together about 1.6x SimCLR's compute per image), head 256 -> 64 -> 1024,
@@ -38,6 +38,7 @@ Hardware and expected results:
 
 from cljax import defaults
 
+augment = defaults.load_sibling(__file__, "common/augment.py")
 common = defaults.load_sibling(__file__, "common/cifar10.py")
 
 
@@ -46,21 +47,12 @@ def get_config(preset: str = "gpu"):
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "dino"
   c.dino.out_dim = 4096
-  c.dino.hidden_dim = 2048
-  c.dino.bottleneck_dim = 256
-  c.dino.norm_last_layer = True
-  c.dino.student_temperature = 0.1
-  c.dino.warmup_teacher_temperature = 0.04
   c.dino.teacher_temperature = 0.07
   c.dino.warmup_teacher_temperature_epochs = 50.0
-  c.dino.center_momentum = 0.9
-  c.dino.freeze_last_layer_epochs = 1.0
   # Unused by DINO; the width of its logged embeddings, for tools that read head.output_dim
   # (benchmarks/methods_quality.py's embedding_std x sqrt(d)).
   c.head.output_dim = c.dino.bottleneck_dim
   c.ema.base = 0.99
-  c.ema.final = 1.0
-  c.ema.schedule = "cosine"
 
   # AdamW, as DINO's ViT recipe. LARS leaves biases unadapted, and the gradient of the
   # head's last MLP bias scales with 1 / |x| of its small pre-normalisation output (weights
@@ -72,26 +64,18 @@ def get_config(preset: str = "gpu"):
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 0.04
   c.optim.weight_decay_end = 0.4  # The official half cosine over the run.
-  c.optim.warmup_epochs = 10.0
 
   c.data.global_batch_size = 512
   c.data.num_workers = 4
   c.data.augment.crop_area_min = 0.14
-  c.data.augment.crop_area_max = 1.0
   c.data.augment.num_local_crops = 6
   c.data.augment.local_crop_size = 16
-  c.data.augment.local_crop_area_min = 0.05
   c.data.augment.local_crop_area_max = 0.14
-  c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 0.0  # 32 px: no blur, as in the CIFAR recipes.
-  c.data.augment.blur_prob_b = 0.0
-  c.data.augment.solarize_prob = 0.0
-  c.data.augment.solarize_prob_b = 0.2
+  augment.byol_views(c, blur=False)  # 32 px: no blur, as in the CIFAR recipes.
 
   c.train.num_epochs = 1000
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 5000
-  c.evals.knn_at_end = True
   if preset == "gpu":
     return c
   common.cpu_preset(c)

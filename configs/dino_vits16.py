@@ -42,60 +42,26 @@ example); this 300-epoch recipe should not be held to them.
 
 from cljax import defaults
 
+augment = defaults.load_sibling(__file__, "common/augment.py")
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
+  c = common.imagenet(defaults.base_config(), global_batch_size=1024)
   c.method = "dino"
   c.model.name = "vit"
-  c.model.variant = "S/16"
-  c.model.posemb = "sincos2d"  # Global and local crops share it.
-  c.model.dtype = "bfloat16"
-
-  c.dino.out_dim = 65536
-  c.dino.hidden_dim = 2048
-  c.dino.bottleneck_dim = 256
-  c.dino.norm_last_layer = True
-  c.dino.student_temperature = 0.1
-  c.dino.warmup_teacher_temperature = 0.04
   c.dino.teacher_temperature = 0.07
   c.dino.warmup_teacher_temperature_epochs = 30.0
-  c.dino.center_momentum = 0.9
-  c.dino.freeze_last_layer_epochs = 1.0
-  c.ema.base = 0.996
-  c.ema.final = 1.0
-  c.ema.schedule = "cosine"
 
   c.optim.name = "adamw"
   c.optim.base_lr = 0.0005  # x 1024 / 256 = 0.002
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 0.04
   c.optim.weight_decay_end = 0.4  # The official half cosine over the run.
-  c.optim.warmup_epochs = 10.0
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.image_size = 224
-  c.data.global_batch_size = 1024
-  c.data.num_workers = 16
   c.data.augment.crop_area_min = 0.4
-  c.data.augment.crop_area_max = 1.0
   c.data.augment.num_local_crops = 10
-  c.data.augment.local_crop_size = 96
-  c.data.augment.local_crop_area_min = 0.05
-  c.data.augment.local_crop_area_max = 0.4
-  # BYOL's asymmetric pair: blur 1.0 / 0.1, solarize 0.0 / 0.2.
-  c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 1.0
-  c.data.augment.blur_prob_b = 0.1
-  c.data.augment.solarize_prob = 0.0
-  c.data.augment.solarize_prob_b = 0.2
+  augment.byol_views(c)
   c.data.augment.blur_prob_local = 0.5  # The local crops' (the official code).
-
   c.train.num_epochs = 300
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2500
-  # kNN over 1.28M train features is an evaluation job of its own.
-  c.evals.knn_at_end = False
   return c

@@ -24,19 +24,14 @@ Runs started before 2026-11-27 used a head with BatchNorm; resume or evaluate th
 
 from cljax import defaults
 
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
+  c = common.imagenet(defaults.base_config(), global_batch_size=256, checkpoint_every_steps=5000)
   c.method = "moco_v2"
-  c.model.depth = 50
-  c.model.stem = "imagenet"
-  c.model.dtype = "bfloat16"
-  c.head.num_layers = 2
-  c.head.hidden_dim = 2048
-  c.head.output_dim = 128
   c.head.hidden_norm = "none"  # MoCo v2's MLP head has no BatchNorm.
   c.head.output_norm = "none"
-  c.moco.queue_size = 65536
   c.ema.base = 0.999
   c.ema.schedule = "constant"
   c.loss.temperature = 0.2
@@ -45,21 +40,9 @@ def get_config():
   c.optim.base_lr = 0.03
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1e-4
-  c.optim.momentum = 0.9
   c.optim.warmup_epochs = 0.0
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.image_size = 224
-  c.data.global_batch_size = 256
-  c.data.num_workers = 16
   c.data.augment.crop_area_min = 0.2
   c.data.augment.color_strength = 0.5  # (0.4, 0.4, 0.4, 0.1).
-  c.data.augment.blur_prob = 0.5
-  c.data.augment.solarize_prob = 0.0
-
   c.train.num_epochs = 200
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 5000
-  c.evals.knn_at_end = False
   return c

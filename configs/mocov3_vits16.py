@@ -21,25 +21,21 @@ for ViT-B/16 with --config.model.variant=B/16), Table 1 of the paper.
 
 from cljax import defaults
 
+augment = defaults.load_sibling(__file__, "common/augment.py")
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
+  c = common.imagenet(defaults.base_config(), global_batch_size=4096)
   c.method = "moco_v3"
   c.model.name = "vit"
-  c.model.variant = "S/16"
-  c.model.posemb = "sincos2d"
   c.model.freeze_patch_embed = True
-  c.model.dtype = "bfloat16"
   c.head.num_layers = 3
   c.head.hidden_dim = 4096
   c.head.output_dim = 256
-  c.head.output_norm = "bn"
   c.predictor.num_layers = 2
-  c.predictor.hidden_dim = 4096
   c.predictor.output_norm = "bn"
   c.ema.base = 0.99
-  c.ema.final = 1.0
-  c.ema.schedule = "cosine"
   c.loss.temperature = 0.2
 
   c.optim.name = "adamw"
@@ -48,20 +44,6 @@ def get_config():
   c.optim.weight_decay = 0.1
   c.optim.warmup_epochs = 40.0
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.image_size = 224
-  c.data.global_batch_size = 4096
-  c.data.num_workers = 16
-  c.data.augment.crop_area_min = 0.08
-  c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 1.0
-  c.data.augment.blur_prob_b = 0.1
-  c.data.augment.solarize_prob = 0.0
-  c.data.augment.solarize_prob_b = 0.2
-
+  augment.byol_views(c)
   c.train.num_epochs = 300
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2500
-  c.evals.knn_at_end = False
   return c

@@ -23,12 +23,10 @@ def get_config():
   c.model.num_filters = 16
   c.model.stem = "cifar"
   c.model.dtype = "float32"  # bfloat16 is slow on CPUs.
-  c.head.num_layers = 2
   c.head.hidden_dim = 256
   c.head.output_dim = 64
 
   c.loss.temperature = 0.2
-  c.optim.name = "lars"
   c.optim.base_lr = 1.0
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1e-4
@@ -49,7 +47,5 @@ def get_config():
   c.train.max_to_keep = 2
 
   c.evals.collapse_metrics = True
-  c.evals.knn_at_end = True
   c.evals.knn_baseline = True
-  c.evals.batch_size = 512
   return c

@@ -19,32 +19,22 @@ def get_config():
   c = defaults.base_config()
   c.model.depth = 18
   c.model.stem = "cifar"
-  c.model.dtype = "bfloat16"
-  c.head.num_layers = 2
-  c.head.hidden_dim = 2048
-  c.head.output_dim = 128
 
   c.loss.temperature = 0.5
-  c.optim.name = "lars"
   c.optim.base_lr = 1.0  # x 512 / 256 = 2.0
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1e-4
-  c.optim.warmup_epochs = 10.0
 
-  c.data.source = "tfds"
-  c.data.name = "cifar10"
-  c.data.train_split = "train"
+  c.data.name = "cifar10"  # tfds.
   c.data.eval_split = "test"
   c.data.image_size = 32
   c.data.global_batch_size = 512
   c.data.num_workers = 4
   c.data.device_resident = True  # 50,000 x 32 x 32 x 3 bytes = 154 MB per device.
-  c.data.augment.crop_area_min = 0.08
   c.data.augment.color_strength = 0.5
   c.data.augment.blur_prob = 0.0
 
   c.train.num_epochs = 1000
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 5000
-  c.evals.knn_at_end = True
   return c

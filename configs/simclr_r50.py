@@ -9,48 +9,23 @@ accelerators lower data.global_batch_size (the LR follows by sqrt scaling).
 
 Data: tfds ``imagenet2012`` prepared as ArrayRecord in data_dir (see README).
 
+Recipe (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations"): cljax's defaults (``cljax/defaults.py``), which are this recipe:
+projection head 2048-128, NT-Xent with T = 0.1, LARS lr 0.075 x sqrt(B) = 4.8 with
+10 warm-up epochs then cosine, weight decay 1e-6, batch 4096, 100 epochs; colour jitter
+strength 1.0, blur p = 0.5.
+
 Expected result (Chen et al. 2020, Table B.1 / Fig. 9): about 64-65% linear-
 probe top-1 after 100 epochs at batch 4096 (69.3% after 1000 epochs).
 """
 
 from cljax import defaults
 
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
-  c.model.depth = 50
-  c.model.width_multiplier = 1
-  c.model.stem = "imagenet"
-  c.model.dtype = "bfloat16"
-  c.head.num_layers = 2
-  c.head.hidden_dim = 2048
-  c.head.output_dim = 128
-
-  c.loss.temperature = 0.1
+  c = common.imagenet(defaults.base_config(), global_batch_size=4096)
   # 8,192 views: the blockwise loss never holds the (local x 8192) logits.
   c.loss.implementation = "blockwise"
-  c.loss.block_size = 1024
-  c.optim.name = "lars"
-  c.optim.base_lr = 0.075  # x sqrt(4096) = 4.8
-  c.optim.lr_scaling = "sqrt"
-  c.optim.weight_decay = 1e-6
-  c.optim.momentum = 0.9
-  c.optim.warmup_epochs = 10.0
-
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.image_size = 224
-  c.data.global_batch_size = 4096
-  c.data.num_workers = 16
-  c.data.augment.crop_area_min = 0.08
-  c.data.augment.color_strength = 1.0
-  c.data.augment.blur_prob = 0.5
-
-  c.train.num_epochs = 100
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2500
-  # kNN over 1.28M train features is an evaluation job of its own.
-  c.evals.knn_at_end = False
   return c

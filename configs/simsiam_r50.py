@@ -19,39 +19,23 @@ Table 4 of the paper.
 
 from cljax import defaults
 
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
+  c = common.imagenet(defaults.base_config(), global_batch_size=512, checkpoint_every_steps=5000)
   c.method = "simsiam"
-  c.model.depth = 50
-  c.model.stem = "imagenet"
-  c.model.dtype = "bfloat16"
   c.head.num_layers = 3
-  c.head.hidden_dim = 2048
   c.head.output_dim = 2048
-  c.head.output_norm = "bn"
   c.predictor.num_layers = 2
   c.predictor.hidden_dim = 512
-  c.predictor.output_norm = "none"
 
   c.optim.name = "sgd"
   c.optim.base_lr = 0.05
   c.optim.lr_scaling = "linear"
   c.optim.weight_decay = 1e-4
-  c.optim.momentum = 0.9
   c.optim.warmup_epochs = 0.0
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.image_size = 224
-  c.data.global_batch_size = 512
-  c.data.num_workers = 16
   c.data.augment.crop_area_min = 0.2
   c.data.augment.color_strength = 0.5
-  c.data.augment.blur_prob = 0.5
-
-  c.train.num_epochs = 100
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 5000
-  c.evals.knn_at_end = False
   return c

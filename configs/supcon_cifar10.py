@@ -33,24 +33,17 @@ def get_config(preset: str = "gpu"):
   common.check_preset(preset)
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "supcon"
-  c.head.num_layers = 2
   c.head.hidden_dim = 512
-  c.head.output_dim = 128
   c.head.output_norm = "none"
-  c.loss.temperature = 0.1
-  c.supcon.base_temperature = 0.07
   c.optim.name = "sgd"
   c.optim.base_lr = 0.125  # x 1024 / 256 = 0.5
   c.optim.lr_scaling = "linear"
-  c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4
-  c.optim.warmup_epochs = 10.0
   c.data.global_batch_size = 1024
   c.data.augment.crop_area_min = 0.2
   c.data.augment.color_strength = 0.5
   c.data.augment.blur_prob = 0.0  # 32 px: no blur, as in the CIFAR recipes.
   c.train.num_epochs = 1000
-  c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 2500
   if preset == "gpu":
     return c

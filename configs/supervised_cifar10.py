@@ -25,7 +25,6 @@ def get_config(preset: str = "gpu"):
   c.method = "supervised"
   c.head.num_layers = 1
   c.head.output_dim = 10
-  c.head.output_norm = "none"
   if preset == "gpu":
     c.optim.base_lr = 0.2  # x 1024 / 256 = 0.8, the paper's cross-entropy rate.
   return c

@@ -29,51 +29,19 @@ after 100 epochs).
 
 from cljax import defaults
 
+common = defaults.load_sibling(__file__, "common/imagenet.py")
+
 
 def get_config():
-  c = defaults.base_config()
+  c = common.imagenet(defaults.base_config(), global_batch_size=4096)
   c.method = "swav"
-  c.model.depth = 50
-  c.model.stem = "imagenet"
-  c.model.dtype = "bfloat16"
-  c.head.num_layers = 2
-  c.head.hidden_dim = 2048
-  c.head.output_dim = 128
   c.head.output_norm = "none"
-  c.swav.num_prototypes = 3000
-  c.swav.epsilon = 0.05
-  c.swav.sinkhorn_iterations = 3
-  c.swav.freeze_prototypes_epochs = 1.0
-  c.swav.queue_size = 0
-  c.swav.queue_start_epoch = 15.0
-  c.loss.temperature = 0.1
 
-  c.optim.name = "lars"
   c.optim.base_lr = 0.3  # x 4096 / 256 = 4.8
   c.optim.lr_scaling = "linear"
-  c.optim.weight_decay = 1e-6
-  c.optim.momentum = 0.9
-  c.optim.trust_coefficient = 1e-3
-  c.optim.warmup_epochs = 10.0
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.image_size = 224
-  c.data.global_batch_size = 4096
-  c.data.num_workers = 16
   c.data.augment.crop_area_min = 0.14
-  c.data.augment.crop_area_max = 1.0
   c.data.augment.num_local_crops = 6
-  c.data.augment.local_crop_size = 96
-  c.data.augment.local_crop_area_min = 0.05
   c.data.augment.local_crop_area_max = 0.14
-  c.data.augment.color_strength = 1.0
-  c.data.augment.blur_prob = 0.5
-
   c.train.num_epochs = 800
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2500
-  c.evals.knn_at_end = False  # kNN over 1.28M train features is an evaluation job of its own.
   return c

@@ -43,10 +43,9 @@ def shared_data(c):
 
 
 def cifar_resnet18(c):
-  c.model.name = "resnet"
+  """A CIFAR ResNet-18: the 3x3 stem without max-pool, for 32 px images."""
   c.model.depth = 18
   c.model.stem = "cifar"
-  c.model.dtype = "bfloat16"
   return c
 
 
