@@ -4,6 +4,10 @@
 # checkpoints) without a cluster. See usage() or run with -h.
 set -euo pipefail
 
+LAUNCH_SCRIPT=local_multiprocess.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 usage() {
   cat <<'EOF'
 Usage: launch/local_multiprocess.sh [OPTIONS] [--] MAIN_ARGS...
@@ -35,37 +39,6 @@ Example (2 processes x 4 CPU devices = 8 devices, one global batch):
 EOF
 }
 
-die() {
-  printf 'local_multiprocess.sh: %s\n' "$*" >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell, leaving plain words as they are.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# Prints a command as one line of shell that runs it.
-show() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s\n' "$out"
-}
-
-is_true() {
-  case $1 in
-    1 | [Tt]rue | TRUE | [Yy]es | YES | [Oo]n | ON) return 0 ;;
-    "" | 0 | [Ff]alse | FALSE | [Nn]o | NO | [Oo]ff | OFF) return 1 ;;
-    *) die "DRY_RUN must be 1/true/yes or 0/false/no, not '$1'" ;;
-  esac
-}
-
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NUM_PROCESSES=${NUM_PROCESSES:-2}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-}
@@ -73,23 +46,21 @@ PLATFORM=${PLATFORM:-cpu}
 COORDINATOR_PORT=${COORDINATOR_PORT:-}
 KILL_GRACE_S=${KILL_GRACE_S:-10}
 dry_run=0
-if is_true "${DRY_RUN:-0}"; then dry_run=1; fi
-if [[ -z ${PYTHON:-} ]]; then
-  if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
-fi
+if is_true "${DRY_RUN:-0}" DRY_RUN; then dry_run=1; fi
+find_python "$REPO/.venv/bin/python"
 
 main_args=()
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
     --dry-run) dry_run=1 ;;
-    -n | --num-processes) (($# > 1)) || die "$1 needs a value"; NUM_PROCESSES=$2; shift ;;
+    -n | --num-processes) need_value "$@"; NUM_PROCESSES=$2; shift ;;
     --num-processes=*) NUM_PROCESSES=${1#*=} ;;
-    -d | --devices-per-process) (($# > 1)) || die "$1 needs a value"; DEVICES_PER_PROCESS=$2; shift ;;
+    -d | --devices-per-process) need_value "$@"; DEVICES_PER_PROCESS=$2; shift ;;
     --devices-per-process=*) DEVICES_PER_PROCESS=${1#*=} ;;
-    --platform) (($# > 1)) || die "$1 needs a value"; PLATFORM=$2; shift ;;
+    --platform) need_value "$@"; PLATFORM=$2; shift ;;
     --platform=*) PLATFORM=${1#*=} ;;
-    --port) (($# > 1)) || die "$1 needs a value"; COORDINATOR_PORT=$2; shift ;;
+    --port) need_value "$@"; COORDINATOR_PORT=$2; shift ;;
     --port=*) COORDINATOR_PORT=${1#*=} ;;
     --) shift; main_args+=("$@"); break ;;
     *) main_args+=("$1") ;;
@@ -97,22 +68,16 @@ while (($#)); do
   shift
 done
 
-((${#main_args[@]})) || die "no arguments for cljax.main (e.g. --config=configs/quickstart.py --workdir=runs/mp); -h for help"
-for arg in "${main_args[@]}"; do
-  case $arg in
-    -coordinator_address* | --coordinator_address* | -num_processes* | --num_processes* | \
-      -process_id* | --process_id*)
-      die "$arg is set by this script for each process; use -n/--num-processes and --port" ;;
-  esac
-done
-[[ $NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] || die "--num-processes must be a positive integer, not '$NUM_PROCESSES'"
+require_main_args "--config=configs/quickstart.py --workdir=runs/mp" ${main_args[@]+"${main_args[@]}"}
+reject_coordinator_flags " is set by this script for each process; use -n/--num-processes and --port" \
+  "${main_args[@]}"
+require_positive_int --num-processes "$NUM_PROCESSES"
 case $PLATFORM in
   cpu) DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-4} ;;
   gpu) DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-1} ;;
   *) die "--platform must be cpu or gpu, not '$PLATFORM'" ;;
 esac
-[[ $DEVICES_PER_PROCESS =~ ^[1-9][0-9]*$ ]] ||
-  die "--devices-per-process must be a positive integer, not '$DEVICES_PER_PROCESS'"
+require_positive_int --devices-per-process "$DEVICES_PER_PROCESS"
 [[ $KILL_GRACE_S =~ ^[0-9]+$ ]] || die "KILL_GRACE_S must be a whole number of seconds"
 if [[ -z $COORDINATOR_PORT ]]; then
   # Port 0 makes the OS pick a free port; the socket closes before the
@@ -126,19 +91,16 @@ fi
 
 # The command of process $1, into the array `cmd`.
 build_command() {
-  local i=$1 first ids="" d
+  local i=$1
   cmd=(env PYTHONUNBUFFERED=1)
   if [[ $PLATFORM == cpu ]]; then
     cmd+=(JAX_PLATFORMS=cpu
       "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
   else
-    first=$((i * DEVICES_PER_PROCESS))
-    for ((d = first; d < first + DEVICES_PER_PROCESS; d++)); do ids+="${ids:+,}$d"; done
     # JAX_LOCAL_DEVICE_IDS: all of this process's GPUs, even inside a SLURM
     # allocation, where jax.distributed would otherwise keep only one.
-    local locals=""
-    for ((d = 0; d < DEVICES_PER_PROCESS; d++)); do locals+="${locals:+,}$d"; done
-    cmd+=("CUDA_VISIBLE_DEVICES=$ids" "JAX_LOCAL_DEVICE_IDS=$locals")
+    cmd+=("CUDA_VISIBLE_DEVICES=$(id_list $((i * DEVICES_PER_PROCESS)) "$DEVICES_PER_PROCESS")"
+      "JAX_LOCAL_DEVICE_IDS=$(id_list 0 "$DEVICES_PER_PROCESS")")
   fi
   cmd+=("$PYTHON" -m cljax.main
     "--coordinator_address=127.0.0.1:$COORDINATOR_PORT"
@@ -192,7 +154,7 @@ stop_all() {
 }
 
 on_signal() {
-  printf 'local_multiprocess.sh: interrupted; stopping all processes\n' >&2
+  log 'interrupted; stopping all processes'
   ((status)) || status=$1
   stop_all
 }
@@ -201,11 +163,11 @@ trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 trap 'signal_all KILL' EXIT
 
-printf 'local_multiprocess.sh: %d processes x %d %s devices, coordinator 127.0.0.1:%s\n' \
-  "$NUM_PROCESSES" "$DEVICES_PER_PROCESS" "$PLATFORM" "$COORDINATOR_PORT" >&2
+log '%d processes x %d %s devices, coordinator 127.0.0.1:%s' \
+  "$NUM_PROCESSES" "$DEVICES_PER_PROCESS" "$PLATFORM" "$COORDINATOR_PORT"
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   build_command "$i"
-  printf '+ %s\n' "$(show "${cmd[@]}")" >&2
+  trace "${cmd[@]}"
   # The subshell traps SIGTERM (its children get the default action back), so
   # it lives until the process really exits: only then is process i done.
   (
@@ -226,13 +188,13 @@ while ((running)); do
     alive[i]=0
     running=$((running - 1))
     if ((rc != 0)) && ((!stopping)); then
-      printf 'local_multiprocess.sh: process %d exited with status %d; stopping the others\n' "$i" "$rc" >&2
+      log 'process %d exited with status %d; stopping the others' "$i" "$rc"
       ((status)) || status=$rc
       stop_all
     fi
   done
   if ((stopping && running && SECONDS >= stop_deadline)); then
-    printf 'local_multiprocess.sh: still running after %ss; killing\n' "$KILL_GRACE_S" >&2
+    log 'still running after %ss; killing' "$KILL_GRACE_S"
     signal_all KILL
     stop_deadline=$((SECONDS + 3600))
   fi
@@ -241,7 +203,7 @@ done
 trap - EXIT
 
 if ((status)); then
-  printf 'local_multiprocess.sh: failed (status %d)\n' "$status" >&2
+  log 'failed (status %d)' "$status"
   exit "$status"
 fi
-printf 'local_multiprocess.sh: all %d processes finished\n' "$NUM_PROCESSES" >&2
+log 'all %d processes finished' "$NUM_PROCESSES"

@@ -4,6 +4,10 @@
 # and start `python -m cljax.main` everywhere. See usage() or run with -h.
 set -euo pipefail
 
+LAUNCH_SCRIPT=tpu_pod.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 usage() {
   cat <<'EOF'
 Usage: launch/tpu_pod.sh [OPTIONS] [--] MAIN_ARGS...
@@ -71,43 +75,12 @@ Delete the TPU VM when done: gcloud compute tpus tpu-vm delete NAME --zone=ZONE
 EOF
 }
 
-die() {
-  printf 'tpu_pod.sh: %s\n' "$*" >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell, leaving plain words as they are.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# One line of shell that runs the command "$@".
-show() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s\n' "$out"
-}
-
-is_true() {
-  case $1 in
-    1 | [Tt]rue | TRUE | [Yy]es | YES | [Oo]n | ON) return 0 ;;
-    "" | 0 | [Ff]alse | FALSE | [Nn]o | NO | [Oo]ff | OFF) return 1 ;;
-    *) die "expected 1/true/yes or 0/false/no, not '$1'" ;;
-  esac
-}
-
 # Prints the command; runs it too unless this is a dry run.
 run() {
   if ((dry_run)); then
     show "$@"
   else
-    printf '+ %s\n' "$(show "$@")" >&2
+    trace "$@"
     "$@"
   fi
 }
@@ -147,7 +120,7 @@ while (($#)); do
     --detach) detach=1 ;;
     --name | --zone | --accelerator-type | --runtime-version | --project | --remote-dir | \
       --git-url | --git-ref | --install-cmd | --python | --env)
-      (($# > 1)) || die "$1 needs a value"
+      need_value "$@"
       set -- "$1=$2" "${@:3}"
       continue ;;
     --name=*) NAME=${1#*=} ;;
@@ -169,15 +142,9 @@ while (($#)); do
   shift
 done
 
-((${#main_args[@]})) ||
-  die "no arguments for cljax.main (e.g. --config=configs/simclr_r50.py --workdir=DIR); -h for help"
-for arg in "${main_args[@]}"; do
-  case $arg in
-    -coordinator_address* | --coordinator_address* | -num_processes* | --num_processes* | \
-      -process_id* | --process_id*)
-      die "$arg: on Cloud TPU jax.distributed detects the coordinator and process ids itself" ;;
-  esac
-done
+require_main_args "--config=configs/simclr_r50.py --workdir=DIR" ${main_args[@]+"${main_args[@]}"}
+reject_coordinator_flags ": on Cloud TPU jax.distributed detects the coordinator and process ids itself" \
+  "${main_args[@]}"
 [[ -n $NAME && -n $ZONE && -n $ACCELERATOR_TYPE && -n $REMOTE_DIR ]] ||
   die "--name, --zone, --accelerator-type and --remote-dir must not be empty"
 if [[ -z $RUNTIME_VERSION ]]; then
@@ -206,13 +173,13 @@ start=("${tpu[@]}" start "$NAME" "${scope[@]}")
 ensure_tpu() {
   local out err rc state type waited=0
   while :; do
-    printf '+ %s\n' "$(show "${describe[@]}")" >&2
+    trace "${describe[@]}"
     rc=0
     out=$("${describe[@]}" 2>"$scratch/describe.err") || rc=$?
     err=$(<"$scratch/describe.err")
     if ((rc != 0)); then
       if [[ $err == *NOT_FOUND* || $err == *"not found"* ]]; then
-        printf 'tpu_pod.sh: no TPU VM %s in %s; creating a %s\n' "$NAME" "$ZONE" "$ACCELERATOR_TYPE" >&2
+        log 'no TPU VM %s in %s; creating a %s' "$NAME" "$ZONE" "$ACCELERATOR_TYPE"
         run "${create[@]}"
         return
       fi
@@ -223,9 +190,9 @@ ensure_tpu() {
     case $state in
       READY)
         if [[ -n ${type:-} && ${type##*/} != "$ACCELERATOR_TYPE" ]]; then
-          printf 'tpu_pod.sh: warning: reusing %s, a %s, not a %s\n' "$NAME" "${type##*/}" "$ACCELERATOR_TYPE" >&2
+          log 'warning: reusing %s, a %s, not a %s' "$NAME" "${type##*/}" "$ACCELERATOR_TYPE"
         else
-          printf 'tpu_pod.sh: reusing TPU VM %s (READY)\n' "$NAME" >&2
+          log 'reusing TPU VM %s (READY)' "$NAME"
         fi
         return ;;
       STOPPED)
@@ -233,7 +200,7 @@ ensure_tpu() {
         return ;;
       CREATING | STARTING | RESTARTING | REPAIRING)
         ((waited < 1800)) || die "TPU VM $NAME still $state after 30 minutes"
-        printf 'tpu_pod.sh: TPU VM %s is %s; waiting\n' "$NAME" "$state" >&2
+        log 'TPU VM %s is %s; waiting' "$NAME" "$state"
         sleep 30
         waited=$((waited + 30)) ;;
       *)
@@ -301,7 +268,7 @@ if ((detach)); then
   if ((dry_run)); then
     printf '# follow the output of process 0 with:\n# %s\n' "$follow"
   else
-    printf 'tpu_pod.sh: started; follow the output of process 0 with:\n  %s\n' "$follow" >&2
+    log 'started; follow the output of process 0 with:\n  %s' "$follow"
   fi
 else
   ssh_all "cd $qdir && $main_cmd"
