@@ -1,4 +1,4 @@
-"""The blockwise (memory-bounded) losses against cljax.losses' plain ones."""
+"""cljax.losses.blockwise: the memory-bounded losses against cljax.losses' plain ones."""
 
 import chex
 import jax
