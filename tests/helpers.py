@@ -23,3 +23,51 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.data.global_batch_size = 16
   c.data.augment.photometric = False
   return c
+
+
+def state_and_step(
+  config, mesh, lr_fn, *, num_classes=0, num_steps=0, steps_per_epoch=0, image_size=None, rng=0
+):
+  """``(state, step_fn)`` of ``config``'s method on ``mesh``: a placed initial state and the
+  compiled step, built as ``cljax.run.create_run`` builds them (for batches made by hand)."""
+  import jax
+
+  from cljax import methods, step
+
+  method = methods.create_method(config, num_steps, steps_per_epoch)
+  size = image_size or config.data.image_size
+  state = step.create_train_state(
+    method, jax.random.key(rng), lr_fn, (size, size, 3), mesh=mesh, num_classes=num_classes
+  )
+  return step.place_state(state, mesh, method), step.make_train_step(method, mesh, lr_fn)
+
+
+def initial_state(config, lr_fn, *, image_size=None, rng=0):
+  """The initial state of ``config``'s method on the default device (no probe)."""
+  import jax
+
+  from cljax import methods, step
+
+  size = image_size or config.data.image_size
+  method = methods.create_method(config)
+  return step.create_train_state(method, jax.random.key(rng), lr_fn, (size, size, 3))
+
+
+VIEW_FIELDS = (
+  "image_size",
+  "crop_area",
+  "crop_aspect",
+  "flip",
+  "num_local_crops",
+  "local_crop_size",
+  "local_crop_area",
+)
+
+
+def with_views(kwargs):
+  """``(ViewSpec, other kwargs)``: the view settings of ``kwargs`` as one value object."""
+  from cljax.data import views
+
+  rest = dict(kwargs)
+  spec = views.ViewSpec(**{k: rest.pop(k) for k in VIEW_FIELDS if k in rest})
+  return spec, rest

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers import with_views
 from PIL import Image
 
 from cljax.data import pipeline, sources
@@ -36,8 +37,8 @@ def _index_source(n, size=12):
 
 
 def _pretrain(source, **kwargs):
-  args = dict(seed=0, global_batch_size=4, image_size=8)
-  return pipeline.create_pretrain_iterator(source, **(args | kwargs))
+  views, args = with_views(dict(seed=0, global_batch_size=4, image_size=8) | kwargs)
+  return pipeline.create_pretrain_iterator(source, views, **args)
 
 
 def _labels(batches):

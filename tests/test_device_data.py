@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_config
+from helpers import state_and_step, tiny_config, with_views
 from PIL import Image
 
-from cljax import sharding, train
-from cljax.data import device, pipeline, sources
+from cljax import sharding
+from cljax.data import crops, device, pipeline, sources
+from cljax.data.views import ViewSpec
 
 N, SIZE, BATCH, VIEW = 40, 20, 16, 12
 
@@ -36,7 +37,8 @@ def synthetic_data(mesh8):
 
 def _batch_fn(data, **kwargs):
   args = dict(seed=0, global_batch_size=BATCH, image_size=VIEW, return_index=True)
-  return device.make_batch_fn(data, **(args | kwargs))
+  views, args = with_views(args | kwargs)
+  return device.make_batch_fn(data, views, **args)
 
 
 def test_batch_shapes_dtypes_and_sharding(synthetic_data, mesh8):
@@ -48,7 +50,7 @@ def test_batch_shapes_dtypes_and_sharding(synthetic_data, mesh8):
     assert batch[name].sharding.is_equivalent_to(sharding.batch_sharded(mesh8), 4)
   assert batch["index"].shape == batch["label"].shape == (BATCH,)
   assert not np.array_equal(batch["view_a"], batch["view_b"])
-  plain = device.make_batch_fn(synthetic_data, seed=0, global_batch_size=BATCH, image_size=VIEW)
+  plain = device.make_batch_fn(synthetic_data, ViewSpec(VIEW), seed=0, global_batch_size=BATCH)
   # The keys the training loop gives the train step from host batches.
   assert set(plain(0)) == {"view_a", "view_b", "aug_seed", "label"}
 
@@ -106,7 +108,7 @@ class _UniformRng:
   """Stands in for a NumPy generator, answering from the uniforms the device sampler reads."""
 
   def __init__(self, u):
-    self.u, self.next_uniform, self.next_integer = u, 0, 2 * device.CROP_ATTEMPTS
+    self.u, self.next_uniform, self.next_integer = u, 0, 2 * crops.CROP_ATTEMPTS
 
   def uniform(self, low, high):
     value = self.u[self.next_uniform]
@@ -121,8 +123,8 @@ class _UniformRng:
 
 @pytest.mark.parametrize("height,width,area", [(32, 32, (0.08, 1.0)), (50, 18, (0.3, 1.0))])
 def test_boxes_follow_the_host_rule_given_the_same_numbers(height, width, area):
-  u = np.random.default_rng(0).random((3000, device.NUM_VIEW_UNIFORMS), np.float32)
-  boxes = np.asarray(device.boxes_from_uniforms(jnp.asarray(u), height, width, area))
+  u = np.random.default_rng(0).random((3000, crops.NUM_VIEW_UNIFORMS), np.float32)
+  boxes = np.asarray(crops.boxes_from_uniforms(jnp.asarray(u), height, width, area))
   host = np.array(
     [pipeline.random_resized_crop_box(height, width, _UniformRng(x), area) for x in u]
   )
@@ -153,7 +155,7 @@ def test_crops_match_pillow_for_the_same_boxes(height, width, size, max_diff, mi
   rng = np.random.default_rng(1)
   boxes = np.array([pipeline.random_resized_crop_box(height, width, rng) for _ in range(n)])
   flips = rng.random(n) < 0.5
-  ours = np.asarray(device.crop_resize_flip(images, jnp.asarray(boxes), jnp.asarray(flips), size))
+  ours = np.asarray(crops.crop_resize_flip(images, jnp.asarray(boxes), jnp.asarray(flips), size))
   theirs = np.stack(
     [
       pipeline.crop_and_resize(image, tuple(box), size)[:, :: -1 if flip else 1]
@@ -214,7 +216,7 @@ def test_bad_arguments_are_refused(synthetic_data, mesh8):
 def test_iterator_resumes_from_its_state_and_refuses_other_pipelines(mesh8):
   def iterator(seed=0):
     return device.create_device_iterator(
-      _index_source(), mesh8, seed=seed, global_batch_size=BATCH, image_size=VIEW
+      _index_source(), mesh8, ViewSpec(VIEW), seed=seed, global_batch_size=BATCH
     )
 
   it = iterator()
@@ -227,7 +229,7 @@ def test_iterator_resumes_from_its_state_and_refuses_other_pipelines(mesh8):
   with pytest.raises(ValueError, match="different pipeline.*seed"):
     iterator(seed=1).set_state(state)
   host = pipeline.create_pretrain_iterator(
-    _index_source(), seed=0, global_batch_size=BATCH, image_size=VIEW
+    _index_source(), ViewSpec(VIEW), seed=0, global_batch_size=BATCH
   )
   with pytest.raises(ValueError, match="different pipeline.*kind"):
     restored.set_state(host.get_state())
@@ -237,11 +239,9 @@ def test_device_batches_feed_the_train_step(mesh8):
   config = tiny_config()
   config.data.augment.photometric = True
   data = device.DeviceData.create(sources.SyntheticSource(64, 16, seed=2), mesh8)
-  batch_fn = device.make_batch_fn(data, seed=0, global_batch_size=16, image_size=16)
+  batch_fn = device.make_batch_fn(data, ViewSpec(16), seed=0, global_batch_size=16)
   lr_fn = optax.constant_schedule(0.1)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3), num_classes=10)
-  state = jax.device_put(state, sharding.replicated(mesh8))
-  step_fn = train.make_train_step(config, mesh8, lr_fn)
+  state, step_fn = state_and_step(config, mesh8, lr_fn, num_classes=10)
   for step in range(2):
     state, metrics = step_fn(state, batch_fn(step), jax.random.key(1))
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 2

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, with_views
 
 from cljax import methods, sharding
 from cljax.data import augment, crops, device, pipeline, sources
@@ -35,11 +35,13 @@ def _coordinate_source():
 
 
 def _host(**kwargs):
-  return pipeline.create_pretrain_iterator(_coordinate_source(), **(SETTINGS | kwargs))
+  views, args = with_views(SETTINGS | kwargs)
+  return pipeline.create_pretrain_iterator(_coordinate_source(), views, **args)
 
 
 def _device(mesh, **kwargs):
-  return device.create_device_iterator(_coordinate_source(), mesh, **(SETTINGS | kwargs))
+  views, args = with_views(SETTINGS | kwargs)
+  return device.create_device_iterator(_coordinate_source(), mesh, views, **args)
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +230,9 @@ def test_device_local_views_are_the_host_views_for_the_same_numbers():
   u = np.random.default_rng(0).random((N, crops.NUM_VIEW_UNIFORMS), np.float32)
   views = jax.jit(crops.views_from_uniforms, static_argnums=(2, 3, 4, 5))
   ours = views(jnp.asarray(images), jnp.asarray(u), LOCAL, LOCAL_AREA, (3 / 4, 4 / 3), True)
-  host = pipeline.TwoViews(VIEW, GLOBAL_AREA, (3 / 4, 4 / 3), True, NUM_LOCAL, LOCAL, LOCAL_AREA)
   theirs = np.stack(
     [
-      host._view(image, _UniformRng(x), LOCAL, LOCAL_AREA)
+      pipeline.random_view(image, _UniformRng(x), LOCAL, LOCAL_AREA, (3 / 4, 4 / 3), True)
       for image, x in zip(images, u, strict=True)
     ]
   )

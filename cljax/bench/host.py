@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from cljax.bench import timing
-from cljax.data import pipeline, sources
+from cljax.data import pipeline, sources, views
 
 _BICUBIC = Image.Resampling.BICUBIC
 
@@ -98,9 +98,9 @@ def bench_host_jpeg(
   for workers in worker_counts:
     it = pipeline.create_pretrain_iterator(
       source,
+      views.ViewSpec(image_size),
       seed=0,
       global_batch_size=batch_size,
-      image_size=image_size,
       num_workers=workers,
       read_threads=1 if workers == 0 else None,
     )

@@ -3,14 +3,16 @@
 Colour jitter (brightness, contrast, saturation and hue in a random order per
 example), random grayscale, Gaussian blur and solarization, following SimCLR
 (Chen et al. 2020, appendix A, and its ``data_util.py``) with BYOL's solarize.
-Geometric augmentation (random resized crop, flip) happens on the host in the
-input pipeline; this module only changes pixel values.
+Geometric augmentation (random resized crop, flip) happens before, in the input
+pipeline (host: ``pipeline.random_view``; device-resident: ``crops.views_from_uniforms``),
+as ``views.ViewSpec`` describes; this module only changes pixel values.
 
-Usage inside a train step (``indices`` are the global example indices of the
-local batch, so each example's augmentation does not depend on the sharding):
+Usage inside a train step (``Method.views``): each example's keys come from its
+``aug_seed``, drawn by the pipeline from the example's place in the shuffled stream, so
+its augmentation does not depend on the sharding:
 
-    keys = augment.example_keys(rng, state.step, batch["index"])
-    views = augment.photometric_augment(batch["image"], keys)
+    keys = augment.example_keys(rng, state.step, batch["aug_seed"])
+    x = augment.photometric(batch["view_a"].astype(jnp.float32) / 255.0, keys, config.data.augment)
 
 Randomness is split in two halves so that every draw can be inspected and
 tested: ``sample_params`` turns one key into an ``AugmentParams`` record,

@@ -40,6 +40,7 @@ import numpy as np
 
 from cljax.data import pipeline, sources
 from cljax.data import tokenizer as tokenizer_lib
+from cljax.data import views as views_lib
 
 # "{a}": the noun phrase with its article ("an orange truck"); "{x}": without ("orange truck").
 # No template is a prompt of the zero-shot ensemble (cljax.evaluate.zero_shot), which keeps those
@@ -324,23 +325,14 @@ class CaptionedView(grain.transforms.RandomMap):
   ``aug_seed`` (as ``pipeline.TwoViews`` does for its first view), then the caption.
   """
 
-  def __init__(
-    self,
-    tokenizer: tokenizer_lib.CaptionTokenizer,
-    image_size: int,
-    crop_area: tuple[float, float],
-    crop_aspect: tuple[float, float],
-    flip: bool,
-  ):
-    self.tokenizer, self.image_size = tokenizer, image_size
-    self.crop_area, self.crop_aspect, self.flip = crop_area, crop_aspect, flip
+  def __init__(self, tokenizer: tokenizer_lib.CaptionTokenizer, views: views_lib.ViewSpec):
+    self.tokenizer, self.views = tokenizer, views
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = element["image"]
-    box = pipeline.random_resized_crop_box(*image.shape[:2], rng, self.crop_area, self.crop_aspect)
-    view = pipeline.crop_and_resize(image, box, self.image_size)
-    if rng.random() < 0.5 and self.flip:
-      view = view[:, ::-1]
+    v = self.views
+    view = pipeline.random_view(
+      element["image"], rng, v.image_size, v.crop_area, v.crop_aspect, v.flip
+    )
     aug_seed = np.int32(rng.integers(0, 2**31 - 1))
     captions = element["captions"]
     text = captions[int(rng.integers(len(captions)))]
@@ -355,16 +347,13 @@ class CaptionedView(grain.transforms.RandomMap):
 def create_caption_iterator(
   source: Any,
   tokenizer: tokenizer_lib.CaptionTokenizer,
+  views: views_lib.ViewSpec,
   *,
   seed: int,
   global_batch_size: int,
-  image_size: int,
   process_index: int = 0,
   process_count: int = 1,
   num_workers: int = 0,
-  crop_area: tuple[float, float] = (0.9, 1.0),
-  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
-  flip: bool = False,
   num_epochs: int | None = None,
   read_threads: int | None = None,
 ) -> pipeline.BatchIterator:
@@ -376,15 +365,13 @@ def create_caption_iterator(
   Args:
     source: a caption source ({"image", "label", "captions"}), e.g. ``create_caption_source``.
     tokenizer: turns the drawn caption into ``tokenizer.context_length`` ids.
+    views: how the view is cut (open_clip: crop area 0.9-1, no flip, since captions may say
+      left or right); local crops are not used.
     seed: the run's seed: order, crops and captions.
     global_batch_size: pairs per step over all processes.
-    image_size: side S of the square views.
     process_index: this process.
     process_count: number of processes.
     num_workers: grain worker processes (0: read in this process).
-    crop_area: range of the crop's area fraction (open_clip: 0.9-1).
-    crop_aspect: range of the crop's width / height.
-    flip: random horizontal flips (off by default: captions may say left or right).
     num_epochs: passes over the data; None repeats forever.
     read_threads: threads building batches; default 2.
 
@@ -393,19 +380,21 @@ def create_caption_iterator(
     "label": int32 (b,), "aug_seed": int32 (b,)}, b = global_batch_size // process_count,
     with get_state/set_state.
   """
+  if views.num_local_crops:
+    raise ValueError(
+      f"CLIP's caption batches hold one view per image; set data.augment.num_local_crops=0 "
+      f"(got {views.num_local_crops})."
+    )
   return pipeline.augmented_batches(
     source,
-    CaptionedView(tokenizer, image_size, crop_area, crop_aspect, flip),
+    CaptionedView(tokenizer, views),
+    views,
     kind="captions",
     seed=seed,
     global_batch_size=global_batch_size,
-    image_size=image_size,
     process_index=process_index,
     process_count=process_count,
     num_workers=num_workers,
-    crop_area=crop_area,
-    crop_aspect=crop_aspect,
-    flip=flip,
     num_epochs=num_epochs,
     read_threads=read_threads,
     signature={"tokenizer": tokenizer.fingerprint()},
@@ -429,21 +418,20 @@ def create_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Caption
 
 
 def create_train_iterator(
-  config: ml_collections.ConfigDict, images: Any, process_index: int = 0, process_count: int = 1
+  config: ml_collections.ConfigDict,
+  images: Any,
+  views: views_lib.ViewSpec,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> pipeline.BatchIterator:
   """The CLIP training iterator of ``config`` over the training image source ``images``."""
-  if config.data.device_resident:
-    raise ValueError("CLIP runs read captions on the host: set data.device_resident=False.")
-  aug = config.data.augment
   return create_caption_iterator(
     create_caption_source(config, "train", images),
     create_tokenizer(config),
+    views,
     seed=config.train.seed,
     global_batch_size=config.data.global_batch_size,
-    image_size=config.data.image_size,
     process_index=process_index,
     process_count=process_count,
     num_workers=config.data.num_workers,
-    crop_area=(aug.crop_area_min, aug.crop_area_max),
-    flip=aug.flip,
   )

@@ -6,10 +6,10 @@ accelerator that runs a step in milliseconds. Here the data set is copied to eve
 and each step's two-view batch is a jitted, pure function of ``(seed, step)``::
 
     data = device.DeviceData.create(source, mesh)           # decode + copy, once
-    batch_fn = device.make_batch_fn(data, seed=0, global_batch_size=512, image_size=32)
+    batch_fn = device.make_batch_fn(data, views.ViewSpec(32), seed=0, global_batch_size=512)
     batch = batch_fn(step)   # uint8 views (512, 32, 32, 3), aug_seed, label; sharded on 'data'
 
-The batch goes to ``train.make_train_step``'s function unchanged, which applies the
+The batch goes to the compiled train step (``step.make_train_step``) unchanged, which applies the
 photometric augmentation and normalisation as for host batches. ``DeviceBatchIterator``
 wraps ``batch_fn`` in grain's iterator protocol so the training loop and its orbax
 checkpoints treat both modes alike; its state is only the step number, and because a batch
@@ -61,16 +61,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from cljax import sharding
-from cljax.data import pipeline
-
-# The crop functions lived here; tests and callers may still import them from this module.
-from cljax.data.crops import (  # noqa: F401
-  CROP_ATTEMPTS,
-  NUM_VIEW_UNIFORMS,
-  boxes_from_uniforms,
-  crop_resize_flip,
-  views_from_uniforms,
-)
+from cljax.data import crops, pipeline
+from cljax.data import views as views_lib
 
 # fold_in tags separating the data streams from each other and from the run's other keys.
 _DATA_TAG, _ORDER_TAG, _CROP_TAG = 0x64617461, 0, 1
@@ -218,15 +210,9 @@ def _local_batch(
   step: jax.Array,
   key: jax.Array,
   *,
+  views: views_lib.ViewSpec,
   batch_size: int,
   num_shards: int,
-  image_size: int,
-  area: tuple[float, float],
-  aspect: tuple[float, float],
-  flip: bool,
-  num_local_crops: int,
-  local_crop_size: int,
-  local_crop_area: tuple[float, float],
   return_index: bool,
 ) -> Batch:
   """This device's rows of the step's batch; runs inside ``shard_map`` over 'data'."""
@@ -253,32 +239,35 @@ def _local_batch(
     example_key = jax.random.fold_in(jax.random.fold_in(crop_key, e), j)
     # One threefry call for both views' numbers (separate calls compile slowly), and one
     # for the seed of the step's photometric augmentation (31 random bits, like the host's).
-    u = jax.random.uniform(example_key, (2, NUM_VIEW_UNIFORMS))
+    u = jax.random.uniform(example_key, (2, crops.NUM_VIEW_UNIFORMS))
     bits = jax.random.bits(jax.random.fold_in(example_key, _AUG_SEED_TAG), (), jnp.uint32)
     # The local views' numbers come from a key of their own: the global views and aug_seed
     # are the same with or without them.
     u_local = None
-    if num_local_crops:
+    if views.num_local_crops:
       local_key = jax.random.fold_in(example_key, _LOCAL_TAG)
-      u_local = jax.random.uniform(local_key, (num_local_crops, NUM_VIEW_UNIFORMS))
+      u_local = jax.random.uniform(local_key, (views.num_local_crops, crops.NUM_VIEW_UNIFORMS))
     return u, (bits >> 1).astype(jnp.int32), u_local
 
   u, aug_seed, u_local = jax.vmap(draws)(epoch, offset)
   pixels = images[example]
   batch = {"aug_seed": aug_seed, "label": labels[example]}
-  for v, name in enumerate(("view_a", "view_b")):
-    batch[name] = views_from_uniforms(pixels, u[:, v], image_size, area, aspect, flip)
-  if num_local_crops:
-    # Every (example, local view) pair is one row of the same batched crop.
-    local = views_from_uniforms(
-      images[jnp.repeat(example, num_local_crops)],
-      u_local.reshape(n * num_local_crops, NUM_VIEW_UNIFORMS),
-      local_crop_size,
-      local_crop_area,
-      aspect,
-      flip,
+  v = views
+  for i, name in enumerate(("view_a", "view_b")):
+    batch[name] = crops.views_from_uniforms(
+      pixels, u[:, i], v.image_size, v.crop_area, v.crop_aspect, v.flip
     )
-    batch["local_views"] = local.reshape(n, num_local_crops, *local.shape[1:])
+  if v.num_local_crops:
+    # Every (example, local view) pair is one row of the same batched crop.
+    local = crops.views_from_uniforms(
+      images[jnp.repeat(example, v.num_local_crops)],
+      u_local.reshape(n * v.num_local_crops, crops.NUM_VIEW_UNIFORMS),
+      v.local_crop_size,
+      v.local_crop_area,
+      v.crop_aspect,
+      v.flip,
+    )
+    batch["local_views"] = local.reshape(n, v.num_local_crops, *local.shape[1:])
   if return_index:
     batch["index"] = example.astype(jnp.int32)
   return batch
@@ -286,42 +275,29 @@ def _local_batch(
 
 def make_batch_fn(
   data: DeviceData,
+  views: views_lib.ViewSpec,
   *,
   seed: int,
   global_batch_size: int,
-  image_size: int,
-  crop_area: tuple[float, float] = (0.08, 1.0),
-  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
-  flip: bool = True,
-  num_local_crops: int = 0,
-  local_crop_size: int = 96,
-  local_crop_area: tuple[float, float] = (0.05, 0.4),
   return_index: bool = False,
 ) -> Callable[[Any], Batch]:
   """A jitted ``step -> batch`` over ``data``: order, crop and flip all on device.
 
   Args:
     data: the device-resident set.
+    views: how the views are cut (``views.ViewSpec``), global and local.
     seed: the run's seed (order and crops).
     global_batch_size: examples per step over all devices.
-    image_size: side S of the square (global) views.
-    crop_area: range of the global crops' area fraction.
-    crop_aspect: range of the crops' width / height (sampled log-uniformly), global and local.
-    flip: random horizontal flips with probability 1/2, of every view.
-    num_local_crops: L, multi-crop's extra local views per example (0: none).
-    local_crop_size: side s of the local views.
-    local_crop_area: range of the local crops' area fraction.
     return_index: also return "index", the source index of each example.
 
   Returns:
     ``batch_fn(step)`` -> {"view_a", "view_b": uint8 (B, S, S, 3), "aug_seed", "label":
-    int32 (B,)}, and with L > 0 "local_views": uint8 (B, L, s, s, 3); sharded over 'data':
-    the keys the train step reads from host batches. ``step`` is an int or a () int array;
-    new values do not recompile.
+    int32 (B,)}, and with L > 0 local crops "local_views": uint8 (B, L, s, s, 3); sharded
+    over 'data': the keys the train step reads from host batches. ``step`` is an int or a
+    () int array; new values do not recompile.
 
   Raises:
-    ValueError: the batch does not split over the devices, exceeds the data set, or the
-      ranges or multi-crop settings are invalid.
+    ValueError: the batch does not split over the devices or exceeds the data set.
   """
   num_examples = len(data)
   sharding.check_global_batch(global_batch_size, data.mesh)
@@ -331,22 +307,11 @@ def make_batch_fn(
     )
   if num_examples // math.gcd(global_batch_size, num_examples) * global_batch_size >= 2**30:
     raise ValueError(f"{num_examples} examples x batch {global_batch_size} overflow int32 offsets")
-  if not 0 < crop_area[0] <= crop_area[1] <= 1 or not 0 < crop_aspect[0] <= crop_aspect[1]:
-    raise ValueError(f"bad crop_area {crop_area} or crop_aspect {crop_aspect}")
-  if image_size < 1:
-    raise ValueError(f"image_size must be positive, got {image_size}")
-  pipeline.check_local_crops(num_local_crops, local_crop_size, local_crop_area)
   local = functools.partial(
     _local_batch,
+    views=views,
     batch_size=global_batch_size,
     num_shards=data.mesh.devices.size,
-    image_size=image_size,
-    area=tuple(crop_area),
-    aspect=tuple(crop_aspect),
-    flip=bool(flip),
-    num_local_crops=int(num_local_crops),
-    local_crop_size=int(local_crop_size),
-    local_crop_area=tuple(float(x) for x in local_crop_area),
     return_index=return_index,
   )
   rep, data_spec = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
@@ -392,50 +357,23 @@ class DeviceBatchIterator(grain.DatasetIterator):
 
 
 def create_device_iterator(
-  source: Any,
-  mesh: Mesh,
-  *,
-  seed: int,
-  global_batch_size: int,
-  image_size: int,
-  crop_area: tuple[float, float] = (0.08, 1.0),
-  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
-  flip: bool = True,
-  num_local_crops: int = 0,
-  local_crop_size: int = 96,
-  local_crop_area: tuple[float, float] = (0.05, 0.4),
+  source: Any, mesh: Mesh, views: views_lib.ViewSpec, *, seed: int, global_batch_size: int
 ) -> DeviceBatchIterator:
   """Loads ``source`` onto ``mesh`` and returns the iterator of its two-view batches.
 
   The arguments mean what they mean for ``pipeline.create_pretrain_iterator``; with
-  ``num_local_crops`` > 0 batches also hold "local_views" (``make_batch_fn``).
+  ``views.num_local_crops`` > 0 batches also hold "local_views" (``make_batch_fn``).
 
   Raises:
     ValueError: as ``make_batch_fn``.
   """
-  pipeline.check_local_crops(num_local_crops, local_crop_size, local_crop_area)
   data = DeviceData.create(source, mesh)
-  batch_fn = make_batch_fn(
-    data,
-    seed=seed,
-    global_batch_size=global_batch_size,
-    image_size=image_size,
-    crop_area=crop_area,
-    crop_aspect=crop_aspect,
-    flip=flip,
-    num_local_crops=num_local_crops,
-    local_crop_size=local_crop_size,
-    local_crop_area=local_crop_area,
-  )
+  batch_fn = make_batch_fn(data, views, seed=seed, global_batch_size=global_batch_size)
   signature = {
     "kind": "device_resident",
     "source": f"{type(source).__name__}[{len(source)}]",
     "seed": int(seed),
     "global_batch_size": int(global_batch_size),
-    "image_size": int(image_size),
-    "crop_area": [float(x) for x in crop_area],
-    "crop_aspect": [float(x) for x in crop_aspect],
-    "flip": bool(flip),
+    **views.signature(),
   }
-  signature |= pipeline.local_crops_signature(num_local_crops, local_crop_size, local_crop_area)
   return DeviceBatchIterator(batch_fn, signature)

@@ -20,15 +20,14 @@ is a small JSON-serialisable dict (the settings and the next batch number) and
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 from absl import flags
 from PIL import Image
+
+from cljax.data import views as views_lib
 
 # Bicubic, as SimCLR resizes its crops; Pillow's resize also antialiases when shrinking.
 _RESAMPLE = Image.Resampling.BICUBIC
@@ -87,42 +86,41 @@ def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int
   return np.asarray(crop.resize((size, size), _RESAMPLE))
 
 
+def random_view(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  size: int,
+  area: tuple[float, float],
+  aspect: tuple[float, float],
+  flip: bool,
+) -> np.ndarray:
+  """The host's one crop-and-flip: a random resized crop of side ``size``, flipped at random.
+
+  Draws from ``rng``, in this order, the box, then the flip coin (drawn even when ``flip``
+  is off, so turning it off changes no crop).
+  """
+  box = random_resized_crop_box(*image.shape[:2], rng, area, aspect)
+  view = crop_and_resize(image, box, size)
+  if rng.random() < 0.5 and flip:
+    view = view[:, ::-1]
+  return view
+
+
 class TwoViews(grain.transforms.RandomMap):
   """Example -> two independent random-resized-crop (+ flip) views, from the per-record rng.
 
-  With ``num_local_crops`` > 0 also "local_views": that many more crops (+ flips) of side
-  ``local_crop_size``, their area from ``local_crop_area``, drawn after everything else.
+  With ``views.num_local_crops`` > 0 also "local_views": that many more crops (+ flips) of
+  side ``views.local_crop_size``, their area from ``views.local_crop_area``, drawn after
+  everything else.
   """
 
-  def __init__(
-    self,
-    image_size: int,
-    crop_area: tuple[float, float],
-    crop_aspect: tuple[float, float],
-    flip: bool,
-    num_local_crops: int = 0,
-    local_crop_size: int = 96,
-    local_crop_area: tuple[float, float] = (0.05, 0.4),
-  ):
-    self.image_size, self.flip = image_size, flip
-    self.crop_area, self.crop_aspect = crop_area, crop_aspect
-    self.num_local_crops, self.local_crop_size = num_local_crops, local_crop_size
-    self.local_crop_area = local_crop_area
-
-  def _view(
-    self, image: np.ndarray, rng: np.random.Generator, size: int, area: tuple[float, float]
-  ) -> np.ndarray:
-    box = random_resized_crop_box(*image.shape[:2], rng, area, self.crop_aspect)
-    view = crop_and_resize(image, box, size)
-    # Draw the coin even when flip is off, so turning it off changes no crop.
-    if rng.random() < 0.5 and self.flip:
-      view = view[:, ::-1]
-    return view
+  def __init__(self, views: views_lib.ViewSpec):
+    self.views = views
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = element["image"]
-    view_a = self._view(image, rng, self.image_size, self.crop_area)
-    view_b = self._view(image, rng, self.image_size, self.crop_area)
+    image, v = element["image"], self.views
+    view_a = random_view(image, rng, v.image_size, v.crop_area, v.crop_aspect, v.flip)
+    view_b = random_view(image, rng, v.image_size, v.crop_area, v.crop_aspect, v.flip)
     # Seeds the on-device photometric augmentation of this record. Drawn from
     # the record's rng, it depends on the record's place in the global shuffled
     # stream only: not on the process, device or batch layout.
@@ -133,13 +131,11 @@ class TwoViews(grain.transforms.RandomMap):
       "label": np.int32(element["label"]),
       "aug_seed": aug_seed,
     }
-    if self.num_local_crops:
+    if v.num_local_crops:
       # Last, so that the draws above do not depend on the multi-crop settings.
+      local = v.local_crop_size, v.local_crop_area, v.crop_aspect, v.flip
       out["local_views"] = np.stack(
-        [
-          self._view(image, rng, self.local_crop_size, self.local_crop_area)
-          for _ in range(self.num_local_crops)
-        ]
+        [random_view(image, rng, *local) for _ in range(v.num_local_crops)]
       )
     return out
 
@@ -258,45 +254,6 @@ def check_state(state: dict[str, Any], signature: dict[str, Any]) -> None:
     )
 
 
-def check_local_crops(
-  num_local_crops: int, local_crop_size: int, local_crop_area: Sequence[float]
-) -> None:
-  """Raises ValueError unless the multi-crop settings are valid (also when there are none).
-
-  Args:
-    num_local_crops: local views per example, an integer >= 0.
-    local_crop_size: their side, an integer >= 1.
-    local_crop_area: (min, max) of their area fraction, 0 < min <= max <= 1.
-  """
-  for name, value, low in (
-    ("num_local_crops", num_local_crops, 0),
-    ("local_crop_size", local_crop_size, 1),
-  ):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-  try:
-    area = tuple(local_crop_area)
-  except TypeError:
-    area = (local_crop_area,)  # Not a pair: _check_range says so.
-  _check_range("local_crop_area", area, 0.0, 1.0)
-
-
-def local_crops_signature(
-  num_local_crops: int, local_crop_size: int, local_crop_area: Sequence[float]
-) -> dict[str, Any]:
-  """The multi-crop settings for an iterator's state: none without local views.
-
-  So states saved without multi-crop (also by versions that predate it) still restore.
-  """
-  if not num_local_crops:
-    return {}
-  return {
-    "num_local_crops": int(num_local_crops),
-    "local_crop_size": int(local_crop_size),
-    "local_crop_area": [float(x) for x in local_crop_area],
-  }
-
-
 def _per_process_batch(global_batch_size: int, process_index: int, process_count: int) -> int:
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(
@@ -321,59 +278,42 @@ def _check_workers(num_workers: int) -> None:
     )
 
 
-def _check_range(name: str, values: Sequence[float], low: float, high: float) -> None:
-  if len(values) != 2 or not low < values[0] <= values[1] <= high:
-    raise ValueError(f"{name} must be (min, max) with {low} < min <= max <= {high}, got {values}")
-
-
 def create_pretrain_iterator(
   source: Any,
+  views: views_lib.ViewSpec,
   *,
   seed: int,
   global_batch_size: int,
-  image_size: int,
   process_index: int = 0,
   process_count: int = 1,
   num_workers: int = 0,
-  crop_area: tuple[float, float] = (0.08, 1.0),
-  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
-  flip: bool = True,
   num_epochs: int | None = None,
   read_threads: int | None = None,
-  num_local_crops: int = 0,
-  local_crop_size: int = 96,
-  local_crop_area: tuple[float, float] = (0.05, 0.4),
 ) -> BatchIterator:
   """Returns this process's iterator of two-view pretraining batches.
 
   Every epoch is a global shuffle of the source (reshuffled each epoch, from `seed`); its first
   len(source) - len(source) % process_count positions are dealt round-robin to the processes,
   so each process reads a disjoint, equal share. Each example becomes two views, each a random
-  resized crop (then resized to image_size) and a random horizontal flip, drawn from a
-  generator seeded by (seed, position in the global stream): the same on any number of
+  resized crop (then resized to ``views.image_size``) and a random horizontal flip, drawn from
+  a generator seeded by (seed, position in the global stream): the same on any number of
   processes or workers. Batches may straddle epochs; the last partial one is dropped.
 
-  Multi-crop (SwAV, DINO): with ``num_local_crops`` = L > 0 each example also gets L local
-  views, independent random resized crops (area from ``local_crop_area``, aspect from
-  ``crop_aspect``) resized to ``local_crop_size`` and flipped as the global views, drawn
-  from the same generator after the global views (which do not change with L).
+  Multi-crop (SwAV, DINO): with ``views.num_local_crops`` = L > 0 each example also gets L
+  local views, independent random resized crops resized to ``views.local_crop_size`` and
+  flipped as the global views, drawn from the same generator after the global views (which
+  do not change with L).
 
   Args:
     source: a random-access source of {"image": uint8 (H, W, 3), "label": int32} (sources.py).
+    views: how the views are cut (``views.ViewSpec``).
     seed: the run's seed: order and augmentations.
     global_batch_size: examples per step over all processes.
-    image_size: side S of the square views.
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()).
     num_workers: grain worker processes (0: read in this process, with threads).
-    crop_area: range of the global crops' area fraction.
-    crop_aspect: range of the crops' width / height (sampled log-uniformly), global and local.
-    flip: random horizontal flips with probability 1/2, of every view.
     num_epochs: passes over the data; None repeats forever.
     read_threads: threads building batches, per worker (or in this process); default 2.
-    num_local_crops: L, multi-crop's extra local views per example (0: none).
-    local_crop_size: side s of the local views.
-    local_crop_area: range of the local crops' area fraction.
 
   Returns:
     A grain DatasetIterator of {"view_a": uint8 (b, S, S, 3), "view_b": uint8 (b, S, S, 3),
@@ -384,49 +324,32 @@ def create_pretrain_iterator(
     ValueError: the global batch does not split evenly over the processes, a process's share
       of an epoch is smaller than one batch, or an argument is out of range.
   """
-  check_local_crops(num_local_crops, local_crop_size, local_crop_area)
-  views = TwoViews(
-    image_size,
-    tuple(crop_area),
-    tuple(crop_aspect),
-    flip,
-    num_local_crops=int(num_local_crops),
-    local_crop_size=int(local_crop_size),
-    local_crop_area=tuple(float(x) for x in local_crop_area),
-  )
   return augmented_batches(
     source,
+    TwoViews(views),
     views,
     kind="pretrain",
     seed=seed,
     global_batch_size=global_batch_size,
-    image_size=image_size,
     process_index=process_index,
     process_count=process_count,
     num_workers=num_workers,
-    crop_area=crop_area,
-    crop_aspect=crop_aspect,
-    flip=flip,
     num_epochs=num_epochs,
     read_threads=read_threads,
-    signature=local_crops_signature(num_local_crops, local_crop_size, local_crop_area),
   )
 
 
 def augmented_batches(
   source: Any,
   transform: grain.transforms.RandomMap,
+  views: views_lib.ViewSpec,
   *,
   kind: str,
   seed: int,
   global_batch_size: int,
-  image_size: int,
   process_index: int,
   process_count: int,
   num_workers: int,
-  crop_area: tuple[float, float],
-  crop_aspect: tuple[float, float],
-  flip: bool,
   num_epochs: int | None,
   read_threads: int | None,
   signature: dict[str, Any] | None = None,
@@ -434,18 +357,14 @@ def augmented_batches(
   """The stream every training iterator shares: shuffle, ``transform``, shard, batch.
 
   Each epoch is a global shuffle of ``source`` (from ``seed``); ``transform`` (a grain
-  random map: crops, captions) runs before sharding, so a record's rng depends on its
-  global stream position only; its first len(source) - len(source) % process_count
-  positions are dealt round-robin to the processes. The iterator's state carries a
-  signature of these settings (``kind`` names the iterator; ``signature`` adds its own
-  fields), and refuses a state saved under others.
+  random map cutting ``views``: crops, captions) runs before sharding, so a record's rng
+  depends on its global stream position only; its first len(source) - len(source) %
+  process_count positions are dealt round-robin to the processes. The iterator's state
+  carries a signature of these settings (``kind`` names the iterator; ``signature`` adds
+  its own fields), and refuses a state saved under others.
   """
   batch_size = _per_process_batch(global_batch_size, process_index, process_count)
   _check_workers(num_workers)
-  _check_range("crop_area", crop_area, 0.0, 1.0)
-  _check_range("crop_aspect", crop_aspect, 0.0, math.inf)
-  if image_size < 1:
-    raise ValueError(f"image_size must be positive, got {image_size}")
   usable = len(source) - len(source) % process_count
   if usable // process_count < batch_size:
     raise ValueError(
@@ -463,13 +382,10 @@ def augmented_batches(
     "source": f"{type(source).__name__}[{len(source)}]",
     "seed": int(seed),
     "global_batch_size": int(global_batch_size),
-    "image_size": int(image_size),
     "process_index": int(process_index),
     "process_count": int(process_count),
-    "crop_area": [float(x) for x in crop_area],
-    "crop_aspect": [float(x) for x in crop_aspect],
-    "flip": bool(flip),
     "num_epochs": num_epochs,
+    **views.signature(),
   }
   return BatchIterator(ds, full_signature | (signature or {}), num_workers, read_threads)
 
