@@ -16,64 +16,16 @@ def base_config() -> ml_collections.ConfigDict:
   ``--config.x.y=v`` override of a key that is not here is an error.
   """
   c = ml_collections.ConfigDict()
-  # "simclr" | "moco_v2" | "moco_v3" | "byol" | "simsiam" | "dino" | "swav" |
-  # "barlow_twins" | "supcon" | "clip" | "supervised" (cross-entropy; see cljax/methods/).
+  # A name in cljax.methods.METHODS: "simclr" | "moco_v2" | "moco_v3" | "byol" | "simsiam" |
+  # "dino" | "swav" | "barlow_twins" | "supcon" | "clip" | "supervised" (cross-entropy).
   c.method = "simclr"
 
-  # The momentum target network of MoCo, BYOL and DINO: decay ema.base,
-  # ramped to ema.final over the run by a half cosine ("cosine": BYOL, MoCo v3,
-  # DINO) or kept constant ("constant": MoCo v2).
-  c.ema = ml_collections.ConfigDict()
-  c.ema.base = 0.996
-  c.ema.final = 1.0
-  c.ema.schedule = "cosine"
+  # Each method's own sections (ema, moco, simsiam, dino, swav, barlow_twins, clip,
+  # supcon), from the method's module: ``Method.config_sections`` in cljax/methods/.
+  from cljax import methods  # Here, so that importing defaults stays light.
 
-  c.moco = ml_collections.ConfigDict()
-  c.moco.queue_size = 65536  # MoCo v2's queue of negative keys, sharded over devices.
-  # False: the paper's asymmetric loss (queries of view a, keys of view b,
-  # those keys enqueued). True: both directions, both views' keys enqueued.
-  c.moco.symmetric = False
-
-  c.simsiam = ml_collections.ConfigDict()
-  c.simsiam.stop_gradient = True  # False only to show that SimSiam then collapses.
-
-  # DINO (Caron et al. 2021); the official ViT-S/16 defaults.
-  c.dino = ml_collections.ConfigDict()
-  c.dino.out_dim = 65536  # Prototypes of the DINO head.
-  c.dino.hidden_dim = 2048
-  c.dino.bottleneck_dim = 256
-  c.dino.norm_last_layer = True  # Weight-normalised last layer with its norm fixed at 1.
-  c.dino.student_temperature = 0.1
-  c.dino.teacher_temperature = 0.04  # Final teacher temperature.
-  c.dino.warmup_teacher_temperature = 0.04
-  c.dino.warmup_teacher_temperature_epochs = 0.0
-  c.dino.center_momentum = 0.9
-  c.dino.freeze_last_layer_epochs = 1.0  # The last layer's gradient is zeroed this long.
-
-  # SwAV (Caron et al. 2020).
-  c.swav = ml_collections.ConfigDict()
-  c.swav.num_prototypes = 3000
-  c.swav.epsilon = 0.05
-  c.swav.sinkhorn_iterations = 3
-  c.swav.freeze_prototypes_epochs = 1.0
-  c.swav.queue_size = 0  # Per device; 0: no queue.
-  c.swav.queue_start_epoch = 15.0
-
-  # Barlow Twins (Zbontar et al. 2021).
-  c.barlow_twins = ml_collections.ConfigDict()
-  c.barlow_twins.lambda_ = 5e-3  # Weight of the off-diagonal terms.
-  # Gradient scale on biases and BatchNorm parameters: the paper's 0.0048 learning
-  # rate for them against 0.2 for weights (exact under LARS and SGD).
-  c.barlow_twins.bias_lr_ratio = 0.0048 / 0.2
-
-  # CLIP (Radford et al. 2021): text tower, joint space, captions; see cljax/methods/clip.py.
-  from cljax.methods import clip as clip_method  # Here, so that importing defaults stays light.
-
-  c.clip = clip_method.clip_config()
-
-  # Supervised contrastive (Khosla et al. 2020): uses the labels.
-  c.supcon = ml_collections.ConfigDict()
-  c.supcon.base_temperature = 0.07
+  for section, defaults in methods.config_sections().items():
+    c[section] = defaults
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet"  # "resnet" | "vit"

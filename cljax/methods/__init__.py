@@ -1,8 +1,10 @@
 """Self-supervised methods, one module each, selected by ``config.method``.
 
-Each is a :class:`cljax.methods.base.Method`: how a batch becomes views, a
-loss and the method's own state (target networks, queues, centres). The
-train step, data pipeline, checkpoints, evaluation and sharding are shared.
+Each is a :class:`cljax.methods.base.Method`: its config defaults, how a batch
+becomes views, a loss and the method's own state (target networks, queues,
+centres). The train step, data pipeline, checkpoints, evaluation and sharding
+are shared. Adding a method is one module and one line in ``METHODS`` below
+(or ``register(cls)`` from outside the package, before the config is built).
 """
 
 from __future__ import annotations
@@ -38,6 +40,37 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+def register(method_class: type[Method]) -> type[Method]:
+  """Adds ``method_class`` to the registry under its ``name`` (usable as a class decorator).
+
+  Register before building the config: ``defaults.base_config`` adds the sections of every
+  registered method (``Method.config_sections``).
+
+  Raises:
+    ValueError: another class is registered under that name.
+  """
+  name = method_class.name
+  if METHODS.get(name, method_class) is not method_class:
+    raise ValueError(f"method {name!r} is already registered as {METHODS[name].__name__}.")
+  METHODS[name] = method_class
+  return method_class
+
+
+def config_sections() -> dict[str, ml_collections.ConfigDict]:
+  """Every registered method's config sections, each once (methods may share one: ``ema``).
+
+  Raises:
+    ValueError: two methods give one section different defaults.
+  """
+  sections: dict[str, ml_collections.ConfigDict] = {}
+  for method_class in METHODS.values():
+    for key, section in method_class.config_sections().items():
+      if key in sections and sections[key].to_dict() != section.to_dict():
+        raise ValueError(f"methods give the config section {key!r} different defaults.")
+      sections.setdefault(key, section)
+  return sections
+
+
 def create_method(
   config: ml_collections.ConfigDict, num_steps: int = 0, steps_per_epoch: int = 0
 ) -> Method:
@@ -47,4 +80,4 @@ def create_method(
   return METHODS[config.method](config, num_steps, steps_per_epoch)
 
 
-__all__ = ["METHODS", "Method", "StepOutput", "create_method"]
+__all__ = ["METHODS", "Method", "StepOutput", "config_sections", "create_method", "register"]

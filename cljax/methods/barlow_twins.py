@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import ml_collections
 
 from cljax import losses, optim
 from cljax.methods.base import Method, StepOutput
@@ -61,6 +62,15 @@ class BarlowTwins(Method):
   """
 
   name = "barlow_twins"
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    c = ml_collections.ConfigDict()
+    c.lambda_ = 5e-3  # Weight of the off-diagonal terms.
+    # Gradient scale on biases and BatchNorm parameters: the paper's 0.0048 learning
+    # rate for them against 0.2 for weights (exact under LARS and SGD).
+    c.bias_lr_ratio = 0.0048 / 0.2
+    return {"barlow_twins": c}
 
   @property
   def bias_lr_ratio(self) -> float:

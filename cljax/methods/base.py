@@ -1,6 +1,6 @@
 """What a self-supervised method is to the train step: views in, a loss and its state out.
 
-The train step (``cljax.train.train_step``) is the same for every method: it
+The train step (``cljax.step.train_step``) is the same for every method: it
 asks the method for the augmented views of the batch, differentiates the
 method's loss with respect to the online parameters, applies the optimiser,
 and then lets the method update its own state (a momentum target network, a
@@ -9,6 +9,12 @@ queue of keys, a centre) from the new parameters. All of it runs inside one
 losses see the global batch through the collectives in ``cljax.losses``.
 
 A method subclasses :class:`Method` and overrides what differs from SimCLR:
+
+- ``config_sections``: its own sections of the base config, with their defaults
+  (``defaults.base_config`` collects them from the registry, ``cljax.methods.METHODS``).
+- ``views_per_example``, ``create_train_iterator``, ``describe``, ``zero_shot``: what the
+  run asks of the method instead of asking which method runs (CLIP: one view per example,
+  caption batches, zero-shot evaluation).
 
 - ``create_model``: the online network (default: encoder + projection head
   [+ predictor] from the config). Its ``apply`` must return
@@ -32,7 +38,9 @@ import ml_collections
 from jax.sharding import PartitionSpec
 
 from cljax import models, sharding
-from cljax.data import augment
+from cljax.data import augment, pipeline
+from cljax.data import device as device_data
+from cljax.data import views as views_lib
 from cljax.losses import schedules
 
 
@@ -96,6 +104,19 @@ def forward(
   return (*(o.reshape(-1, *o.shape[2:]) for o in outputs), stats)
 
 
+def ema_config() -> ml_collections.ConfigDict:
+  """The ``ema`` section: the momentum target network of MoCo, BYOL and DINO.
+
+  Decay ``ema.base``, ramped to ``ema.final`` over the run by a half cosine ("cosine": BYOL,
+  MoCo v3, DINO) or kept constant ("constant": MoCo v2).
+  """
+  c = ml_collections.ConfigDict()
+  c.base = 0.996
+  c.final = 1.0
+  c.schedule = "cosine"
+  return c
+
+
 def ema_decay(config: ml_collections.ConfigDict, step: jax.Array, num_steps: int) -> jax.Array:
   """The momentum of a target network at ``step``: ``ema.base``, ramped to ``ema.final``.
 
@@ -127,6 +148,21 @@ class Method:
   """
 
   name = "base"
+  # Full-size views each example gives the step (multi-crop's local views not counted).
+  views_per_example = 2
+  # Whether evaluation runs zero-shot classification and retrieval by default (CLIP).
+  zero_shot = False
+  # Which network eval_variables returns, recorded with cached features.
+  eval_network = "online"
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    """This method's own sections of the base config, with their defaults (none: ``{}``).
+
+    ``defaults.base_config`` adds every registered method's sections, so each key exists
+    (and ``--config.x.y=v`` overrides are checked) whichever method a config selects.
+    """
+    return {}
 
   def __init__(
     self, config: ml_collections.ConfigDict, num_steps: int = 0, steps_per_epoch: int = 0
@@ -159,9 +195,6 @@ class Method:
     """A ``PartitionSpec`` prefix of the method state (inside ``shard_map``)."""
     return PartitionSpec()
 
-  # Which network eval_variables returns, recorded with cached features.
-  eval_network = "online"
-
   def eval_variables(self, state: Any) -> dict:
     """The ``{"params", "batch_stats"}`` that evaluation (kNN, linear probe) embeds with:
     the online network's, but for methods whose papers evaluate another (DINO's teacher)."""
@@ -171,6 +204,37 @@ class Method:
     """Raises ``ValueError`` before anything compiles if the method cannot train on ``source``
     (``num_classes``: the number of class names it has, 0 for unlabelled data)."""
     del source, num_classes
+
+  # ---- What the run asks of the method.
+
+  def create_train_iterator(
+    self, source: Any, mesh: Any, views: views_lib.ViewSpec, *, device_resident: bool
+  ) -> Any:
+    """The training batches: two views (+ local crops) from grain, or device-resident.
+
+    With ``device_resident`` (``data.device_resident`` in a run) the whole uint8 data set is
+    copied to every device once and crops and flips happen there too
+    (``cljax.data.device``); its batches are already global device arrays. Otherwise each
+    process reads its share on the host.
+    """
+    config = self.config
+    if device_resident:
+      return device_data.create_device_iterator(
+        source, mesh, views, seed=config.train.seed, global_batch_size=config.data.global_batch_size
+      )
+    return pipeline.create_pretrain_iterator(
+      source,
+      views,
+      seed=config.train.seed,
+      global_batch_size=config.data.global_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_workers=config.data.num_workers,
+    )
+
+  def describe(self) -> str:
+    """What the run's first log line says about the method beyond its name ("" for nothing)."""
+    return ""
 
   # ---- One step.
 

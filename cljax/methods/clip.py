@@ -161,6 +161,25 @@ class CLIP(Method):
   """
 
   name = "clip"
+  views_per_example = 1
+  zero_shot = True
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    return {"clip": clip_config()}
+
+  def create_train_iterator(self, source: Any, mesh: Any, views: Any, *, device_resident: bool):
+    """(one view, caption ``tokens``) batches from ``cljax.data.captions``, captioning
+    ``source`` as ``clip.captions`` says; host only."""
+    del mesh
+    if device_resident:
+      raise ValueError("CLIP runs read captions on the host: set data.device_resident=False.")
+    # Imported here, so that only CLIP runs need `tokenizers`.
+    from cljax.data import captions
+
+    return captions.create_train_iterator(
+      self.config, source, views, jax.process_index(), jax.process_count()
+    )
 
   def create_model(self, bn_axis_name: str | None = None):
     return create_model(self.config, bn_axis_name)

@@ -46,10 +46,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import PartitionSpec
 
 from cljax import losses, models
-from cljax.methods.base import Method, StepOutput, copy_tree, ema_decay
+from cljax.methods.base import Method, StepOutput, copy_tree, ema_config, ema_decay
 
 
 class WeightNormDense(nn.Module):
@@ -188,6 +189,22 @@ class DINO(Method):
   """
 
   name = "dino"
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    """``ema`` (the teacher) and ``dino``: the official ViT-S/16 defaults (Caron et al. 2021)."""
+    c = ml_collections.ConfigDict()
+    c.out_dim = 65536  # Prototypes of the DINO head.
+    c.hidden_dim = 2048
+    c.bottleneck_dim = 256
+    c.norm_last_layer = True  # Weight-normalised last layer with its norm fixed at 1.
+    c.student_temperature = 0.1
+    c.teacher_temperature = 0.04  # Final teacher temperature.
+    c.warmup_teacher_temperature = 0.04
+    c.warmup_teacher_temperature_epochs = 0.0
+    c.center_momentum = 0.9
+    c.freeze_last_layer_epochs = 1.0  # The last layer's gradient is zeroed this long.
+    return {"ema": ema_config(), "dino": c}
 
   # ---- The model and the method's state.
 

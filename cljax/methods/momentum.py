@@ -24,10 +24,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import PartitionSpec
 
 from cljax import losses
-from cljax.methods.base import Method, StepOutput, copy_tree, ema_decay
+from cljax.methods.base import Method, StepOutput, copy_tree, ema_config, ema_decay
 
 
 def _without_predictor(tree: dict) -> dict:
@@ -36,6 +37,10 @@ def _without_predictor(tree: dict) -> dict:
 
 class MomentumMethod(Method):
   """Online network + EMA target network; subclasses define the loss."""
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    return {"ema": ema_config()}
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:
     del rng
@@ -145,6 +150,18 @@ class MoCoV2(MomentumMethod):
   """
 
   name = "moco_v2"
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    c = ml_collections.ConfigDict()
+    c.queue_size = 65536  # MoCo v2's queue of negative keys, sharded over devices.
+    # False: the paper's asymmetric loss (queries of view a, keys of view b,
+    # those keys enqueued). True: both directions, both views' keys enqueued.
+    c.symmetric = False
+    return super().config_sections() | {"moco": c}
+
+  def describe(self) -> str:
+    return f"; {self.config.moco.queue_size} queued negatives per query"
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:
     size, dim = self.config.moco.queue_size, self.config.head.output_dim

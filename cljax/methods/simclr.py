@@ -78,6 +78,9 @@ class SimCLR(Method):
 
   name = "simclr"
 
+  def describe(self) -> str:
+    return f"; {2 * self.config.data.global_batch_size - 2} negatives per anchor"
+
   def __init__(
     self, config: ml_collections.ConfigDict, num_steps: int = 0, steps_per_epoch: int = 0
   ):

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from cljax import losses
 from cljax.methods.base import Method, StepOutput
@@ -26,6 +27,12 @@ class SimSiam(Method):
   """
 
   name = "simsiam"
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    c = ml_collections.ConfigDict()
+    c.stop_gradient = True  # False only to show that SimSiam then collapses.
+    return {"simsiam": c}
 
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     x = views["global"]

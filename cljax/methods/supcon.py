@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from cljax import losses
 from cljax.methods.base import Method, StepOutput
@@ -67,6 +68,12 @@ class SupCon(Method):
   """
 
   name = "supcon"
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    c = ml_collections.ConfigDict()
+    c.base_temperature = 0.07
+    return {"supcon": c}
 
   def check_data(self, source: Any, num_classes: int) -> None:
     if num_classes < 2:

@@ -68,6 +68,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import PartitionSpec
 
 from cljax import losses, models
@@ -162,6 +163,17 @@ class SwAV(Method):
   """
 
   name = "swav"
+
+  @classmethod
+  def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
+    c = ml_collections.ConfigDict()
+    c.num_prototypes = 3000
+    c.epsilon = 0.05
+    c.sinkhorn_iterations = 3
+    c.freeze_prototypes_epochs = 1.0
+    c.queue_size = 0  # Per device; 0: no queue.
+    c.queue_start_epoch = 15.0
+    return {"swav": c}
 
   # ---- The model and the method's state.
 
