@@ -27,7 +27,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cljax import metrics, sharding, train
+from cljax import metrics, run, sharding, train
 from cljax.data import sources
 from cljax.evaluate import runner, zero_shot
 
@@ -94,11 +94,9 @@ def main(argv):
   train_seconds = time.time() - t0
   t0 = time.time()
   mesh = sharding.create_mesh()
-  state, step = runner.restore_checkpoint(config, workdir, mesh=mesh)
-  init_rng = jax.random.split(jax.random.key(config.train.seed))[0]  # As train_and_evaluate.
-  image_shape = (config.data.image_size, config.data.image_size, 3)
-  init = train.create_train_state(config, init_rng, lambda _: 0.0, image_shape)
-  init = jax.device_put(init, sharding.replicated(mesh))
+  r = run.create_run(config, mesh=mesh, with_iterator=False)
+  state, step = runner.restore_checkpoint(r.method, workdir, mesh=mesh)
+  init = r.initial_state(with_probe=False)
   results = {
     f"CLIP, {plan['epochs']:.2f} epochs": zero_shot.evaluate_zero_shot(config, state, mesh),
     "same model, random init": zero_shot.evaluate_zero_shot(config, init, mesh),

@@ -24,8 +24,7 @@ import time
 import jax
 from absl import app, flags, logging
 
-from cljax import metrics, train
-from cljax.evaluate import collapse
+from cljax import collapse, metrics, train
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RECIPES = {

@@ -8,7 +8,7 @@ data, as configured and with parts switched off (blur, all photometric augmentat
 online probe), and the reference's bare step on the same number of views, on this
 machine's backend; prints XLA's cost analysis (GFLOP, GB accessed) and the number of
 all-reduce instructions of each. On a one-device mesh cljax's step holds none (its
-BatchNorm then has no cross-device axis; see ``train.make_train_step``).
+BatchNorm then has no cross-device axis; see ``sharding.bn_axis_name``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def cljax_step(batch: int, *, photometric=True, blur=0.5, probe=True):
   config.data.augment.photometric, config.data.augment.blur_prob = photometric, blur
   config.evals.online_probe = probe
   trainer = Trainer(config)
-  lowered = trainer.step_fn.lower(trainer.state, trainer.synthetic_batch(), trainer.rng)
+  run = trainer.run
+  lowered = run.step_fn.lower(trainer.state, trainer.synthetic_batch(), run.step_rng)
   return _cost(lowered.compile())
 
 

@@ -20,7 +20,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from cljax import sharding, train  # noqa: E402
+from cljax import methods, sharding  # noqa: E402
+from cljax import step as step_lib  # noqa: E402
 
 
 def _config(batch: int, chunks: int, image_size: int, dtype: str):
@@ -44,7 +45,9 @@ def measure(batch: int, chunks: int, image_size: int = 32, dtype: str = "float32
   mesh = sharding.create_mesh()
   lr_fn = optax.constant_schedule(0.1)
   shape = (image_size, image_size, 3)
-  state = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0), lr_fn, shape))
+  method = methods.create_method(config)
+  create = lambda: step_lib.create_train_state(method, jax.random.key(0), lr_fn, shape, mesh=mesh)
+  state = jax.eval_shape(create)
   views = jax.ShapeDtypeStruct((batch, *shape), jnp.uint8)
   batch_spec = {
     "view_a": views,
@@ -52,7 +55,7 @@ def measure(batch: int, chunks: int, image_size: int = 32, dtype: str = "float32
     "aug_seed": jax.ShapeDtypeStruct((batch,), jnp.int32),
     "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
   }
-  step = train.make_train_step(config, mesh, lr_fn)
+  step = step_lib.make_train_step(method, mesh, lr_fn)
   t0 = time.time()
   compiled = step.lower(state, batch_spec, jax.random.key(0)).compile()
   analysis = compiled.memory_analysis()

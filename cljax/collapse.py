@@ -4,7 +4,7 @@ Pure JAX functions of embedding arrays, usable on the host after feature extract
 the sharded train step: with ``axis_name`` set (inside ``jax.shard_map`` or ``pmap``) every
 statistic is over the global batch, gathered or summed across that axis.
 
-    from cljax.evaluate import collapse
+    from cljax import collapse
     stats = collapse.collapse_metrics(z_view_a, z_view_b)
     warnings = collapse.collapse_warnings(stats)
 

@@ -7,8 +7,8 @@ SSL loss plus the probe loss has the same encoder gradient as the SSL loss alone
 
 Inside the sharded train step (``shard_map`` over ``'data'``)::
 
-    from cljax.evaluate import online
-    probe, probe_opt_state, probe_metrics = online.probe_update(
+    from cljax import probe
+    params, opt_state, metrics = probe.probe_update(
         state.probe_params, state.probe_opt_state, features[:n], batch["label"],
         tx=probe_tx, num_classes=10, axis_name="data")
 

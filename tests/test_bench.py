@@ -4,13 +4,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from helpers import tiny_config
 
-from cljax import models, sharding, train
+from cljax import models, step
+from cljax import run as run_lib
 from cljax.bench import flops, run, timing
-from cljax.data import sources
 
 
 def _bench_config():
@@ -93,21 +92,13 @@ def test_unknown_parts_and_modes_are_refused():
 
 def test_the_train_step_does_not_retrace_after_the_first_step(monkeypatch):
   # make_train_step looks train_step up when called, so the counted version is the one traced.
-  monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
-  config = _bench_config()
-  mesh = sharding.create_mesh()
-  lr_fn = optax.constant_schedule(0.1)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3), 10)
-  state = jax.device_put(state, sharding.replicated(mesh))
-  step_fn = train.make_train_step(config, mesh, lr_fn)
-  source = sources.create_source(config.data, "train")
-  it = train.create_train_iterator(config, source, mesh)
-  keys = ("view_a", "view_b", "aug_seed", "label")
+  monkeypatch.setattr(step, "train_step", chex.assert_max_traces(step.train_step, n=1))
+  r = run_lib.create_run(_bench_config())
+  state = r.state
   for _ in range(3):  # The state passed in comes back from the step from step 2 on.
-    batch = sharding.host_to_global({k: v for k, v in next(it).items() if k in keys}, mesh)
-    state, step_metrics = step_fn(state, batch, jax.random.key(1))
+    state, step_metrics = r.step_fn(state, r.global_batch(next(r.iterator)), r.step_rng)
     jax.device_get(step_metrics)
-  assert step_fn._cache_size() == 1
+  assert r.step_fn._cache_size() == 1
 
 
 def _jaxpr_macs(jaxpr) -> int:

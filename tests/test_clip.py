@@ -15,9 +15,10 @@ from helpers import tiny_config
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from cljax import methods, sharding, train
+from cljax import methods, sharding, step, train
 from cljax.data import captions, sources
 from cljax.data import tokenizer as tokenizer_lib
+from cljax.data.views import ViewSpec
 from cljax.evaluate import runner, zero_shot
 from cljax.losses import clip as clip_losses
 from cljax.methods import clip as clip_method
@@ -290,9 +291,8 @@ def test_caption_files_csv_and_jsonl(tmp_path):
 def test_caption_iterator_is_seeded_per_record_and_resumes():
   source = captions.TemplateCaptionSource(sources.SyntheticSource(40, 12, num_classes=4))
   tok = tokenizer_lib.CaptionTokenizer.builtin(24)
-  make = lambda: captions.create_caption_iterator(
-    source, tok, seed=3, global_batch_size=8, image_size=8, flip=True
-  )
+  views = ViewSpec(8, crop_area=(0.9, 1.0), flip=True)
+  make = lambda: captions.create_caption_iterator(source, tok, views, seed=3, global_batch_size=8)
   it = make()
   batches = [next(it) for _ in range(3)]
   b = batches[0]
@@ -311,8 +311,7 @@ def test_caption_iterator_is_seeded_per_record_and_resumes():
   halves = [
     next(
       captions.create_caption_iterator(
-        source, tok, seed=3, global_batch_size=8, image_size=8, flip=True, process_index=p,
-        process_count=2,
+        source, tok, views, seed=3, global_batch_size=8, process_index=p, process_count=2
       )
     )
     for p in range(2)
@@ -320,7 +319,7 @@ def test_caption_iterator_is_seeded_per_record_and_resumes():
   both = np.sort(np.concatenate([h["aug_seed"] for h in halves]))
   np.testing.assert_array_equal(both, np.sort(batches[0]["aug_seed"]))
   with pytest.raises(ValueError, match="different pipeline"):
-    other = captions.create_caption_iterator(source, tok, seed=4, global_batch_size=8, image_size=8)
+    other = captions.create_caption_iterator(source, tok, views, seed=4, global_batch_size=8)
     other.set_state(state)
 
 
@@ -416,8 +415,9 @@ def _clip_batch(seed=0, n=16):
 
 def _run(config, devices, batches, host_state, lr_fn):
   mesh = sharding.create_mesh(devices)
-  state = train.place_state(host_state, mesh, config)  # Copies: the step donates its state.
-  step_fn = train.make_train_step(config, mesh, lr_fn, num_steps=10)
+  method = methods.create_method(config, num_steps=10)
+  state = step.place_state(host_state, mesh, method)  # Copies: the step donates its state.
+  step_fn = step.make_train_step(method, mesh, lr_fn)
   history = []
   for batch in batches:
     state, step_metrics = step_fn(
@@ -432,7 +432,8 @@ def test_clip_step_on_8_devices_equals_1_device():
   batches = [_clip_batch(0), _clip_batch(1)]
   lr_fn = optax.constant_schedule(0.5)
   # Initialised once (compiling the initialisation costs as much as the step), on the host.
-  init = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3), 4)
+  method = methods.create_method(config)
+  init = step.create_train_state(method, jax.random.key(0), lr_fn, (16, 16, 3), num_classes=4)
   init = jax.device_get(init)
   state8, hist8 = _run(config, jax.devices(), batches, init, lr_fn)
   state1, hist1 = _run(config, jax.devices()[:1], batches, init, lr_fn)
@@ -473,8 +474,8 @@ def test_siglip_trains_end_to_end_and_evaluates_zero_shot_and_retrieval(tmp_path
   assert lines[0]["logit_scale"] == pytest.approx(10.0) and lines[0]["logit_bias"] == -10.0
 
   mesh = sharding.create_mesh()
-  state, step = runner.restore_checkpoint(config, workdir, mesh=mesh)
-  assert step == 4 and float(state.params["logit_bias"]) != -10.0  # The bias learns.
+  state, step_ = runner.restore_checkpoint(methods.create_method(config), workdir, mesh=mesh)
+  assert step_ == 4 and float(state.params["logit_bias"]) != -10.0  # The bias learns.
   result = zero_shot.evaluate_zero_shot(config, state, mesh)
   zs, ret = result["zero_shot"], result["retrieval"]
   assert zs["num_classes"] == 4 and zs["num_images"] == 64 and zs["chance"] == 0.25

@@ -1,4 +1,4 @@
-"""Tests for cljax.evaluate.collapse against float64 NumPy references."""
+"""Tests for cljax.collapse against float64 NumPy references."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from cljax.evaluate import collapse
+from cljax import collapse
 
 
 def _normalize(z):

@@ -10,8 +10,8 @@ from helpers import tiny_config
 from jax.sharding import PartitionSpec as P
 from test_train_step import _batch as _two_view_batch
 
-from cljax import losses, methods, models, sharding, train
-from cljax.evaluate import classifier, runner
+from cljax import losses, methods, models, sharding, step
+from cljax.evaluate import classifier, knn
 from cljax.evaluate import features as features_lib
 from cljax.methods import base, dino
 
@@ -56,12 +56,13 @@ def _run(config, devices, num_steps=NUM_STEPS):
   """The states before and after each step (on the host) and each step's metrics."""
   mesh = sharding.create_mesh(devices)
   lr_fn = optax.constant_schedule(0.1)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (SIZE, SIZE, 3), 4)
-  states = [jax.device_get(state)]
-  state = train.place_state(state, mesh, config)
-  step_fn = train.make_train_step(
-    config, mesh, lr_fn, num_steps=NUM_STEPS, steps_per_epoch=STEPS_PER_EPOCH
+  method = methods.create_method(config, NUM_STEPS, STEPS_PER_EPOCH)
+  state = step.create_train_state(
+    method, jax.random.key(0), lr_fn, (SIZE, SIZE, 3), mesh=mesh, num_classes=4
   )
+  states = [jax.device_get(state)]
+  state = step.place_state(state, mesh, method)
+  step_fn = step.make_train_step(method, mesh, lr_fn)
   history = []
   for k in range(num_steps):
     batch = jax.device_put(_batch(seed=k), sharding.batch_sharded(mesh))
@@ -197,8 +198,8 @@ def test_teacher_gets_no_gradient_and_sees_only_the_global_crops(monkeypatch):
   monkeypatch.setattr(losses, "dino_loss", recording_loss)
   method = Recording(config, NUM_STEPS, STEPS_PER_EPOCH)
   lr_fn = optax.constant_schedule(0.1)
-  state = train.place_state(
-    train.create_train_state(config, jax.random.key(0), lr_fn, (SIZE, SIZE, 3)), mesh, config
+  state = step.place_state(
+    step.create_train_state(method, jax.random.key(0), lr_fn, (SIZE, SIZE, 3)), mesh, method
   )
   batch = jax.device_put(_batch(), sharding.batch_sharded(mesh))
 
@@ -312,14 +313,15 @@ def test_knn_evaluation_of_a_run_uses_the_teacher(vit_runs, monkeypatch):
   final = vit_runs[1][0][-1]
   seen = []
 
-  def fake_extract(variables, apply_fn, it, mesh):
+  def fake_extract(fn, variables, it, mesh):
     seen.append(variables)
-    return np.zeros((8, 4), np.float32), np.arange(8) % 2
+    return np.zeros((8, 4), np.float32), np.arange(8) % 2, np.arange(8)
 
-  monkeypatch.setattr(train.features, "extract_features", fake_extract)
+  monkeypatch.setattr(features_lib, "extract", fake_extract)
   config = config.copy_and_resolve_references()
   config.data.source, config.data.num_classes = "synthetic", 2
-  train.knn_eval(config, final, sharding.create_mesh(jax.devices()[:1]))
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  knn.knn_eval(config, methods.create_method(config), final, mesh)
   assert len(seen) == 2  # The train and the eval split.
   for variables in seen:
     chex.assert_trees_all_equal(variables["params"], final.method_state["teacher_params"])
@@ -334,20 +336,21 @@ def test_cached_student_features_are_not_reused_for_the_teacher(vit_runs, monkey
   features_lib.save_features(cache, np.ones((8, 4), np.float32), np.zeros(8, np.int64), step=3)
   calls = []
 
-  def fake_extract(variables, apply_fn, it, mesh):
+  def fake_extract(fn, variables, it, mesh):
     calls.append(variables)
-    return np.zeros((8, 4), np.float32), np.arange(8) % 2
+    return np.zeros((8, 4), np.float32), np.arange(8) % 2, np.arange(8)
 
-  monkeypatch.setattr(runner.features, "extract_features", fake_extract)
+  monkeypatch.setattr(features_lib, "extract", fake_extract)
   mesh = sharding.create_mesh(jax.devices()[:1])
-  x, _ = runner.split_features(config, final, "train", mesh, cache_path=cache)
+  method = methods.create_method(config)
+  x, _ = features_lib.split_features(config, method, final, "train", mesh, cache_path=cache)
   assert len(calls) == 1 and not x.any()  # Recomputed with the teacher, not the old cache.
   assert features_lib.load_features(cache)[2]["network"] == "teacher"
-  runner.split_features(config, final, "train", mesh, cache_path=cache)
+  features_lib.split_features(config, method, final, "train", mesh, cache_path=cache)
   assert len(calls) == 1  # Now the cache is the teacher's: reused.
   # Fine-tuning and the SGD linear protocol start from the teacher too, also from a plain
   # orbax restore (a dict).
   as_dict = {"params": final.params, "batch_stats": {}, "method_state": final.method_state}
   chex.assert_trees_all_equal(
-    classifier._variables(as_dict, config)["params"], final.method_state["teacher_params"]
+    classifier._variables(as_dict, method)["params"], final.method_state["teacher_params"]
   )

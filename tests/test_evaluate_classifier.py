@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from cljax import models, train
+from cljax import methods, models, step
 from cljax.data import sources
 from cljax.evaluate import classifier
 
@@ -26,8 +26,9 @@ def setup():
   config = tiny_config()
   config.data.num_workers = 0
   config.evals.batch_size = 64
-  state = train.create_train_state(config, jax.random.key(0), lambda _: 0.0, (16, 16, 3))
-  return config, state, _colour_source(512, 0), _colour_source(128, 1)
+  method = methods.create_method(config)
+  state = step.create_train_state(method, jax.random.key(0), lambda _: 0.0, (16, 16, 3))
+  return method, state, _colour_source(512, 0), _colour_source(128, 1)
 
 
 def test_balanced_subset():
@@ -43,7 +44,7 @@ def test_balanced_subset():
 
 
 def test_frozen_classifier_gives_the_encoder_no_gradient(setup):
-  config = setup[0]
+  config = setup[0].config
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
   for frozen in (True, False):
     model = classifier.Classifier(models.create_encoder(config.model), 4, frozen)
@@ -67,10 +68,10 @@ def test_frozen_classifier_gives_the_encoder_no_gradient(setup):
 
 
 def test_linear_probe_sgd_learns_and_random_labels_do_not(setup):
-  config, state, train_source, eval_source = setup
+  method, state, train_source, eval_source = setup
   kwargs = dict(num_epochs=2, batch_size=64, base_lr=1.0, log_every_steps=100)
   result = classifier.linear_probe_sgd(
-    config, state, train_source=train_source, eval_source=eval_source, **kwargs
+    method, state, train_source=train_source, eval_source=eval_source, **kwargs
   )
   assert result["top1"] > 0.8  # Chance: 0.25.
   assert result["steps"] == 2 * (512 // 64)
@@ -78,15 +79,15 @@ def test_linear_probe_sgd_learns_and_random_labels_do_not(setup):
     train_source.images, np.random.default_rng(5).permutation(train_source.labels)
   )
   control = classifier.linear_probe_sgd(
-    config, state, train_source=shuffled, eval_source=eval_source, num_classes=4, **kwargs
+    method, state, train_source=shuffled, eval_source=eval_source, num_classes=4, **kwargs
   )
   assert control["top1"] < 0.45
 
 
 def test_finetune_on_a_label_subset_beats_chance(setup):
-  config, state, train_source, eval_source = setup
+  method, state, train_source, eval_source = setup
   result = classifier.finetune(
-    config,
+    method,
     state,
     label_fraction=0.1,
     train_source=train_source,
@@ -101,10 +102,10 @@ def test_finetune_on_a_label_subset_beats_chance(setup):
 
 
 def test_too_small_training_set_is_an_error(setup):
-  config, state, train_source, eval_source = setup
+  method, state, train_source, eval_source = setup
   with pytest.raises(ValueError, match="fewer than one batch"):
     classifier.train_classifier(
-      config,
+      method,
       state,
       classifier.Subset(train_source, range(16)),
       eval_source,

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import tiny_config
 
-from cljax import sharding, train
+from cljax import methods, sharding, train
 from cljax.data import sources
 from cljax.evaluate import features, knn, runner
 
@@ -99,13 +99,13 @@ def test_cli_evaluates_the_latest_checkpoint(run):
 def test_restore_matches_plain_orbax(run):
   workdir, _ = run
   mesh = sharding.create_mesh()
-  state, step = runner.restore_checkpoint(_config(), str(workdir), mesh=mesh)
+  state, step = runner.restore_checkpoint(methods.create_method(_config()), str(workdir), mesh=mesh)
   plain = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "state")
   assert step == 2 and int(state.step) == 2
   chex.assert_trees_all_equal(jax.device_get(state.params), plain["params"])
   chex.assert_trees_all_equal(jax.device_get(state.batch_stats), plain["batch_stats"])
   with pytest.raises(FileNotFoundError, match="step 7"):
-    runner.restore_checkpoint(_config(), str(workdir), step=7, mesh=mesh)
+    runner.restore_checkpoint(methods.create_method(_config()), str(workdir), step=7, mesh=mesh)
 
 
 def test_baselines_random_init_and_pixels():

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from helpers import tiny_config
+from helpers import initial_state, tiny_config
 from jax.sharding import PartitionSpec as P
 
-from cljax import losses, models, sharding, train
+from cljax import losses, models, sharding
+from cljax.methods import base
 
 
 def _chunked_without_remat(apply_fn, params, stats, views, num_chunks):
@@ -46,9 +47,7 @@ def _grads(forward_fn, config, params, stats, views, mesh):
 
 def _setup():
   config = tiny_config()
-  state = train.create_train_state(
-    config, jax.random.key(0), optax.constant_schedule(0.1), (16, 16, 3)
-  )
+  state = initial_state(config, optax.constant_schedule(0.1))
   rng = np.random.default_rng(0)
   # Views laid out per device as [view_a; view_b] of 2 images each: 8 devices x 4 views.
   views = jnp.asarray(rng.normal(size=(32, 16, 16, 3)), jnp.float32)
@@ -59,21 +58,27 @@ def test_gradient_caching_equals_the_direct_chunked_step():
   config, state, views = _setup()
   mesh = sharding.create_mesh()
   cached = _grads(
-    lambda a, p, s, v: train.forward(a, p, s, v, num_chunks=2),
+    lambda a, p, s, v: base.forward(a, p, s, v, num_chunks=2),
     config, state.params, state.batch_stats, views, mesh,
   )  # fmt: skip
   direct = _grads(
     lambda a, p, s, v: _chunked_without_remat(a, p, s, v, 2),
     config, state.params, state.batch_stats, views, mesh,
   )  # fmt: skip
-  chex.assert_trees_all_close(cached, direct, rtol=1e-5, atol=1e-7)
+  # Rematerialisation changes only how XLA fuses and orders the float32 sums, so an element
+  # may differ by a few ulps of its leaf's largest gradient (float32 eps: 1.2e-7), never by a
+  # fraction of it as a wrong recomputation would (other statistics, a chunk left out).
+  # Scaled per leaf: a fixed atol holds on one machine's kernels and fails on another's.
+  for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(direct), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
+  # (Leaves without gradient, biases before a BatchNorm, must then be exactly zero in both.)
 
 
 def test_one_chunk_is_the_plain_forward_and_chunks_change_batchnorm_only():
   config, state, views = _setup()
   mesh = sharding.create_mesh()
   plain = _grads(
-    lambda a, p, s, v: train.forward(a, p, s, v, num_chunks=1),
+    lambda a, p, s, v: base.forward(a, p, s, v, num_chunks=1),
     config, state.params, state.batch_stats, views, mesh,
   )  # fmt: skip
   direct = _grads(
@@ -83,7 +88,7 @@ def test_one_chunk_is_the_plain_forward_and_chunks_change_batchnorm_only():
   chex.assert_trees_all_close(plain, direct, rtol=1e-6, atol=1e-8)
   # Ghost BatchNorm over 2 chunks is a different function: the test above has teeth.
   cached = _grads(
-    lambda a, p, s, v: train.forward(a, p, s, v, num_chunks=2),
+    lambda a, p, s, v: base.forward(a, p, s, v, num_chunks=2),
     config, state.params, state.batch_stats, views, mesh,
   )  # fmt: skip
   assert not np.isclose(float(plain[0]), float(cached[0]), rtol=1e-6)
@@ -99,7 +104,7 @@ def test_gradient_caching_lowers_compiled_memory():
   def temp_bytes(num_chunks):
     def per_device(params, stats, v):
       def loss_fn(p):
-        _, z, _ = train.forward(apply_fn, p, stats, v, num_chunks)
+        _, z, _ = base.forward(apply_fn, p, stats, v, num_chunks)
         n = z.shape[0] // 2
         return losses.nt_xent(z[:n], z[n:], 0.5, axis_name=sharding.DATA_AXIS)
 
@@ -116,7 +121,7 @@ def test_grad_chunks_must_divide_the_views():
   config, state, views = _setup()
   apply_fn = functools.partial(models.create_model(config).apply)
   try:
-    train.forward(apply_fn, state.params, state.batch_stats, views[:6], num_chunks=4)
+    base.forward(apply_fn, state.params, state.batch_stats, views[:6], num_chunks=4)
   except ValueError as e:
     assert "grad_chunks=4" in str(e)
   else:

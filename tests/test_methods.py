@@ -9,12 +9,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import tiny_config
+from helpers import initial_state, state_and_step, tiny_config
 from jax.sharding import PartitionSpec as P
 from test_train_step import _batch
 
-from cljax import losses, methods, metrics, sharding, train
-from cljax.evaluate import collapse
+from cljax import collapse, losses, methods, metrics, sharding, step, train
 from cljax.methods import base, momentum
 
 MOMENTUM = ("moco_v2", "moco_v3", "byol")
@@ -37,9 +36,7 @@ def _config(method, **overrides):
 def _run(config, devices, batches, num_steps=10, lr=0.1):
   mesh = sharding.create_mesh(devices)
   lr_fn = optax.constant_schedule(lr)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3), 4)
-  state = train.place_state(state, mesh, config)
-  step_fn = train.make_train_step(config, mesh, lr_fn, num_steps=num_steps)
+  state, step_fn = state_and_step(config, mesh, lr_fn, num_classes=4, num_steps=num_steps)
   history = []
   for batch in batches:
     state, step_metrics = step_fn(
@@ -60,9 +57,12 @@ def test_method_step_on_8_devices_equals_1_device(method):
   state1, hist1 = _run(config, jax.devices()[:1], batches)
   for m8, m1 in zip(hist8, hist1, strict=True):
     chex.assert_trees_all_close(m8, m1, rtol=1e-4, atol=1e-6)
-  # Measured after two steps: at most 1.3e-5 apart (SimCLR's own step: 4e-6);
-  # per-device instead of global BatchNorm or negatives would be O(1e-2).
-  chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-4, atol=3e-5)
+  # Float32 summation order only: most leaves agree to 1e-5 after two steps, but BYOL's
+  # BatchNorm biases over near-constant features amplify it (1.8e-4 with the jaxlib pip
+  # resolves in December 2026, the same before and after cljax.run; "The first hour"
+  # issue tracks a float64 check). Per-device instead of global BatchNorm or negatives
+  # would be O(1e-2).
+  chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-4, atol=3e-4)
   # Queued keys are normalised outputs of the target network: float32
   # summation-order differences reach a few 1e-5 there; a misplaced key is O(0.1).
   chex.assert_trees_all_close(state8.method_state, state1.method_state, rtol=1e-4, atol=1e-4)
@@ -90,7 +90,7 @@ def test_ema_decay_follows_the_schedule():
 def test_target_is_the_ema_of_the_new_online_parameters(method):
   config = _config(method)
   lr_fn = optax.constant_schedule(0.1)
-  init = jax.device_get(train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3)))
+  init = jax.device_get(initial_state(config, lr_fn))
   state, _ = _run(config, jax.devices(), [_batch()])
   decay = 0.9  # ema.base at step 0 of the cosine ramp.
   online = {k: v for k, v in state.params.items() if k != "predictor"}
@@ -111,9 +111,7 @@ def test_the_target_network_gets_no_gradient(method):
   mesh = sharding.create_mesh()
   method_obj = methods.create_method(config)
   lr_fn = optax.constant_schedule(0.1)
-  state = train.place_state(
-    train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3)), mesh, config
-  )
+  state = step.place_state(initial_state(config, lr_fn), mesh, method_obj)
   batch = jax.device_put(_batch(), sharding.batch_sharded(mesh))
 
   def target_grad(method_state, batch):
@@ -176,10 +174,10 @@ def test_moco_queue_after_k_steps_holds_the_last_keys_of_the_key_encoder():
   mesh = sharding.create_mesh()
   lr_fn = optax.constant_schedule(0.1)
   method = methods.create_method(config)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
+  state = initial_state(config, lr_fn)
   initial_queue = np.asarray(state.method_state["queue"])
-  state = train.place_state(state, mesh, config)
-  step_fn = train.make_train_step(config, mesh, lr_fn)
+  state = step.place_state(state, mesh, method)
+  step_fn = step.make_train_step(method, mesh, lr_fn)
   model = method.create_model(bn_axis_name=None)  # One device: the global batch at once.
   expected_keys = []
   for k in range(3):
@@ -203,13 +201,9 @@ def test_moco_queue_after_k_steps_holds_the_last_keys_of_the_key_encoder():
 def test_moco_queue_size_must_be_a_multiple_of_the_devices_and_hold_a_batch():
   lr_fn = optax.constant_schedule(0.1)
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
-    train.create_train_state(
-      _config("moco_v2", moco__queue_size=60), jax.random.key(0), lr_fn, (16, 16, 3)
-    )
+    initial_state(_config("moco_v2", moco__queue_size=60), lr_fn)
   with pytest.raises(ValueError, match="at least one step's 16 keys"):
-    train.create_train_state(
-      _config("moco_v2", moco__queue_size=8), jax.random.key(0), lr_fn, (16, 16, 3)
-    )
+    initial_state(_config("moco_v2", moco__queue_size=8), lr_fn)
 
 
 def _synthetic(config, num_steps):

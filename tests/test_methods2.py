@@ -2,7 +2,7 @@
 
 Global-batch statistics: Barlow Twins' standardisation and cross-correlation,
 SwAV's Sinkhorn and SupCon's label positives all run over the global batch.
-We rely on the loss-level tests (tests/test_losses_methods2.py: each sharded
+We rely on the loss-level tests (tests/test_losses_{supcon,barlow,swav}.py: each sharded
 loss equals the global one and differs from a per-device one) and check here
 that each method's train step on 8 devices (2 images each) equals its step
 on 1 device holding the 16 images, which a per-device loss would fail by
@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_config
+from helpers import initial_state, tiny_config
 from jax.sharding import PartitionSpec as P
 from test_train_step import _batch
 
-from cljax import losses, methods, sharding, train
+from cljax import losses, methods, sharding, step
 from cljax.methods import barlow_twins, simclr
 
 N, LOCAL_CROPS, LOCAL_SIZE = 16, 2, 8
@@ -65,7 +65,7 @@ def _initial_state(config, lr):
   """The initial train state on the host. No online probe (num_classes=0):
   test_methods.py covers it; here it would only add compile time."""
   lr_fn = optax.constant_schedule(lr)
-  return jax.device_get(train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3)))
+  return jax.device_get(initial_state(config, lr_fn))
 
 
 def _run(config, devices, batches, *, steps_per_epoch=0, lr=0.1, keep_going=False, init=None):
@@ -75,10 +75,9 @@ def _run(config, devices, batches, *, steps_per_epoch=0, lr=0.1, keep_going=Fals
   mesh = sharding.create_mesh(devices)
   lr_fn = optax.constant_schedule(lr)
   state = _initial_state(config, lr) if init is None else init
-  state = train.place_state(state, mesh, config)  # From host arrays: fresh device buffers.
-  step_fn = train.make_train_step(
-    config, mesh, lr_fn, num_steps=len(batches), steps_per_epoch=steps_per_epoch
-  )
+  method = methods.create_method(config, len(batches), steps_per_epoch)
+  state = step.place_state(state, mesh, method)  # From host arrays: fresh device buffers.
+  step_fn = step.make_train_step(method, mesh, lr_fn)
   states, history = [jax.device_get(state)], []
   for batch in batches:
     state, step_metrics = step_fn(

@@ -1,4 +1,4 @@
-"""Tests for the online linear probe: learning, label masking, stop-gradient, sharding."""
+"""Tests for cljax.probe, the online linear probe of the train step."""
 
 import chex
 import jax
@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from cljax.evaluate import online
+from cljax import probe
 
 
 def _separable(seed, n=256, d=16, c=4):
@@ -19,11 +19,11 @@ def _separable(seed, n=256, d=16, c=4):
 
 def test_learns_a_separable_problem():
   x, y = _separable(0)
-  params = online.init_probe_params(jax.random.key(0), 16, 4)
-  tx = online.create_probe_optimizer(1e-2)
+  params = probe.init_probe_params(jax.random.key(0), 16, 4)
+  tx = probe.create_probe_optimizer(1e-2)
   opt_state = tx.init(params)
-  step = jax.jit(lambda p, s: online.probe_update(p, s, x, y, tx=tx, num_classes=4))
-  evaluate = jax.jit(online.probe_loss_and_metrics, static_argnums=3)
+  step = jax.jit(lambda p, s: probe.probe_update(p, s, x, y, tx=tx, num_classes=4))
+  evaluate = jax.jit(probe.probe_loss_and_metrics, static_argnums=3)
   _, first = evaluate(params, x, y, 4)
   assert float(first["probe_loss"]) == pytest.approx(np.log(4), abs=0.05)
   for _ in range(300):
@@ -35,10 +35,10 @@ def test_learns_a_separable_problem():
 
 def test_unlabelled_rows_are_ignored():
   x, y = _separable(1, n=64)
-  params = online.init_probe_params(jax.random.key(1), 16, 4)
+  params = probe.init_probe_params(jax.random.key(1), 16, 4)
   masked = y.copy()
   masked[::3] = -1
-  grad_fn = jax.jit(jax.grad(online.probe_loss_and_metrics, has_aux=True), static_argnums=3)
+  grad_fn = jax.jit(jax.grad(probe.probe_loss_and_metrics, has_aux=True), static_argnums=3)
   grads, metrics = grad_fn(params, x, masked, 4)
   keep = masked >= 0
   ref_grads, ref_metrics = grad_fn(params, x[keep], y[keep], 4)
@@ -49,8 +49,8 @@ def test_unlabelled_rows_are_ignored():
 
 def test_no_labels_gives_zero_loss_and_gradient():
   x, _ = _separable(2, n=32)
-  params = online.init_probe_params(jax.random.key(2), 16, 4)
-  grad_fn = jax.jit(jax.grad(online.probe_loss_and_metrics, has_aux=True), static_argnums=3)
+  params = probe.init_probe_params(jax.random.key(2), 16, 4)
+  grad_fn = jax.jit(jax.grad(probe.probe_loss_and_metrics, has_aux=True), static_argnums=3)
   grads, metrics = grad_fn(params, x, -np.ones(32, np.int32), 4)
   assert float(metrics["probe_loss"]) == 0.0
   chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, grads))
@@ -58,8 +58,8 @@ def test_no_labels_gives_zero_loss_and_gradient():
 
 def test_features_get_no_gradient():
   x, y = _separable(3, n=32)
-  params = online.init_probe_params(jax.random.key(3), 16, 4)
-  loss = lambda f: online.probe_loss_and_metrics(params, f, y, 4)[0]
+  params = probe.init_probe_params(jax.random.key(3), 16, 4)
+  loss = lambda f: probe.probe_loss_and_metrics(params, f, y, 4)[0]
   assert float(loss(x)) > 0
   np.testing.assert_array_equal(jax.grad(loss)(x), np.zeros_like(x))
 
@@ -68,11 +68,11 @@ def test_sharded_step_equals_global_batch():
   # As in the train step: shard_map over 'data' with check_vma, replicated probe parameters.
   x, y = _separable(4, n=64)
   y[5::7] = -1  # Unequal labelled counts per device.
-  params = online.init_probe_params(jax.random.key(4), 16, 4)
-  tx = online.create_probe_optimizer(1e-2)
+  params = probe.init_probe_params(jax.random.key(4), 16, 4)
+  tx = probe.create_probe_optimizer(1e-2)
   opt_state = tx.init(params)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  step = lambda p, s, f, lab, axis: online.probe_update(
+  step = lambda p, s, f, lab, axis: probe.probe_update(
     p, s, f, lab, tx=tx, num_classes=4, axis_name=axis
   )
   sharded = jax.jit(
@@ -90,8 +90,8 @@ def test_sharded_step_equals_global_batch():
 
 
 def test_rejects_mismatched_shapes():
-  params = online.init_probe_params(jax.random.key(5), 16, 4)
+  params = probe.init_probe_params(jax.random.key(5), 16, 4)
   with pytest.raises(ValueError, match=r"\(16, 4\)"):
-    online.probe_loss_and_metrics(params, np.ones((8, 16)), np.zeros(8, np.int32), 5)
+    probe.probe_loss_and_metrics(params, np.ones((8, 16)), np.zeros(8, np.int32), 5)
   with pytest.raises(ValueError, match=r"\(7,\)"):
-    online.probe_loss_and_metrics(params, np.ones((8, 16)), np.zeros(7, np.int32), 4)
+    probe.probe_loss_and_metrics(params, np.ones((8, 16)), np.zeros(7, np.int32), 4)

@@ -6,9 +6,9 @@ import chex
 import jax
 import numpy as np
 import optax
-from helpers import tiny_config
+from helpers import initial_state, state_and_step, tiny_config
 
-from cljax import optim, sharding, train
+from cljax import optim, sharding
 
 
 def _batch(n=16, size=16, seed=0):
@@ -24,9 +24,7 @@ def _batch(n=16, size=16, seed=0):
 
 def _run_steps(config, devices, batch, num_steps, lr_fn, num_classes=0):
   mesh = sharding.create_mesh(devices)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3), num_classes)
-  state = jax.device_put(state, sharding.replicated(mesh))
-  step_fn = train.make_train_step(config, mesh, lr_fn)
+  state, step_fn = state_and_step(config, mesh, lr_fn, num_classes=num_classes)
   rng = jax.random.key(1)
   history = []
   for _ in range(num_steps):
@@ -54,7 +52,7 @@ def test_train_step_on_8_devices_equals_1_device():
   chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(state8.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-5)
   # And the step did change the parameters and statistics.
-  init = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
+  init = initial_state(config, lr_fn)
   assert not np.allclose(
     init.params["encoder"]["conv_init"]["kernel"], state8.params["encoder"]["conv_init"]["kernel"]
   )
@@ -83,7 +81,7 @@ def test_batchnorm_statistics_are_global():
   state8, _ = _run_steps(config, jax.devices(), batch, 1, lr_fn)
   x = np.concatenate([batch["view_a"], batch["view_b"]]).astype(np.float32) / 255
   x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-  init = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
+  init = initial_state(config, lr_fn)
   kernel = np.asarray(init.params["encoder"]["conv_init"]["kernel"], np.float64)
   conv = jax.lax.conv_general_dilated(
     x[None].reshape(-1, 16, 16, 3),
@@ -100,15 +98,13 @@ def test_batchnorm_statistics_are_global():
 
 def _compiled_step_text(config, devices, lr_fn):
   mesh = sharding.create_mesh(devices)
-  state = train.create_train_state(config, jax.random.key(0), lr_fn, (16, 16, 3))
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state, step_fn = state_and_step(config, mesh, lr_fn)
   batch = jax.device_put(_batch(), sharding.batch_sharded(mesh))
-  step_fn = train.make_train_step(config, mesh, lr_fn)
   return step_fn.lower(state, batch, jax.random.key(1)).compile().as_text(), step_fn, state, batch
 
 
 def test_one_device_step_has_no_batchnorm_all_reduce_and_keeps_the_state_pytree():
-  # On one device the step swaps in the model without BatchNorm's axis, so no
+  # On one device the model is built without BatchNorm's axis, so no
   # one-participant all-reduce per BatchNorm layer is left in the compiled step
   # (the 8-device equality above shows the results are the same); on 8 devices
   # every BatchNorm layer of the tiny ResNet (5 in the encoder, 1 in the head)
@@ -123,7 +119,7 @@ def test_one_device_step_has_no_batchnorm_all_reduce_and_keeps_the_state_pytree(
   assert "BatchNorm" in text1  # The ops' metadata names their modules.
   assert bn_reduces(text1) == 0
   assert bn_reduces(text8) >= 5
-  # The returned state has the caller's apply_fn: the next call hits the compile cache.
+  # The returned state keeps its pytree: the next call hits the compile cache.
   treedef = jax.tree.structure(state)
   new_state, _ = step_fn(state, batch, jax.random.key(1))
   assert jax.tree.structure(new_state) == treedef

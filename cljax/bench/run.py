@@ -15,60 +15,48 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cljax import metrics, optim, sharding, train
+from cljax import metrics, train
+from cljax import run as run_lib
 from cljax.bench import flops, host, timing
-from cljax.data import device, pipeline, sources
+from cljax.data import device, pipeline
 
 PARTS = ("step", "full", "input", "host_jpeg", "matmul")
 Row = dict[str, Any]
 
 
 class Trainer:
-  """What ``train.train_and_evaluate`` builds before its loop, for the timed loops to share."""
+  """The run the benchmark times: ``run.create_run``'s, as training builds it, and its state."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config, self.mesh = config, sharding.create_mesh()
-    sharding.check_global_batch(config.data.global_batch_size, self.mesh)
-    self.source = sources.create_source(config.data, "train")
+    self.config = config
+    self.run = run_lib.create_run(config, with_iterator=False)
     self.batch = config.data.global_batch_size
-    steps_per_epoch, num_steps = train.total_steps(config, len(self.source))
-    peak_lr = optim.scaled_learning_rate(config.optim.base_lr, self.batch, config.optim.lr_scaling)
-    warmup = int(round(config.optim.warmup_epochs * max(steps_per_epoch, 1)))
-    self.lr_fn = optim.create_learning_rate_fn(peak_lr, warmup, num_steps)
-    init_rng, self.rng = jax.random.split(jax.random.key(config.train.seed))
-    size = config.data.image_size
-    # As the loop: labelled sources get the online probe (when the config enables it).
-    self.num_classes = len(getattr(self.source, "class_names", None) or ())
-    state = train.create_train_state(
-      config, init_rng, self.lr_fn, (size, size, 3), self.num_classes
-    )
-    self.state = train.place_state(state, self.mesh, config)
-    self.step_fn = train.make_train_step(config, self.mesh, self.lr_fn)
+    self.views_per_step = self.run.views_per_step
+    self.state = self.run.state
     self.step = 0
     self.flops_per_view = flops.train_flops_per_view(config)
     self._device_iterator = None
     self.device_load_s = None
 
   def synthetic_batch(self) -> dict[str, jax.Array]:
-    """A random batch of the configured shape, with the host batches' keys, on the devices."""
-    local = self.batch // jax.process_count()
-    shape = (local, self.config.data.image_size, self.config.data.image_size, 3)
+    """A random batch with the keys and shapes of the training iterator's, on the devices."""
     rng = np.random.default_rng(jax.process_index())
-    batch = {k: rng.integers(0, 256, shape, np.uint8) for k in ("view_a", "view_b")}
-    batch["aug_seed"] = rng.integers(0, 2**31 - 1, local).astype(np.int32)
-    batch["label"] = rng.integers(0, max(self.num_classes, 1), local).astype(np.int32)
-    aug = self.config.data.augment
-    if aug.num_local_crops:
-      size = aug.local_crop_size
-      shape = (local, aug.num_local_crops, size, size, 3)
-      batch["local_views"] = rng.integers(0, 256, shape, np.uint8)
-    return sharding.host_to_global(batch, self.mesh)
+    it = self.run.create_iterator(device_resident=False)
+    try:
+      # One real batch gives the keys and shapes (tokens for CLIP, local views for
+      # multi-crop); its contents are replaced by random values of the same dtype.
+      spec = next(it)
+    finally:
+      it.close()
+    batch = {}
+    for key, value in spec.items():
+      high = {"aug_seed": 2**31 - 1, "label": max(self.run.num_classes, 1)}.get(key, 256)
+      batch[key] = rng.integers(0, high, value.shape, np.int64).astype(value.dtype)
+    return self.run.global_batch(batch)
 
   def iterator(self, mode: str) -> Any:
-    """``train.create_train_iterator`` for this config with ``data.device_resident`` set by mode."""
-    config = ml_collections.ConfigDict(self.config.to_dict())  # An unlocked copy.
-    config.data.device_resident = mode == "device"
-    return train.create_train_iterator(config, self.source, self.mesh)
+    """The run's training iterator, on the host or device-resident as ``mode`` says."""
+    return self.run.create_iterator(device_resident=mode == "device")
 
   def device_iterator(self) -> device.DeviceBatchIterator:
     """The device-resident batches (the data set is loaded once, on first use)."""
@@ -83,8 +71,7 @@ class Trainer:
     train_iter = self.iterator("host")
     try:
       for host_batch in train_iter:
-        batch = {k: host_batch[k] for k in train.BATCH_KEYS if k in host_batch}
-        yield sharding.host_to_global(batch, self.mesh)
+        yield self.run.global_batch(host_batch)
     finally:
       train_iter.close()
 
@@ -110,7 +97,7 @@ def _step_run(trainer: Trainer) -> Callable[[int], Any]:
 
   def run(k: int):
     for _ in range(k):
-      trainer.state, _ = trainer.step_fn(trainer.state, batch, trainer.rng)
+      trainer.state, _ = trainer.run.step_fn(trainer.state, batch, trainer.run.step_rng)
     return trainer.state
 
   return run
@@ -119,10 +106,10 @@ def _step_run(trainer: Trainer) -> Callable[[int], Any]:
 def _full_run(trainer: Trainer, mode: str, stack: contextlib.ExitStack) -> Callable[[int], Any]:
   """(b): the loop body of ``train.train_and_evaluate``, checkpoints excepted.
 
-  Each step takes the next batch (host: grain + ``host_to_global``; device: the
-  device-resident iterator), runs the step and keeps its metrics on device; every
-  ``log_every_steps`` it fetches and averages them on the host and writes them. Keep in
-  step with the loop in ``train.py``.
+  Each step takes the next batch (host: grain + ``Run.global_batch``; device: the
+  device-resident iterator), runs the run's step and keeps its metrics on device; every
+  ``log_every_steps`` it fetches and averages them on the host and writes them, with the
+  loop's own ``PendingMetrics``.
   """
   if mode == "device":
     batches = iter(trainer.device_iterator())
@@ -135,7 +122,7 @@ def _full_run(trainer: Trainer, mode: str, stack: contextlib.ExitStack) -> Calla
   writer = metrics.MetricWriter(
     stack.enter_context(tempfile.TemporaryDirectory()),
     total_steps=10**9,
-    views_per_step=2 * trainer.batch,
+    views_per_step=trainer.views_per_step,
     enabled=jax.process_index() == 0,
     progress=False,
   )
@@ -143,7 +130,9 @@ def _full_run(trainer: Trainer, mode: str, stack: contextlib.ExitStack) -> Calla
 
   def run(k: int):
     for _ in range(k):
-      trainer.state, step_metrics = trainer.step_fn(trainer.state, next(batches), trainer.rng)
+      trainer.state, step_metrics = trainer.run.step_fn(
+        trainer.state, next(batches), trainer.run.step_rng
+      )
       trainer.step += 1
       pending.append(trainer.step, step_metrics)
       if trainer.step % log_every == 0:
@@ -177,7 +166,7 @@ def bench_training(
     results = timing.time_interleaved(runs, windows=windows, steps=steps)
   if step:
     result = results["step"]
-    row = {"part": "step", **timing.rates(result, 2 * trainer.batch)}
+    row = {"part": "step", **timing.rates(result, trainer.views_per_step)}
     row["ms_per_step"] = round(1e3 / statistics.median(result["steps_per_s"]), 3)
     row["compile_s"] = round(compiles.seconds, 3)
     row["first_step_s"] = round(first_step_s, 3)
@@ -186,7 +175,7 @@ def bench_training(
     rows.append(row | _throughput(row["views_per_s"], trainer.flops_per_view))
   for mode in modes:
     result = results[mode]
-    row = {"part": "full", "mode": mode, **timing.rates(result, 2 * trainer.batch)}
+    row = {"part": "full", "mode": mode, **timing.rates(result, trainer.views_per_step)}
     row["log_every_steps"] = trainer.config.train.log_every_steps
     if step:
       step_rates = results["step"]["steps_per_s"]
@@ -206,19 +195,14 @@ def _input_iterators(trainer: Trainer, mode: str) -> list[tuple[Row, Any]]:
     return [({"mode": "device"}, trainer.device_iterator())]
   c = trainer.config
   one_core = pipeline.create_pretrain_iterator(
-    trainer.source,
+    trainer.run.source,
+    trainer.run.views,
     seed=c.train.seed,
     global_batch_size=trainer.batch,
-    image_size=c.data.image_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     num_workers=0,
     read_threads=1,
-    crop_area=(c.data.augment.crop_area_min, c.data.augment.crop_area_max),
-    flip=c.data.augment.flip,
-    num_local_crops=c.data.augment.num_local_crops,
-    local_crop_size=c.data.augment.local_crop_size,
-    local_crop_area=(c.data.augment.local_crop_area_min, c.data.augment.local_crop_area_max),
   )
   return [
     ({"mode": "host", "num_workers": c.data.num_workers, "cores_used": None}, None),
@@ -243,8 +227,8 @@ def bench_input(
     )
     if mode == "host":
       it.close()
-    row = {"part": "input", **fields, **timing.rates(result, 2 * trainer.batch)}
-    row["images_per_s"] = round(row["views_per_s"] / 2, 2)
+    row = {"part": "input", **fields, **timing.rates(result, trainer.views_per_step)}
+    row["images_per_s"] = round(row["views_per_s"] * trainer.batch / trainer.views_per_step, 2)
     if fields.get("cores_used") == 1:
       row["images_per_s_per_core"] = row["images_per_s"]
     rows.append(row)
@@ -265,7 +249,7 @@ def bench_matmul(size: int = 8192, repeats: int = 20) -> Row:
   return {"part": "matmul", "size": size, "tflops": round(2 * size**3 / seconds / 1e12, 2)}
 
 
-def env_row(config: ml_collections.ConfigDict) -> Row:
+def env_row(config: ml_collections.ConfigDict, views_per_step: int | None = None) -> Row:
   """What ran where: versions, devices, host cores, the model and batch."""
   return {
     "part": "env",
@@ -282,7 +266,7 @@ def env_row(config: ml_collections.ConfigDict) -> Row:
     ),
     "image_size": config.data.image_size,
     "global_batch_size": config.data.global_batch_size,
-    "views_per_step": 2 * config.data.global_batch_size,
+    "views_per_step": views_per_step,
     "data_source": config.data.source,
   }
 
@@ -354,10 +338,10 @@ def run_benchmark(
     rows.append(row)
     emit(row)
 
-  add(env_row(config))
+  trainer = Trainer(config) if {"step", "full", "input"} & set(parts) else None
+  add(env_row(config, trainer and trainer.views_per_step))
   if "matmul" in parts and jax.default_backend() != "cpu":
     add(bench_matmul())
-  trainer = Trainer(config) if {"step", "full", "input"} & set(parts) else None
   if {"step", "full"} & set(parts):
     for row in bench_training(
       trainer,

@@ -1,7 +1,10 @@
-"""Evaluation of pretrained encoders: kNN, linear probes, fine-tuning, collapse metrics, plots."""
+"""Evaluation of pretrained encoders: features, kNN, linear probes, fine-tuning, plots.
 
-# Light modules only: `classifier` and `runner` import `cljax.train`, which imports this
-# package, so they are imported explicitly where needed.
-from cljax.evaluate import collapse, knn, linear, online
+Evaluation sits on top of the run (``cljax.run``) and never imports the training loop
+(``cljax.train``); the loop calls ``knn.final_knn`` when a run ends. Heavier modules
+(``classifier``, ``runner``, ``zero_shot``) are imported where they are needed.
+"""
 
-__all__ = ["collapse", "knn", "linear", "online"]
+from cljax.evaluate import features, knn, linear
+
+__all__ = ["features", "knn", "linear"]

@@ -47,7 +47,7 @@ _ZERO_SHOT = flags.DEFINE_bool(
   "zero_shot",
   None,
   "Zero-shot accuracy (prompt ensemble) and image-text retrieval R@1/5/10; default: on for "
-  "method clip.",
+  "methods with a text tower (clip).",
 )
 _WORKERS = flags.DEFINE_integer("num_workers", 0, "grain worker processes for the eval pipeline.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -107,7 +107,7 @@ def main(argv):
     finetune_epochs=_FINETUNE_EPOCHS.value,
     classifier_batch_size=_CLASSIFIER_BATCH.value,
     num_workers=_WORKERS.value,
-    zero_shot=_CONFIG.value.method == "clip" if _ZERO_SHOT.value is None else _ZERO_SHOT.value,
+    zero_shot=_ZERO_SHOT.value,
   )
   if jax.process_index() == 0:
     print("\n".join(_summary(result)))

@@ -33,8 +33,9 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from cljax import methods, models, sharding, train
-from cljax.data import pipeline, sources
+from cljax import methods, models, sharding
+from cljax.data import augment, pipeline, sources
+from cljax.data import views as views_lib
 from cljax.evaluate import features, linear
 
 
@@ -122,29 +123,26 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.nd
 
 
 class OneView(grain.transforms.RandomMap):
-  """Example -> one random resized crop (+ flip) of size ``image_size``, and its label."""
+  """Example -> one random resized crop (+ flip) as ``views`` says, and its label."""
 
-  def __init__(self, image_size: int, crop_area: tuple[float, float], flip: bool):
-    self.image_size, self.crop_area, self.flip = image_size, crop_area, flip
+  def __init__(self, views: views_lib.ViewSpec):
+    self.views = views
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = element["image"]
-    box = pipeline.random_resized_crop_box(*image.shape[:2], rng, self.crop_area)
-    view = pipeline.crop_and_resize(image, box, self.image_size)
-    if rng.random() < 0.5 and self.flip:
-      view = view[:, ::-1]
+    v = self.views
+    view = pipeline.random_view(
+      element["image"], rng, v.image_size, v.crop_area, v.crop_aspect, v.flip
+    )
     return {"image": np.ascontiguousarray(view), "label": np.int32(element["label"])}
 
 
 def create_train_iterator(
   source: Any,
+  views: views_lib.ViewSpec,
   *,
   seed: int,
   batch_size: int,
-  image_size: int,
   num_epochs: int,
-  crop_area: tuple[float, float] = (0.08, 1.0),
-  flip: bool = True,
   num_workers: int = 0,
 ) -> Any:
   """This process's batches of single augmented views, reshuffled every epoch.
@@ -156,7 +154,7 @@ def create_train_iterator(
   count, index = jax.process_count(), jax.process_index()
   usable = len(source) - len(source) % count
   ds = grain.MapDataset.source(source).seed(seed).shuffle()
-  ds = ds.random_map(OneView(image_size, tuple(crop_area), flip))[:usable][index::count]
+  ds = ds.random_map(OneView(views))[:usable][index::count]
   ds = ds.repeat(num_epochs).batch(batch_size // count, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
@@ -164,7 +162,7 @@ def create_train_iterator(
   return iter(iter_ds)
 
 
-def _variables(state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _variables(state: Any, method: methods.Method) -> dict[str, Any]:
   """The ``{"params", "batch_stats"}`` that evaluation starts from (``Method.eval_variables``:
   DINO's teacher), of a TrainState or of a plain-orbax restored dict."""
   if isinstance(state, Mapping):
@@ -173,7 +171,7 @@ def _variables(state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
       batch_stats=state["batch_stats"],
       method_state=state.get("method_state"),
     )
-  return methods.create_method(config).eval_variables(state)
+  return method.eval_variables(state)
 
 
 def _make_step(model: Classifier, tx: optax.GradientTransformation):
@@ -181,7 +179,7 @@ def _make_step(model: Classifier, tx: optax.GradientTransformation):
 
   def loss_fn(trainable, fixed, batch_stats, images, labels):
     variables = {"params": {**fixed, **trainable}, "batch_stats": batch_stats}
-    x = train.normalize_images(images.astype(jnp.float32) / 255.0)
+    x = augment.normalize_images(images.astype(jnp.float32) / 255.0)
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
@@ -199,7 +197,7 @@ def _make_step(model: Classifier, tx: optax.GradientTransformation):
 
 
 def train_classifier(
-  config: ml_collections.ConfigDict,
+  method: methods.Method,
   state: Any,
   train_source: Any,
   eval_source: Any,
@@ -219,7 +217,8 @@ def train_classifier(
   """Trains a linear layer on the encoder of ``state`` (and the encoder unless ``frozen``).
 
   Args:
-    config: the pretraining config (model and data sections).
+    method: the pretraining method (its config: model and data sections; which network
+      evaluation starts from).
     state: a TrainState, or the dict plain orbax restores, holding ``params["encoder"]``.
     train_source: random-access source of labelled training examples.
     eval_source: source of the examples to score (centre crops).
@@ -242,6 +241,7 @@ def train_classifier(
     ValueError: if the training set is smaller than one batch or the batch does not split
       over the devices.
   """
+  config = method.config
   mesh = mesh or sharding.create_mesh()
   sharding.check_global_batch(batch_size, mesh)
   if len(train_source) < batch_size or num_epochs < 1:
@@ -253,7 +253,7 @@ def train_classifier(
   usable = len(train_source) - len(train_source) % jax.process_count()
   num_steps = num_epochs * usable // batch_size
   model = Classifier(models.create_encoder(config.model), num_classes, frozen)
-  variables = _variables(state, config)
+  variables = _variables(state, method)
   trainable, fixed, batch_stats = _initial_variables(model, variables, config, frozen)
   schedule = optax.cosine_decay_schedule(base_lr * batch_size / 256, num_steps)
   tx = optax.sgd(schedule, momentum=momentum, nesterov=True)
@@ -261,13 +261,14 @@ def train_classifier(
   trainable, fixed, batch_stats = jax.device_put((trainable, fixed, batch_stats), rep)
   opt_state = jax.device_put(tx.init(trainable), rep)
   step_fn = _make_step(model, tx)
+  # SimCLR's augmentation for these protocols: random resized crop and flip, nothing else.
+  views = views_lib.ViewSpec(config.data.image_size, crop_area=crop_area, flip=True)
   it = create_train_iterator(
     train_source,
+    views,
     seed=seed,
     batch_size=batch_size,
-    image_size=config.data.image_size,
     num_epochs=num_epochs,
-    crop_area=crop_area,
     num_workers=num_workers,
   )
   t0, history = time.time(), []
@@ -317,21 +318,16 @@ def evaluate_classifier(
   num_workers: int = 0,
 ) -> dict[str, float]:
   """Top-1 and top-5 of ``model`` on the centre crops of ``source``."""
-  it = pipeline.create_eval_iterator(
-    source,
-    batch_size=config.evals.batch_size,
-    image_size=config.data.image_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_workers=num_workers,
+  batches = features.eval_batches(config, "eval", source=source, num_workers=num_workers)
+  logits_fn = lambda v, images: model.apply(
+    v, augment.normalize_images(images.astype(jnp.float32) / 255.0), train=False
   )
-  apply_fn = lambda v, x, train: (model.apply(v, x, train=train), None)
-  logits, labels = features.extract_features(variables, apply_fn, it, mesh)
+  logits, labels, _ = features.extract(logits_fn, variables, batches, mesh)
   return linear.topk_accuracy(logits, labels)
 
 
 def linear_probe_sgd(
-  config: ml_collections.ConfigDict,
+  method: methods.Method,
   state: Any,
   *,
   train_source: Any | None = None,
@@ -345,7 +341,7 @@ def linear_probe_sgd(
   """SimCLR's linear evaluation: SGD on a linear layer over the frozen, augmented encoder.
 
   Args:
-    config: the pretraining config; its data section names the sources by default.
+    method: the pretraining method; its config's data section names the sources by default.
     state: a TrainState or plain-orbax restored dict.
     train_source: labelled training examples (default: the config's train split).
     eval_source: examples to score (default: the config's eval split).
@@ -358,13 +354,14 @@ def linear_probe_sgd(
   Returns:
     As ``train_classifier``.
   """
+  config = method.config
   if train_source is None:
     train_source = sources.create_source(config.data, "train")
   if eval_source is None:
     eval_source = sources.create_source(config.data, "eval")
   num_classes = num_classes or _num_classes(train_source)
   return train_classifier(
-    config,
+    method,
     state,
     train_source,
     eval_source,
@@ -378,7 +375,7 @@ def linear_probe_sgd(
 
 
 def finetune(
-  config: ml_collections.ConfigDict,
+  method: methods.Method,
   state: Any,
   *,
   label_fraction: float,
@@ -395,7 +392,7 @@ def finetune(
   """Semi-supervised evaluation: fine-tunes encoder and a new linear layer on a label subset.
 
   Args:
-    config: the pretraining config; its data section names the sources by default.
+    method: the pretraining method; its config's data section names the sources by default.
     state: a TrainState or plain-orbax restored dict (the pretrained encoder).
     label_fraction: fraction of the training labels used (0.01, 0.1), class-balanced.
     subset_seed: seed of the subset; fixed so that runs compare on the same labels.
@@ -412,6 +409,7 @@ def finetune(
   Returns:
     As ``train_classifier``, plus ``label_fraction`` and ``num_labelled``.
   """
+  config = method.config
   if train_source is None:
     train_source = sources.create_source(config.data, "train")
   if eval_source is None:
@@ -427,7 +425,7 @@ def finetune(
   devices = (kwargs.get("mesh") or sharding.create_mesh()).devices.size
   batch_size = max(devices, min(batch_size, len(subset)) // devices * devices)
   result = train_classifier(
-    config,
+    method,
     state,
     subset,
     eval_source,

@@ -1,4 +1,9 @@
-"""Frozen-encoder features: eval-mode BatchNorm, batches sharded over all devices."""
+"""Frozen-encoder features: eval-mode BatchNorm, batches sharded over all devices.
+
+``split_features`` turns a split into features for every evaluator (kNN at the end of
+training, ``python -m cljax.evaluate``, the classifier's scoring, CLIP's zero-shot); they
+all go through ``eval_batches`` and ``extract``.
+"""
 
 from __future__ import annotations
 
@@ -8,70 +13,111 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from cljax import sharding
+from cljax.data import augment, pipeline, sources
 
 
 def _normalize(images: jax.Array) -> jax.Array:
-  # Deferred import: train imports the evaluation package for its final kNN.
-  from cljax import train
-
-  return train.normalize_images(images.astype(jnp.float32) / 255.0)
+  return augment.normalize_images(images.astype(jnp.float32) / 255.0)
 
 
-def make_feature_fn(apply_fn: Callable, mesh: Mesh) -> Callable:
-  """``(variables, uint8 images) -> encoder features`` (the output before the head)."""
+def encoder_features(apply_fn: Callable) -> Callable:
+  """``(variables, uint8 images) -> encoder features`` (the model's output before the head)."""
+  return lambda variables, images: apply_fn(variables, _normalize(images), train=False)[0]
 
-  def features(variables, images):
-    encoded, _ = apply_fn(variables, _normalize(images), train=False)
-    return encoded.astype(jnp.float32)
 
-  return jax.jit(
-    features,
-    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-    out_shardings=sharding.batch_sharded(mesh),
+def embeddings(apply_fn: Callable) -> Callable:
+  """``(variables, uint8 images) -> embeddings`` (the model's second output: after the head)."""
+  return lambda variables, images: apply_fn(variables, _normalize(images), train=False)[1]
+
+
+def eval_batches(
+  config: ml_collections.ConfigDict, split: str, *, source: Any = None, num_workers: int = 0
+) -> pipeline.BatchIterator:
+  """This process's centre-crop batches of ``split`` (or of ``source``), once, in order."""
+  return pipeline.create_eval_iterator(
+    sources.create_source(config.data, split) if source is None else source,
+    batch_size=config.evals.batch_size,
+    image_size=config.data.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=num_workers,
   )
 
 
-def extract_features(
-  variables: Any, apply_fn: Callable, batches: Iterable[dict], mesh: Mesh
-) -> tuple[np.ndarray, np.ndarray]:
-  """Features and labels of every real (unpadded) example in ``batches``.
+def extract(
+  fn: Callable, variables: Any, batches: Iterable[dict], mesh: Mesh
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``fn(variables, uint8 images)`` of every real (unpadded) example in ``batches``.
 
-  Each element of ``batches`` is this process's ``{"image", "label", "mask"}``;
-  the result holds the examples of all processes, in process order.
-  """
-  feature_fn = make_feature_fn(apply_fn, mesh)
-  features, labels = [], []
-  for batch in batches:
-    images = sharding.host_to_global({"image": batch["image"]}, mesh)["image"]
-    out = multihost_utils.process_allgather(feature_fn(variables, images), tiled=True)
-    keep = multihost_utils.process_allgather(np.asarray(batch["mask"]), tiled=True)
-    lab = multihost_utils.process_allgather(np.asarray(batch["label"]), tiled=True)
-    features.append(np.asarray(out)[keep])
-    labels.append(np.asarray(lab)[keep])
-  return np.concatenate(features), np.concatenate(labels)
-
-
-def pixel_features(batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
-  """Raw pixels as features (the usual no-learning baseline): flattened images in [0, 1].
-
-  Args:
-    batches: this process's ``{"image", "label", "mask"}`` batches of an eval iterator.
+  Each element of ``batches`` is this process's ``{"image", "label", "mask", "index"}``
+  (``eval_batches``); ``fn`` runs jitted on batches sharded over ``mesh``, and the result
+  holds the examples of all processes, in process order.
 
   Returns:
-    ``(features, labels)``: (n, h * w * 3) float32 and (n,) labels of the unpadded rows.
+    ``(outputs, labels, indices)``: float32 (n, ...) outputs, the labels and the source
+    indices of the examples.
   """
-  features, labels = [], []
+  jitted = jax.jit(
+    lambda v, x: fn(v, x).astype(jnp.float32),
+    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+    out_shardings=sharding.batch_sharded(mesh),
+  )
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  outputs, labels, indices = [], [], []
   for batch in batches:
-    keep = np.asarray(batch["mask"], bool)
-    images = np.asarray(batch["image"])[keep]
-    features.append(images.reshape(len(images), -1).astype(np.float32) / 255.0)
-    labels.append(np.asarray(batch["label"])[keep])
-  return np.concatenate(features), np.concatenate(labels)
+    images = sharding.host_to_global({"image": batch["image"]}, mesh)["image"]
+    keep = gather(np.asarray(batch["mask"], bool))
+    outputs.append(gather(jitted(variables, images))[keep])
+    labels.append(gather(np.asarray(batch["label"]))[keep])
+    indices.append(gather(np.asarray(batch["index"]))[keep])
+  return np.concatenate(outputs), np.concatenate(labels), np.concatenate(indices)
+
+
+def split_features(
+  config: ml_collections.ConfigDict,
+  method: Any,
+  state: Any,
+  split: str,
+  mesh: Mesh,
+  *,
+  cache_path: str | None = None,
+  num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Encoder features and labels of a whole split (centre crops), cached in ``cache_path``.
+
+  The network is the one ``method.eval_variables`` names (DINO's teacher, else the online
+  network); a cache written for another network is ignored.
+  """
+  if cache_path and os.path.exists(cache_path):
+    x, y, meta = load_features(cache_path)
+    # Caches written before the network was recorded hold the online network's features.
+    if meta.get("network", "online") == method.eval_network:
+      logging.info("Loaded %s features %s from %s.", split, x.shape, cache_path)
+      return x, y
+    logging.info("Ignoring %s: features of another network than the %s.", cache_path,
+                 method.eval_network)  # fmt: skip
+  batches = eval_batches(config, split, num_workers=num_workers)
+  variables = method.eval_variables(state)
+  x, y, _ = extract(encoder_features(state.apply_fn), variables, batches, mesh)
+  if cache_path and jax.process_index() == 0:
+    save_features(cache_path, x, y, step=int(state.step), network=method.eval_network)
+  return x, y
+
+
+def pixels(variables: Any, images: jax.Array) -> jax.Array:
+  """Raw pixels as features (the usual no-learning baseline): flattened images in [0, 1].
+
+  A feature function for ``extract`` (``variables`` unused).
+  """
+  del variables
+  return images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
 
 
 def save_features(path: str, features: np.ndarray, labels: np.ndarray, **meta: Any) -> None:

@@ -17,12 +17,17 @@ References:
 from __future__ import annotations
 
 import functools
+import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from cljax import losses
+from cljax.evaluate import features
 
 
 def _check_inputs(
@@ -200,3 +205,45 @@ def knn_accuracy(
   # Reduced on device: in multi-host runs the predictions need not be addressable here.
   correct = predictions == _replicate_if_explicit(jnp.asarray(test_labels, jnp.int32))
   return float(jnp.mean(correct))
+
+
+def knn_eval(config: Any, method: Any, state: Any, mesh: Any) -> dict[str, float]:
+  """kNN top-1 of ``state``'s encoder features, eval split against the train split.
+
+  Returns:
+    ``{"knn_top1": accuracy}``, or ``{}`` when a split is unlabelled.
+  """
+  (train_x, train_y), (test_x, test_y) = (
+    features.split_features(config, method, state, split, mesh) for split in ("train", "eval")
+  )
+  if np.any(train_y < 0) or np.any(test_y < 0):
+    return {}
+  accuracy = knn_accuracy(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes=int(max(train_y.max(), test_y.max())) + 1,
+    k=config.evals.knn_k,
+    temperature=config.evals.knn_temperature,
+  )
+  return {"knn_top1": float(accuracy)}
+
+
+def final_knn(run: Any, state: Any) -> dict[str, float]:
+  """The end-of-training kNN of ``run`` (a ``cljax.run.Run``) at ``state``, and with
+  ``evals.knn_baseline`` that of the same encoder at its random initialisation."""
+  config, t0 = run.config, time.time()
+  result = knn_eval(config, run.method, state, run.mesh)
+  if result and config.evals.knn_baseline:
+    baseline = knn_eval(config, run.method, run.initial_state(with_probe=False), run.mesh)
+    result["knn_top1_random_init"] = baseline["knn_top1"]
+  if result:
+    logging.info(
+      "kNN top-1 (k=%d, T=%g) on the eval split: %s (%.0fs).",
+      config.evals.knn_k,
+      config.evals.knn_temperature,
+      result,
+      time.time() - t0,
+    )
+  return result

@@ -28,25 +28,28 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import checkpoint, methods, metrics, sharding, train
+from cljax import checkpoint, collapse, methods, metrics, run, sharding, step
 from cljax.data import augment, pipeline, sources
-from cljax.evaluate import classifier, collapse, features, knn, linear, plots
+from cljax.data import views as views_lib
+from cljax.evaluate import classifier, features, knn, linear, plots
 
 # Rows used for the O(n^2) uniformity of encoder features; the std and rank use all rows.
 _UNIFORMITY_ROWS = 4096
 
 
-def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int = 0) -> Any:
+def abstract_state(method: methods.Method, mesh: Mesh, num_classes: int = 0) -> Any:
   """The TrainState's shapes and dtypes, replicated over ``mesh``: the restore target.
 
   ``num_classes >= 2`` includes the online probe (as training does for labelled data).
   """
-  image_shape = (config.data.image_size, config.data.image_size, 3)
+  size = method.config.data.image_size
   # Any callable schedule gives the optimiser state the saved structure; its values are unused.
   create = functools.partial(
-    train.create_train_state, config, learning_rate_fn=lambda _: 0.0, num_classes=num_classes
+    step.create_train_state, method, learning_rate_fn=lambda _: 0.0, image_shape=(size, size, 3)
   )
-  shapes = jax.eval_shape(lambda key: create(key, image_shape=image_shape), jax.random.key(0))
+  shapes = jax.eval_shape(
+    lambda key: create(key, mesh=mesh, num_classes=num_classes), jax.random.key(0)
+  )
   rep = sharding.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
@@ -59,13 +62,14 @@ def _saved_num_classes(path: str) -> int:
 
 
 def restore_checkpoint(
-  config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None, mesh: Mesh
+  method: methods.Method, workdir: str, *, step: int | None = None, mesh: Mesh
 ) -> tuple[Any, int]:
   """The train state at ``step`` (default: the latest) of ``workdir``, replicated on ``mesh``.
 
   Raises:
     FileNotFoundError: if the workdir has no checkpoint (at ``step``).
   """
+  config = method.config
   manager = checkpoint.create_manager(workdir, config)
   try:
     steps = manager.all_steps()
@@ -82,47 +86,13 @@ def restore_checkpoint(
     path = os.path.join(manager.directory, str(step), "state")
   finally:
     manager.close()
-  target = abstract_state(config, mesh, _saved_num_classes(path))
+  target = abstract_state(method, mesh, _saved_num_classes(path))
   state = ocp.StandardCheckpointer().restore(path, target)
   return state, step
 
 
-def split_features(
-  config: ml_collections.ConfigDict,
-  state: Any,
-  split: str,
-  mesh: Mesh,
-  *,
-  cache_path: str | None = None,
-  num_workers: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Encoder features and labels of a whole split (centre crops), cached in ``cache_path``."""
-  method = methods.create_method(config)
-  if cache_path and os.path.exists(cache_path):
-    x, y, meta = features.load_features(cache_path)
-    # Caches written before the network was recorded hold the online network's features.
-    if meta.get("network", "online") == method.eval_network:
-      logging.info("Loaded %s features %s from %s.", split, x.shape, cache_path)
-      return x, y
-    logging.info("Ignoring %s: features of another network than the %s.", cache_path,
-                 method.eval_network)  # fmt: skip
-  it = pipeline.create_eval_iterator(
-    sources.create_source(config.data, split),
-    batch_size=config.evals.batch_size,
-    image_size=config.data.image_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_workers=num_workers,
-  )
-  variables = method.eval_variables(state)
-  x, y = features.extract_features(variables, state.apply_fn, it, mesh)
-  if cache_path and jax.process_index() == 0:
-    features.save_features(cache_path, x, y, step=int(state.step), network=method.eval_network)
-  return x, y
-
-
 def two_view_embeddings(
-  config: ml_collections.ConfigDict,
+  method: methods.Method,
   state: Any,
   source: Any,
   mesh: Mesh,
@@ -139,18 +109,17 @@ def two_view_embeddings(
     ``{"features_a", "features_b", "z_a", "z_b"}``, each (m, dim) with m = ``num_examples``
     rounded down to whole devices (and at most the source's size).
   """
+  config = method.config
   devices = mesh.devices.size
   batch = min(num_examples, len(source)) // devices * devices
   aug = config.data.augment
   it = pipeline.create_pretrain_iterator(
     source,
+    views_lib.ViewSpec.from_config(config.data).replace(num_local_crops=0),
     seed=seed,
     global_batch_size=batch,
-    image_size=config.data.image_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    crop_area=(aug.crop_area_min, 1.0),
-    flip=aug.flip,
   )
   host = next(it)
   views = sharding.host_to_global({k: host[k] for k in ("view_a", "view_b")}, mesh)
@@ -160,10 +129,10 @@ def two_view_embeddings(
     x = view.astype(jnp.float32) / 255.0
     if aug.photometric:
       keys = augment.example_keys(key, 0, jnp.arange(x.shape[0]))
-      x = train.photometric(x, keys, aug)
-    return state.apply_fn(variables, train.normalize_images(x), train=False)
+      x = augment.photometric(x, keys, aug)
+    return state.apply_fn(variables, augment.normalize_images(x), train=False)
 
-  variables = methods.create_method(config).eval_variables(state)
+  variables = method.eval_variables(state)
   rng = jax.random.key(seed)
   out = {}
   for i, name in enumerate(("a", "b")):
@@ -175,34 +144,31 @@ def two_view_embeddings(
 
 
 def frozen_feature_evals(
-  train_x: np.ndarray,
-  train_y: np.ndarray,
-  test_x: np.ndarray,
-  test_y: np.ndarray,
+  config: ml_collections.ConfigDict,
+  train: tuple[np.ndarray, np.ndarray],
+  test: tuple[np.ndarray, np.ndarray],
   *,
-  num_classes: int,
-  knn_k: int = 200,
-  knn_temperature: float = 0.07,
   linear_probe: bool = True,
   l2_grid: Sequence[float] = linear.DEFAULT_L2_GRID,
   max_steps: int = 1000,
 ) -> dict[str, Any]:
-  """kNN and (optionally) the L-BFGS linear probe on cached features.
+  """kNN (``evals.knn_k``, ``evals.knn_temperature``) and optionally the L-BFGS linear probe
+  on cached ``(features, labels)`` of the train and the test split.
 
   Returns:
-    ``{"knn": {"top1", "k", "temperature"}, "linear_probe": {...}}``.
+    ``{"knn": {"top1", "k", "temperature", "seconds"}, "linear_probe": {...}}``, or ``{}``
+    when a split is empty or unlabelled.
   """
+  (train_x, train_y), (test_x, test_y) = train, test
+  if not len(train_y) or not len(test_y) or train_y.min() < 0 or test_y.min() < 0:
+    return {}
+  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  k, temperature = config.evals.knn_k, config.evals.knn_temperature
   t0 = time.time()
   top1 = knn.knn_accuracy(
-    train_x,
-    train_y,
-    test_x,
-    test_y,
-    num_classes=num_classes,
-    k=knn_k,
-    temperature=knn_temperature,
+    train_x, train_y, test_x, test_y, num_classes=num_classes, k=k, temperature=temperature
   )
-  out = {"knn": {"top1": top1, "k": knn_k, "temperature": knn_temperature}}
+  out = {"knn": {"top1": top1, "k": k, "temperature": temperature}}
   out["knn"]["seconds"] = time.time() - t0
   if linear_probe:
     t0 = time.time()
@@ -236,7 +202,7 @@ def _collapse(features_eval: np.ndarray, pairs: dict[str, np.ndarray]) -> dict[s
 
 
 def evaluate_state(
-  config: ml_collections.ConfigDict,
+  method: methods.Method,
   state: Any,
   mesh: Mesh,
   *,
@@ -252,7 +218,7 @@ def evaluate_state(
   """kNN, linear probe and collapse metrics of ``state``'s encoder; plots into ``out_dir``.
 
   Args:
-    config: the run config (data, model, evals sections).
+    method: the run's method (its config: data, model, evals sections).
     state: a TrainState (restored or freshly initialised).
     mesh: devices to run on.
     out_dir: where to cache features and write plots; None: nothing is written.
@@ -268,13 +234,14 @@ def evaluate_state(
     ``{"knn", "linear_probe", "collapse", "num_train", "num_eval", "feature_dim", "plots"}``
     (no kNN or probe when the data is unlabelled).
   """
+  config = method.config
   cache = lambda split: out_dir and os.path.join(out_dir, f"features_{tag}_{split}.npz")
   t0 = time.time()
-  train_x, train_y = split_features(
-    config, state, "train", mesh, cache_path=cache("train"), num_workers=num_workers
-  )
-  test_x, test_y = split_features(
-    config, state, "eval", mesh, cache_path=cache("eval"), num_workers=num_workers
+  (train_x, train_y), (test_x, test_y) = (
+    features.split_features(
+      config, method, state, split, mesh, cache_path=cache(split), num_workers=num_workers
+    )
+    for split in ("train", "eval")
   )
   result: dict[str, Any] = {
     "num_train": len(train_y),
@@ -282,23 +249,16 @@ def evaluate_state(
     "feature_dim": int(train_x.shape[1]),
     "feature_seconds": time.time() - t0,
   }
-  labelled = len(train_y) and len(test_y) and train_y.min() >= 0 and test_y.min() >= 0
-  if labelled:
-    result.update(
-      frozen_feature_evals(
-        train_x,
-        train_y,
-        test_x,
-        test_y,
-        num_classes=int(max(train_y.max(), test_y.max())) + 1,
-        knn_k=config.evals.knn_k,
-        knn_temperature=config.evals.knn_temperature,
-        linear_probe=linear_probe,
-        max_steps=linear_max_steps,
-      )
-    )
+  evals = frozen_feature_evals(
+    config,
+    (train_x, train_y),
+    (test_x, test_y),
+    linear_probe=linear_probe,
+    max_steps=linear_max_steps,
+  )
+  result.update(evals)
   eval_source = sources.create_source(config.data, "eval")
-  pairs = two_view_embeddings(config, state, eval_source, mesh, num_examples=pair_examples)
+  pairs = two_view_embeddings(method, state, eval_source, mesh, num_examples=pair_examples)
   result["collapse"] = _collapse(test_x, pairs)
   for warning in result["collapse"]["warnings"]:
     logging.warning("Collapse diagnostic: %s", warning)
@@ -308,7 +268,7 @@ def evaluate_state(
     result["plots"]["similarity"] = plots.plot_similarity_histogram(
       positive, negative, os.path.join(out_dir, f"similarity_{tag}.png")
     )
-    if labelled:
+    if evals:  # Labelled.
       result["plots"]["tsne"] = plots.plot_tsne(
         test_x,
         test_y,
@@ -342,7 +302,7 @@ def evaluate_checkpoint(
   finetune_epochs: int | None = None,
   classifier_batch_size: int = 4096,
   baselines: bool = False,
-  zero_shot: bool = False,
+  zero_shot: bool | None = None,
   mesh: Mesh | None = None,
   **kwargs: Any,
 ) -> dict[str, Any]:
@@ -360,8 +320,9 @@ def evaluate_checkpoint(
     classifier_batch_size: batch of the SGD linear protocol and of fine-tuning.
     baselines: also evaluate (kNN and linear probe) the encoder at random initialisation
       (the run's seed) and raw pixels.
-    zero_shot: CLIP runs: zero-shot classification and image-text retrieval
-      (``cljax.evaluate.zero_shot``), into ``result["zero_shot"]`` and ``["retrieval"]``.
+    zero_shot: zero-shot classification and image-text retrieval
+      (``cljax.evaluate.zero_shot``), into ``result["zero_shot"]`` and ``["retrieval"]``;
+      default: where the method has a text tower (``Method.zero_shot``: CLIP).
     mesh: default all devices.
     **kwargs: passed to ``evaluate_state`` (linear_probe, plot, tsne_points, ...).
 
@@ -369,11 +330,12 @@ def evaluate_checkpoint(
     Everything written to the JSON file.
   """
   mesh = mesh or sharding.create_mesh()
-  state, step = restore_checkpoint(config, workdir, step=step, mesh=mesh)
+  method = methods.create_method(config)
+  state, step = restore_checkpoint(method, workdir, step=step, mesh=mesh)
   out_dir = os.path.join(os.path.abspath(workdir), "eval")
   logging.info("Evaluating %s at step %d into %s.", workdir, step, out_dir)
   result = {"step": step, "workdir": os.path.abspath(workdir)}
-  result.update(evaluate_state(config, state, mesh, out_dir=out_dir, tag=f"step{step}", **kwargs))
+  result.update(evaluate_state(method, state, mesh, out_dir=out_dir, tag=f"step{step}", **kwargs))
   curves = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(curves) and jax.process_index() == 0:
     result["plots"]["curves"] = plots.plot_curves(
@@ -386,18 +348,18 @@ def evaluate_checkpoint(
       linear_probe=kwargs.get("linear_probe", True),
       linear_max_steps=kwargs.get("linear_max_steps", 1000),
     )
-  if zero_shot:
+  if method.zero_shot if zero_shot is None else zero_shot:
     from cljax.evaluate import zero_shot as zero_shot_lib  # Needs `tokenizers`: CLIP only.
 
     result.update(zero_shot_lib.evaluate_zero_shot(config, state, mesh))
   common = dict(batch_size=classifier_batch_size, mesh=mesh)
   if linear_sgd_epochs > 0:
     result["linear_probe_sgd"] = classifier.linear_probe_sgd(
-      config, state, num_epochs=linear_sgd_epochs, **common
+      method, state, num_epochs=linear_sgd_epochs, **common
     )
   for fraction in finetune_fractions:
     result.setdefault("finetune", {})[f"{fraction:.0%}"] = classifier.finetune(
-      config, state, label_fraction=fraction, num_epochs=finetune_epochs, **common
+      method, state, label_fraction=fraction, num_epochs=finetune_epochs, **common
     )
   result = _json_ready(result)
   if jax.process_index() == 0:
@@ -413,33 +375,25 @@ def evaluate_baselines(
   linear_probe: bool = True,
   linear_max_steps: int = 1000,
 ) -> dict[str, Any]:
-  """kNN and linear probe of the randomly initialised encoder and of raw pixels."""
-  image_shape = (config.data.image_size, config.data.image_size, 3)
-  init_rng = jax.random.split(jax.random.key(config.train.seed))[0]  # As train_and_evaluate.
-  init = train.create_train_state(config, init_rng, lambda _: 0.0, image_shape)
-  init = jax.device_put(init, sharding.replicated(mesh))
+  """kNN and linear probe of the randomly initialised encoder and of raw pixels.
+
+  The encoder is the run's own initial state (``run.create_run``: same seed, same key).
+  """
+  r = run.create_run(config, mesh=mesh, with_iterator=False)
+  init = r.initial_state(with_probe=False)
   out, data = {}, {}
   for split in ("train", "eval"):
-    data[("random_init", split)] = split_features(config, init, split, mesh)
-    it = pipeline.create_eval_iterator(
-      sources.create_source(config.data, split),
-      batch_size=config.evals.batch_size,
-      image_size=config.data.image_size,
-    )
-    data[("pixels", split)] = features.pixel_features(it)
+    data[("random_init", split)] = features.split_features(config, r.method, init, split, mesh)
+    x, y, _ = features.extract(features.pixels, None, features.eval_batches(config, split), mesh)
+    data[("pixels", split)] = (x, y)
   for name in ("random_init", "pixels"):
-    (train_x, train_y), (test_x, test_y) = data[(name, "train")], data[(name, "eval")]
-    if train_y.min() < 0 or test_y.min() < 0:
-      continue
-    out[name] = frozen_feature_evals(
-      train_x,
-      train_y,
-      test_x,
-      test_y,
-      num_classes=int(max(train_y.max(), test_y.max())) + 1,
-      knn_k=config.evals.knn_k,
-      knn_temperature=config.evals.knn_temperature,
+    evals = frozen_feature_evals(
+      config,
+      data[(name, "train")],
+      data[(name, "eval")],
       linear_probe=linear_probe,
       max_steps=linear_max_steps,
     )
+    if evals:
+      out[name] = evals
   return out

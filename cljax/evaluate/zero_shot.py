@@ -16,11 +16,10 @@ query with m relevant of C candidates ranked at random, is ``1 - C(C - m, K) / C
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -28,7 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from cljax import sharding
-from cljax.data import augment, captions, pipeline, sources
+from cljax.data import captions, sources
+from cljax.evaluate import features
 
 # CLIP's CIFAR-10 prompt ensemble (github.com/openai/CLIP, notebooks/Prompt_Engineering_for_
 # ImageNet.ipynb, and data/prompts.md). No training template of cljax.data.captions is one.
@@ -165,31 +165,6 @@ def make_text_embed_fn(
   return embed
 
 
-def embed_images(
-  variables: Any, apply_fn: Callable, batches: Iterable[dict], mesh: Mesh
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Image embeddings (the model's second output), labels and source indices of a split."""
-
-  def embed(v, images):
-    x = augment.normalize_images(images.astype(jnp.float32) / 255.0)
-    return apply_fn(v, x, train=False)[1].astype(jnp.float32)
-
-  fn = jax.jit(
-    embed,
-    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-    out_shardings=sharding.batch_sharded(mesh),
-  )
-  emb, labels, index = [], [], []
-  for batch in batches:
-    images = sharding.host_to_global({"image": batch["image"]}, mesh)["image"]
-    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    keep = gather(np.asarray(batch["mask"]))
-    emb.append(gather(fn(variables, images))[keep])
-    labels.append(gather(np.asarray(batch["label"]))[keep])
-    index.append(gather(np.asarray(batch["index"]))[keep])
-  return np.concatenate(emb), np.concatenate(labels), np.concatenate(index)
-
-
 def retrieval_set(source: Any, indices: Sequence[int]) -> tuple[list[str], np.ndarray]:
   """The distinct captions of ``source[i]`` for ``i`` in ``indices`` and the (N, M) relevance."""
   texts: dict[str, int] = {}
@@ -224,15 +199,11 @@ def evaluate_zero_shot(
   """
   tok = captions.create_tokenizer(config)
   image_source = sources.create_source(config.data, "eval")
-  batches = pipeline.create_eval_iterator(
-    image_source,
-    batch_size=config.evals.batch_size,
-    image_size=config.data.image_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  batches = features.eval_batches(config, "eval", source=image_source)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  image_emb, labels, index = embed_images(variables, state.apply_fn, batches, mesh)
+  image_emb, labels, index = features.extract(
+    features.embeddings(state.apply_fn), variables, batches, mesh
+  )
   embed_text = make_text_embed_fn(state.apply_fn, state.params, tok, mesh, config.evals.batch_size)
   result: dict[str, Any] = {}
   class_names = getattr(image_source, "class_names", None)
