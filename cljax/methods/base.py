@@ -15,7 +15,6 @@ A method subclasses :class:`Method` and overrides what differs from SimCLR:
 - ``views_per_example``, ``create_train_iterator``, ``describe``, ``zero_shot``: what the
   run asks of the method instead of asking which method runs (CLIP: one view per example,
   caption batches, zero-shot evaluation).
-
 - ``create_model``: the online network (default: encoder + projection head
   [+ predictor] from the config). Its ``apply`` must return
   ``(features, embeddings)`` so evaluation can read the encoder features.

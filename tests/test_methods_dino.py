@@ -8,7 +8,7 @@ import optax
 import pytest
 from helpers import tiny_config
 from jax.sharding import PartitionSpec as P
-from test_train_step import _batch as _two_view_batch
+from test_step import _batch as _two_view_batch
 
 from cljax import losses, methods, models, sharding, step
 from cljax.evaluate import classifier, knn
@@ -37,7 +37,7 @@ def _config(model="vit"):
   c.dino.freeze_last_layer_epochs = 1.0
   c.ema.base = 0.9  # A visible EMA step.
   # SGD without weight decay: a zero gradient leaves a parameter exactly as it was, and
-  # LARS's trust ratios would amplify float32 summation-order differences (test_methods).
+  # LARS's trust ratios would amplify float32 summation-order differences (test_methods_momentum).
   c.optim.name = "sgd"
   c.optim.weight_decay = 0.0
   c.data.augment.num_local_crops = NUM_LOCAL

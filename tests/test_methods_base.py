@@ -1,4 +1,4 @@
-"""Gradient caching (chunked, rematerialised forward) gives the direct step's gradients."""
+"""cljax.methods.base.forward: gradient caching (chunked, rematerialised) equals the direct step."""
 
 import functools
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_methods2 import (
+from method_steps import (
   N,
   _assert_8_devices_equal_1,
   _config,
@@ -18,7 +18,7 @@ from test_methods2 import (
   _method_losses,
   flush_callback_errors,
 )
-from test_train_step import _batch
+from test_step import _batch
 
 from cljax import methods
 from cljax.methods import supervised

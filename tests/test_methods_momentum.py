@@ -1,4 +1,7 @@
-"""The methods of cljax.methods in the shared train step: sharding, target networks, queue."""
+"""cljax.methods.momentum (MoCo v2/v3, BYOL) and SimSiam: sharding, target networks, the queue.
+
+Also create_method's error for an unknown name and cljax.methods.base.ema_decay's schedule.
+"""
 
 import os
 
@@ -11,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import initial_state, state_and_step, tiny_config
 from jax.sharding import PartitionSpec as P
-from test_train_step import _batch
+from test_step import _batch
 
 from cljax import collapse, losses, methods, metrics, sharding, step, train
 from cljax.methods import base, momentum
