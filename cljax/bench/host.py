@@ -104,14 +104,7 @@ def bench_host_jpeg(
       num_workers=workers,
       read_threads=1 if workers == 0 else None,
     )
-    result = timing.time_windows(
-      lambda k, it=it: [next(it) for _ in range(k)][-1],
-      windows=windows,
-      steps=1,
-      warmup=1,
-      warmup_s=warmup_s,
-      min_window_s=window_s,
-    )
+    result = timing.time_iterator(it, windows=windows, warmup_s=warmup_s, window_s=window_s)
     it.close()
     used = 1 if workers == 0 else min(workers, host_cores())
     rates = [batch_size * r for r in result["steps_per_s"]]

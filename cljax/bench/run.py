@@ -217,14 +217,7 @@ def bench_input(
   rows = []
   for fields, it in _input_iterators(trainer, mode):
     it = it or trainer.iterator("host")
-    result = timing.time_windows(
-      lambda k, it=it: [next(it) for _ in range(k)][-1],
-      windows=windows,
-      steps=1,
-      warmup=1,
-      warmup_s=warmup_s,
-      min_window_s=window_s,
-    )
+    result = timing.time_iterator(it, windows=windows, warmup_s=warmup_s, window_s=window_s)
     if mode == "host":
       it.close()
     row = {"part": "input", **fields, **timing.rates(result, trainer.views_per_step)}

@@ -90,6 +90,21 @@ def time_windows(
   return {"steps_per_s": rates, "seconds": seconds, "recompiles": compiles.count}
 
 
+def time_iterator(
+  iterator: Any, *, windows: int, warmup_s: float, window_s: float
+) -> dict[str, Any]:
+  """``time_windows`` of taking batches from ``iterator`` (one batch a step), after one
+  batch and ``warmup_s`` seconds of warm-up, in windows of at least ``window_s``."""
+  return time_windows(
+    lambda k: [next(iterator) for _ in range(k)][-1],
+    windows=windows,
+    steps=1,
+    warmup=1,
+    warmup_s=warmup_s,
+    min_window_s=window_s,
+  )
+
+
 def rates(timing: dict[str, Any], views_per_step: int) -> dict[str, Any]:
   """The median and per-window views/s of a ``time_windows`` result."""
   per_window = [views_per_step * r for r in timing["steps_per_s"]]
