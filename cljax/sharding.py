@@ -61,3 +61,31 @@ def bn_axis_name(mesh: Mesh | None) -> str | None:
   any mesh.
   """
   return None if mesh is not None and mesh.devices.size == 1 else DATA_AXIS
+
+
+def vary(tree: Any, axis: str) -> Any:
+  """``tree``'s replicated arrays cast to device-varying over ``axis``, inside ``shard_map``
+  (no data moves; the cast's transpose sums the cotangents over ``axis``)."""
+  # JAX 0.8.2 deprecated jax.lax.pvary for pcast(..., to="varying"); 0.10 removed it.
+  pcast = getattr(jax.lax, "pcast", None)
+  if pcast is None:
+    return jax.lax.pvary(tree, axis)
+  return pcast(tree, axis, to="varying")
+
+
+def _varies_over(x: jax.Array, axis: str) -> bool:
+  """Whether ``x`` is typed device-varying over ``axis`` (``shard_map``'s check_vma)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)  # Up to JAX 0.9.
+  if vma is None:
+    mat = getattr(aval, "manual_axis_type", None)  # JAX 0.10.
+    vma = getattr(mat, "varying", None)
+  # Where neither is found, assume varying: averaging a replicated value is only slower.
+  return True if vma is None else axis in vma
+
+
+def invariant(tree: Any, axis: str) -> Any:
+  """``tree``'s device-varying arrays averaged over ``axis``, for values that are equal on
+  every device but typed varying (computed from a ``vary`` copy of replicated parameters
+  alone): in value a no-op, in type replicated, as ``shard_map`` out_specs ``P()`` require."""
+  return jax.tree.map(lambda x: jax.lax.pmean(x, axis) if _varies_over(x, axis) else x, tree)

@@ -129,6 +129,32 @@ def monitor(
   return probe_params, probe_opt_state, metrics | probe_metrics
 
 
+def _loss_and_grads(
+  method: Method, state: TrainState, views: dict, batch: dict, axis: str | None
+) -> tuple[jax.Array, StepOutput, Any]:
+  """The method's loss and output and the global gradient of the loss in the parameters.
+
+  Losses are global means (pmean inside ``cljax.losses``), so the global gradient is the
+  sum over devices of each device's gradient. Differentiating with respect to the
+  replicated parameters would leave that sum to ``shard_map``'s autodiff, which casts the
+  parameters to device-varying at each use and all-reduces the cotangent of each cast: once
+  per chunk inside the backward loop with ``train.grad_chunks > 1`` (the parameters are
+  closed over in ``base.forward``'s scan), and once per forward for SwAV and DINO with local
+  crops. So the parameters are cast once here, the gradient is taken with respect to that
+  per-device copy, and the gradients are summed once (tests/test_step_allreduce.py counts
+  the all-reduces). Without an axis (one device) the gradient is already the global one.
+  """
+  loss_fn = lambda p: method.loss(p, state, views, batch)
+  params = state.params if axis is None else sharding.vary(state.params, axis)
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  if axis is None:
+    return loss, out, grads
+  # A value computed from the per-device copy alone (CLIP's logit scale as a metric) is the
+  # same on every device but typed device-varying; its mean over devices is itself.
+  loss, metrics = sharding.invariant((loss, out.metrics), axis)
+  return loss, out._replace(metrics=metrics), jax.lax.psum(grads, axis)
+
+
 def train_step(
   state: TrainState,
   batch: dict,
@@ -136,6 +162,7 @@ def train_step(
   *,
   method: Method,
   learning_rate_fn: optax.Schedule,
+  grad_axis: str | None = sharding.DATA_AXIS,
 ) -> tuple[TrainState, Metrics]:
   """One step of ``method`` on one device's shard; runs inside ``shard_map`` over 'data'.
 
@@ -146,17 +173,15 @@ def train_step(
     rng: the run's key; the step's keys derive from it and ``state.step``.
     method: the method (static): its views, loss and state updates.
     learning_rate_fn: the schedule, for the logged learning rate.
+    grad_axis: the axis the gradients are summed over (``_loss_and_grads``); None on one
+      device, where ``shard_map`` does not check replication and there is nothing to sum.
 
   Returns:
     The new state and a dict of global scalar metrics.
   """
   views = method.views(batch, rng, state.step)
 
-  # Losses are already global means (pmean inside cljax.losses), so their
-  # gradient with respect to the replicated parameters is the global gradient:
-  # shard_map's autodiff sums the per-device contributions.
-  grad_fn = jax.value_and_grad(lambda p: method.loss(p, state, views, batch), has_aux=True)
-  (loss, out), grads = grad_fn(state.params)
+  loss, out, grads = _loss_and_grads(method, state, views, batch, grad_axis)
   grad_norm = optax.tree.norm(grads)
 
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -199,7 +224,11 @@ def make_train_step(method: Method, mesh: Mesh, learning_rate_fn: optax.Schedule
   (``num_steps``/``steps_per_epoch``), which drives its schedules (target
   momentum, teacher temperature, DINO's last-layer freeze).
   """
-  step_fn = functools.partial(train_step, method=method, learning_rate_fn=learning_rate_fn)
+  # On one device there is no axis: no casts, no sums, no one-participant all-reduces.
+  grad_axis = sharding.bn_axis_name(mesh)
+  step_fn = functools.partial(
+    train_step, method=method, learning_rate_fn=learning_rate_fn, grad_axis=grad_axis
+  )
   data, rep, method_specs = PartitionSpec(sharding.DATA_AXIS), PartitionSpec(), method.state_specs()
 
   # The method state goes through shard_map as its own argument so that its
@@ -216,7 +245,7 @@ def make_train_step(method: Method, mesh: Mesh, learning_rate_fn: optax.Schedule
     out_specs=(rep, method_specs, rep),
     # On one device the model's BatchNorm has no axis (sharding.bn_axis_name), so its
     # statistics are not typed as replicated over 'data'; on one device they are, trivially.
-    check_vma=sharding.bn_axis_name(mesh) is not None,
+    check_vma=grad_axis is not None,
   )
 
   def step(state, batch, rng):
