@@ -42,6 +42,8 @@ ADDED_KEYS = {
   "head.hidden_norm": "bn",
   "data.augment.blur_prob_local": -1.0,
   "optim.weight_decay_end": -1.0,
+  "data.crop_on_device": False,
+  "data.canvas_size": 512,
 }
 
 

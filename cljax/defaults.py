@@ -99,6 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Keep the whole uint8 data set on every device and crop/flip there: no host
   # work per step. For data sets that fit in device memory (CIFAR-size).
   c.data.device_resident = False
+  # Decode only on the host (libjpeg-turbo), into a canvas_size x canvas_size canvas, and cut
+  # every view on the device inside the step (cljax/data/decode.py): for JPEG data sets
+  # (ImageNet, folders of photos), where the host's resizes would bound the step.
+  c.data.crop_on_device = False
+  c.data.canvas_size = 512  # Holds ImageNet's usual 500x375 whole; larger images are shrunk.
   c.data.num_workers = 8  # grain worker processes per host; 0 decodes in the main process.
   c.data.strict = False  # True: an unreadable image in a folder is fatal, not skipped.
   c.data.augment = ml_collections.ConfigDict()

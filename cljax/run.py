@@ -32,7 +32,11 @@ from cljax.data import views as views_lib
 from cljax.state import TrainState
 
 # The batch entries the train step reads; host batches may hold more (an index, a mask).
-BATCH_KEYS = ("view_a", "view_b", "aug_seed", "label", "local_views", "tokens")
+BATCH_KEYS = (
+  *("view_a", "view_b", "aug_seed", "label", "local_views", "tokens"),
+  # The decode-only path's images and draws; the step cuts the views (data.decode).
+  *("canvas", "boxes", "flips"),
+)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -53,6 +57,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ) from e
   if not config.loss.temperature > 0:
     raise ValueError(f"loss.temperature must be > 0, got {config.loss.temperature}.")
+  if config.data.device_resident and config.data.crop_on_device:
+    raise ValueError(
+      "data.device_resident and data.crop_on_device both crop on the device, from the whole "
+      "decoded data set or from the host's decoded images: set one of them False."
+    )
+  if config.data.crop_on_device and config.data.canvas_size < config.data.image_size:
+    raise ValueError(
+      f"data.canvas_size ({config.data.canvas_size}) must be at least data.image_size "
+      f"({config.data.image_size}): images are shrunk to fit the canvas before cropping."
+    )
   for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
     if config.train[key] < 1:
       raise ValueError(f"train.{key} must be >= 1, got {config.train[key]}.")

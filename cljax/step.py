@@ -18,6 +18,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cljax import collapse, models, optim, probe, sharding
+from cljax.data import decode
+from cljax.data import views as views_lib
 from cljax.methods import Method, StepOutput
 from cljax.state import TrainState
 
@@ -169,7 +171,10 @@ def train_step(
   Args:
     state: the train state (replicated but for sharded method state).
     batch: this device's ``{"view_a", "view_b", "aug_seed", "label"}`` (and
-      ``"local_views"`` with multi-crop, ``"tokens"`` for CLIP) uint8 images and ints.
+      ``"local_views"`` with multi-crop, ``"tokens"`` for CLIP) uint8 images and ints; or,
+      with ``data.crop_on_device``, ``{"canvas", "boxes", "flips", "aug_seed", "label"}``:
+      decoded images and each view's crop box and flip, cut into the views here
+      (``decode.views_from_canvas``).
     rng: the run's key; the step's keys derive from it and ``state.step``.
     method: the method (static): its views, loss and state updates.
     learning_rate_fn: the schedule, for the logged learning rate.
@@ -179,6 +184,8 @@ def train_step(
   Returns:
     The new state and a dict of global scalar metrics.
   """
+  # Decode-only batches carry images on a canvas and each view's box: cut the views here.
+  batch = decode.views_from_canvas(batch, views_lib.ViewSpec.from_config(method.config.data))
   views = method.views(batch, rng, state.step)
 
   loss, out, grads = _loss_and_grads(method, state, views, batch, grad_axis)

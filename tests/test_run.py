@@ -126,6 +126,12 @@ def _dino():
   return _synthetic(c, steps=12)
 
 
+def _dino_crops_on_device():
+  c = _dino()
+  c.data.crop_on_device, c.data.canvas_size = True, 24
+  return c
+
+
 def _clip():
   c = tiny_config()
   c.method = "clip"
@@ -139,7 +145,11 @@ class _Stop(Exception):
   pass
 
 
-@pytest.mark.parametrize("make_config", [_simclr, _dino, _clip], ids=["simclr", "dino", "clip"])
+@pytest.mark.parametrize(
+  "make_config",
+  [_simclr, _dino, _dino_crops_on_device, _clip],
+  ids=["simclr", "dino", "dino_crops_on_device", "clip"],
+)
 def test_the_benchmark_and_training_compile_the_same_step(make_config, tmp_path, monkeypatch):
   config = make_config()
   trainer = bench_run.Trainer(config)

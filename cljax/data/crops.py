@@ -136,17 +136,37 @@ def crop_resize_flip(images: jax.Array, boxes: jax.Array, flips: jax.Array, size
   Returns:
     (b, S, S, 3) uint8, as ``pipeline.crop_and_resize`` (+ ``[:, ::-1]``) per image.
   """
-  _, height, width, _ = images.shape
-  rows = resize_weights(boxes[:, 0], boxes[:, 2], height, size)  # (b, S, H)
-  cols = resize_weights(boxes[:, 1], boxes[:, 3], width, size)  # (b, S, W)
-  cols = jnp.where(flips[:, None, None], cols[:, ::-1], cols)
+  return crop_views(images, boxes[:, None], flips[:, None], size)[:, 0]
+
+
+def crop_views(images: jax.Array, boxes: jax.Array, flips: jax.Array, size: int) -> jax.Array:
+  """``crop_resize_flip`` with V crops of each image, without copying the image V times.
+
+  Args:
+    images: (b, H, W, 3) uint8 (a decoded image in the top-left corner of a larger canvas
+      is fine: the weights never reach outside a box).
+    boxes: (b, V, 4) int32 (top, left, crop_height, crop_width).
+    flips: (b, V) bool, flip horizontally.
+    size: the output side S (static).
+
+  Returns:
+    (b, V, S, S, 3) uint8.
+  """
+  b, height, width, _ = images.shape
+  views = boxes.shape[1]
+  flat_boxes = boxes.reshape(b * views, 4)
+  rows = resize_weights(flat_boxes[:, 0], flat_boxes[:, 2], height, size)  # (bV, S, H)
+  cols = resize_weights(flat_boxes[:, 1], flat_boxes[:, 3], width, size)  # (bV, S, W)
+  cols = jnp.where(flips.reshape(-1)[:, None, None], cols[:, ::-1], cols)
+  rows = rows.reshape(b, views, size, height)
+  cols = cols.reshape(b, views, size, width)
   x = images.astype(jnp.float32)
   # Full precision: TF32 or bf16 passes would change the rounded pixels.
   einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
-  # Horizontal pass first, as Pillow: (b, H, W, 3) x (b, S, W) -> (b, H, S, 3).
-  x = _round_to_uint8_range(einsum("byxc,box->byoc", x, cols))
-  # Then vertical: (b, S, H) x (b, H, S, 3) -> (b, S, S, 3).
-  x = _round_to_uint8_range(einsum("bpy,byoc->bpoc", rows, x))
+  # Horizontal pass first, as Pillow: (b, H, W, 3) x (b, V, S, W) -> (b, V, H, S, 3).
+  x = _round_to_uint8_range(einsum("byxc,bvox->bvyoc", x, cols))
+  # Then vertical: (b, V, S, H) x (b, V, H, S, 3) -> (b, V, S, S, 3).
+  x = _round_to_uint8_range(einsum("bvpy,bvyoc->bvpoc", rows, x))
   return x.astype(jnp.uint8)
 
 

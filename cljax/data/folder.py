@@ -125,5 +125,10 @@ class ImageFolderSource:
     with open(path, "rb") as f:
       return _example(decode_image(f.read(), path), self.labels[index])
 
+  def encoded(self, index: int) -> tuple[bytes, np.int32]:
+    """The file's bytes and label, undecoded (``decode.py``'s decode-only path)."""
+    with open(self.paths[index], "rb") as f:
+      return f.read(), self.labels[index]
+
   def __repr__(self) -> str:
     return f"ImageFolderSource(root={self.root!r}, num_examples={len(self)})"

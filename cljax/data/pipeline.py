@@ -86,6 +86,22 @@ def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int
   return np.asarray(crop.resize((size, size), _RESAMPLE))
 
 
+def random_box_and_flip(
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  area: tuple[float, float],
+  aspect: tuple[float, float],
+  flip: bool,
+) -> tuple[tuple[int, int, int, int], bool]:
+  """A view's random draws: its crop box, then its flip coin (drawn even when ``flip`` is
+  off, so turning flips off changes no crop). The host crops (``random_view``) and the
+  device crops of the decode-only path (``decode.CanvasViews``) both draw through here, so
+  the same seed gives both the same boxes and flips."""
+  box = random_resized_crop_box(height, width, rng, area, aspect)
+  return box, bool(rng.random() < 0.5 and flip)
+
+
 def random_view(
   image: np.ndarray,
   rng: np.random.Generator,
@@ -94,16 +110,11 @@ def random_view(
   aspect: tuple[float, float],
   flip: bool,
 ) -> np.ndarray:
-  """The host's one crop-and-flip: a random resized crop of side ``size``, flipped at random.
-
-  Draws from ``rng``, in this order, the box, then the flip coin (drawn even when ``flip``
-  is off, so turning it off changes no crop).
-  """
-  box = random_resized_crop_box(*image.shape[:2], rng, area, aspect)
+  """The host's one crop-and-flip: a random resized crop of side ``size``, flipped at random
+  (draws as ``random_box_and_flip``)."""
+  box, flipped = random_box_and_flip(*image.shape[:2], rng, area, aspect, flip)
   view = crop_and_resize(image, box, size)
-  if rng.random() < 0.5 and flip:
-    view = view[:, ::-1]
-  return view
+  return view[:, ::-1] if flipped else view
 
 
 class TwoViews(grain.transforms.RandomMap):

@@ -100,6 +100,7 @@ class TfdsSource:
     features = builder.info.features
     label = features[label_key] if label_key and label_key in features else None
     self.class_names = tuple(label.names) if hasattr(label, "names") else None
+    self._raw = None  # The undecoded records, opened by the first encoded().
 
   def __len__(self) -> int:
     return len(self._ds)
@@ -108,6 +109,23 @@ class TfdsSource:
     record = self._ds[int(index)]
     label = record.get(self.label_key) if self.label_key else None
     return _example(array_to_rgb(np.asarray(record[self.image_key])), label)
+
+  def encoded(self, index: int) -> tuple[bytes, np.int32]:
+    """The stored image file's bytes and label, undecoded (``decode.py``'s decode-only path)."""
+    if self._raw is None:
+      import tensorflow_datasets as tfds
+
+      # The same records, read with the image left as its encoded bytes.
+      self._raw = tfds.data_source(
+        self.name,
+        split=self.split,
+        data_dir=self.data_dir,
+        download=False,
+        decoders={self.image_key: tfds.decode.SkipDecoding()},
+      )
+    record = self._raw[int(index)]
+    label = record.get(self.label_key) if self.label_key else None
+    return bytes(record[self.image_key]), np.int32(-1 if label is None else label)
 
   def __repr__(self) -> str:
     return (
@@ -264,6 +282,22 @@ class ArraySource:
     if isinstance(self.images, EncodedImages):
       return _example(decode_image(self.images[index], f"{self.origin}[{index}]"), label)
     return _example(array_to_rgb(self.images[index]), label)
+
+  def encoded(self, index: int) -> tuple[np.ndarray, np.int32]:
+    """An encoded image's bytes and label, undecoded (``decode.py``'s decode-only path).
+
+    Raises:
+      TypeError: the images are decoded arrays (``is_encoded`` is False).
+    """
+    if not self.is_encoded:
+      raise TypeError(f"{self!r} holds decoded arrays, not encoded images")
+    label = np.int32(-1 if self.labels is None else self.labels[index])
+    return self.images[index], label
+
+  @property
+  def is_encoded(self) -> bool:
+    """Whether ``encoded`` has bytes to give (decoded arrays have none)."""
+    return isinstance(self.images, EncodedImages)
 
   def __repr__(self) -> str:
     return f"ArraySource(origin={self.origin!r}, num_examples={len(self)})"

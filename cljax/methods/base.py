@@ -37,7 +37,7 @@ import ml_collections
 from jax.sharding import PartitionSpec
 
 from cljax import models, sharding
-from cljax.data import augment, pipeline
+from cljax.data import augment, decode
 from cljax.data import device as device_data
 from cljax.data import views as views_lib
 from cljax.losses import schedules
@@ -214,16 +214,20 @@ class Method:
     With ``device_resident`` (``data.device_resident`` in a run) the whole uint8 data set is
     copied to every device once and crops and flips happen there too
     (``cljax.data.device``); its batches are already global device arrays. Otherwise each
-    process reads its share on the host.
+    process reads its share on the host: decoded and cropped there, or with
+    ``data.crop_on_device`` only decoded there and cropped inside the step
+    (``cljax.data.decode``).
     """
     config = self.config
     if device_resident:
       return device_data.create_device_iterator(
         source, mesh, views, seed=config.train.seed, global_batch_size=config.data.global_batch_size
       )
-    return pipeline.create_pretrain_iterator(
+    return decode.create_host_iterator(
       source,
       views,
+      crop_on_device=config.data.crop_on_device,
+      canvas=config.data.canvas_size,
       seed=config.train.seed,
       global_batch_size=config.data.global_batch_size,
       process_index=jax.process_index(),

@@ -174,6 +174,11 @@ class CLIP(Method):
     del mesh
     if device_resident:
       raise ValueError("CLIP runs read captions on the host: set data.device_resident=False.")
+    if self.config.data.crop_on_device:
+      raise ValueError(
+        "CLIP's caption pipeline crops on the host; data.crop_on_device is for the image "
+        "methods: set data.crop_on_device=False."
+      )
     # Imported here, so that only CLIP runs need `tokenizers`.
     from cljax.data import captions
 

@@ -1,0 +1,219 @@
+"""The decode-only host path (cljax.data.decode): libjpeg-turbo decoding into a canvas on the
+host, every crop on the device; checked against Pillow and the host-crop path."""
+
+import io
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from cljax import metrics, train
+from cljax.data import decode, images, pipeline, sources
+from cljax.data import views as views_lib
+
+
+def _jpeg(pixels: np.ndarray, quality: int = 90, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, "JPEG", quality=quality, **kwargs)
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos():
+  """Real photographs (scikit-learn's two sample images, 427x640), as crops of varied sizes."""
+  return load_sample_images().images
+
+
+def _crops(photos, sizes, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i, (h, w) in enumerate(sizes):
+    src = photos[i % len(photos)]
+    top, left = rng.integers(0, src.shape[0] - h + 1), rng.integers(0, src.shape[1] - w + 1)
+    out.append(np.ascontiguousarray(src[top : top + h, left : left + w]))
+  return out
+
+
+def _encoded_source(blobs, labels=None):
+  offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
+  data = np.concatenate([np.frombuffer(b, np.uint8) for b in blobs])
+  labels = np.arange(len(blobs)) % 3 if labels is None else labels
+  return sources.ArraySource(sources.EncodedImages(data, offsets), labels, origin="test_jpegs")
+
+
+def test_jpeg_decoding_is_pillows_bit_for_bit_on_photos(photos):
+  # Exact DCT and fancy upsampling (not simplejpeg's fast options): the same libjpeg-turbo
+  # arithmetic as Pillow, so no tolerance. Colour 4:2:0 and 4:4:4, and grayscale.
+  for i, pixels in enumerate(_crops(photos, [(375, 500), (427, 320), (99, 131)])):
+    for kwargs in ({}, {"subsampling": 0}):
+      blob = _jpeg(pixels, **kwargs)
+      np.testing.assert_array_equal(decode.decode(blob, 512), images.decode_image(blob), str(i))
+  gray = _jpeg(photos[0][:120, :160].mean(-1).astype(np.uint8))
+  np.testing.assert_array_equal(decode.decode(gray, 512), images.decode_image(gray))
+
+
+def test_large_jpegs_are_dct_scaled_to_fit_the_canvas(photos):
+  blob = _jpeg(photos[0])  # 427 x 640
+  assert decode.dct_eighths(427, 640, 512) == 6  # 640 * 6/8 = 480 <= 512 < 640 * 7/8.
+  image = decode.decode(blob, 512)
+  assert image.shape == (321, 480, 3)  # ceil(427 * 6 / 8), ceil(640 * 6 / 8).
+  # The DCT-scaled decode is the photo at 3/4 size: as close to Pillow's bilinear resize as
+  # different filters on a detailed photo get (measured 8.3 levels on average), and closer
+  # than the same resize one row off (14.9) or mirrored (80).
+  reference = np.asarray(Image.fromarray(photos[0]).resize((480, 321), Image.Resampling.BILINEAR))
+  image = image.astype(float)
+  close = np.abs(image - reference).mean()
+  assert close < 10 and close < np.abs(image[1:] - reference[:-1]).mean() - 4
+  # More than 8 canvases: 1/8 by DCT, then Pillow shrinks to fit.
+  assert decode.dct_eighths(427, 640, 64) == 0
+  small = decode.decode(blob, 64)
+  assert max(small.shape[:2]) == 64 and small.shape[2] == 3
+  assert abs(small.shape[1] / small.shape[0] - 640 / 427) < 0.05
+
+
+def test_other_formats_and_bad_bytes():
+  pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, "PNG")
+  np.testing.assert_array_equal(decode.decode(buf.getvalue(), 64), pixels)
+  # CMYK JPEGs (ImageNet has a few): libjpeg-turbo converts them to RGB itself, rounding
+  # differently from Pillow's CMYK -> RGB by one level.
+  buf = io.BytesIO()
+  Image.fromarray(pixels).convert("CMYK").save(buf, "JPEG", quality=95)
+  cmyk = decode.decode(buf.getvalue(), 64).astype(int) - images.decode_image(buf.getvalue())
+  assert np.abs(cmyk).max() <= 1
+  with pytest.raises(ValueError, match="cannot decode record 7"):
+    decode.decode(b"\xff\xd8not a jpeg", 64, "record 7")
+
+
+def _views(spec, photos, n=24):
+  sizes = [(int(h), int(w)) for h, w in np.random.default_rng(1).integers(20, 60, (n, 2))]
+  return _encoded_source([_jpeg(p) for p in _crops(photos, sizes)])
+
+
+@pytest.mark.parametrize("local", [0, 2])
+def test_device_views_equal_the_host_paths_views(photos, local):
+  """Same seed, same boxes, flips and aug_seed: the device-cut views are Pillow's crops.
+
+  Tolerance: crops.py reproduces Pillow's bicubic resize with float32 weights where Pillow
+  uses 22-bit fixed point, so a pixel can round to the next level (measured: at most 1, on
+  a few percent of pixels); when shrinking, Pillow 13 may run the vertical pass first,
+  which moves a few percent of pixels by a few levels. A wrong box, flip or offset would
+  move most pixels by tens of levels.
+  """
+  spec = views_lib.ViewSpec(16, num_local_crops=local, local_crop_size=8)
+  source = _views(spec, photos)
+  kwargs = {"seed": 3, "global_batch_size": 8}
+  host = pipeline.create_pretrain_iterator(source, spec, **kwargs)
+  canvas = decode.create_canvas_iterator(source, spec, canvas=64, **kwargs)
+  for _ in range(3):
+    expected, batch = next(host), next(canvas)
+    assert batch["canvas"].shape == (8, 64, 64, 3) and batch["boxes"].shape == (8, 2 + local, 4)
+    got = jax.jit(decode.views_from_canvas, static_argnums=1)(batch, spec)
+    assert set(got) == set(expected)
+    for key in ("label", "aug_seed"):
+      np.testing.assert_array_equal(got[key], expected[key])
+    for key in ("view_a", "view_b", "local_views")[: 3 if local else 2]:
+      diff = np.abs(np.asarray(got[key]).astype(int) - expected[key])
+      assert diff.mean() < 0.5 and np.mean(diff > 3) < 0.01, (key, diff.mean(), diff.max())
+
+
+def test_canvas_iterator_resumes_from_its_state_and_refuses_the_host_paths(photos):
+  spec = views_lib.ViewSpec(16)
+  source = _views(spec, photos)
+  kwargs = {"seed": 0, "global_batch_size": 8}
+  it = decode.create_canvas_iterator(source, spec, canvas=64, **kwargs)
+  next(it)
+  state = it.get_state()
+  assert state["pipeline"]["kind"] == "pretrain_canvas" and state["pipeline"]["canvas_size"] == 64
+  rest = [next(it) for _ in range(4)]  # Crosses the epoch boundary (24 examples, 8 a batch).
+  resumed = decode.create_canvas_iterator(source, spec, canvas=64, **kwargs)
+  resumed.set_state(state)
+  for a, b in zip(rest, [next(resumed) for _ in range(4)], strict=True):
+    chex.assert_trees_all_equal(a, b)
+  with pytest.raises(ValueError, match="different pipeline"):
+    pipeline.create_pretrain_iterator(source, spec, **kwargs).set_state(state)
+  with pytest.raises(ValueError, match="different pipeline"):
+    decode.create_canvas_iterator(source, spec, canvas=32, **kwargs).set_state(state)
+
+
+def test_sources_without_file_bytes_are_placed_on_the_canvas():
+  source = sources.SyntheticSource(16, image_size=40)
+  spec = views_lib.ViewSpec(16)
+  batch = next(decode.create_canvas_iterator(source, spec, canvas=32, seed=0, global_batch_size=8))
+  # 40 > 32: shrunk to fit, the true size recorded.
+  np.testing.assert_array_equal(batch["image_hw"], np.full((8, 2), 32))
+  views = decode.views_from_canvas(jax.tree.map(jnp.asarray, batch), spec)
+  assert views["view_a"].shape == (8, 16, 16, 3)
+
+
+def _folder(tmp_path, photos, n=48):
+  sizes = [(int(h), int(w)) for h, w in np.random.default_rng(2).integers(24, 48, (n, 2))]
+  for i, pixels in enumerate(_crops(photos, sizes)):
+    folder = tmp_path / "images" / f"class_{i % 4}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{i}.jpg").write_bytes(_jpeg(pixels))
+  return tmp_path / "images"
+
+
+def test_training_with_crops_on_device_resumes_exactly(tmp_path, photos):
+  """A run on a folder of JPEGs through the decode-only path, stopped and resumed, equals an
+  uninterrupted one bitwise: the host's draws follow the stream position, and the iterator's
+  state is its batch number."""
+  config = tiny_config()
+  config.data.source = "folder"
+  config.data.data_dir = str(_folder(tmp_path, photos))
+  config.data.train_split = config.data.eval_split = "."
+  config.data.crop_on_device = True
+  config.data.canvas_size = 48
+  config.data.num_workers = 0
+  config.data.augment.photometric = True
+  config.train.num_steps = 6
+  config.train.log_every_steps = 1
+  config.train.checkpoint_every_steps = 100
+  config.evals.knn_at_end = False
+
+  def losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")}
+
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(config, str(straight))
+  split = tmp_path / "split"
+  config.train.stop_at_step = 3
+  train.train_and_evaluate(config, str(split))
+  config.train.stop_at_step = 0
+  train.train_and_evaluate(config, str(split))
+  assert sorted(losses(split)) == list(range(1, 7))
+  assert losses(split) == losses(straight)
+  import orbax.checkpoint as ocp
+
+  restore = lambda w: ocp.StandardCheckpointer().restore(
+    os.path.join(w, "checkpoints", "6", "state")
+  )
+  chex.assert_trees_all_equal(restore(straight), restore(split))
+
+
+def test_settings_that_cannot_work_are_refused_before_compiling():
+  from cljax import methods, run
+
+  config = tiny_config()
+  config.data.crop_on_device = True
+  config.data.device_resident = True
+  with pytest.raises(ValueError, match="set one of them False"):
+    run.check_config(config)
+  config.data.device_resident = False
+  config.data.canvas_size = config.data.image_size - 1
+  with pytest.raises(ValueError, match="canvas_size .* must be at least data.image_size"):
+    run.check_config(config)
+  config.data.canvas_size = config.data.image_size
+  run.check_config(config)
+  config.method = "clip"
+  clip = methods.create_method(config)
+  with pytest.raises(ValueError, match="set data.crop_on_device=False"):
+    clip.create_train_iterator(None, None, None, device_resident=False)
