@@ -32,7 +32,9 @@ def test_benchmark_rows_on_a_tiny_config():
     modes=["host", "device"],
     jpeg_workers=[0],
     input_options=dict(warmup_s=0.1, window_s=0.2),
-    jpeg_options=dict(num_images=8, height=40, width=48, image_size=16, batch_size=4),
+    jpeg_options=dict(
+      num_images=8, height=36, width=48, image_size=16, canvas_size=48, batch_size=4
+    ),
     emit=emitted.append,
   )
   assert emitted == rows
@@ -75,12 +77,21 @@ def test_benchmark_rows_on_a_tiny_config():
     ("device", None),
   ]
   assert all(r["views_per_s"] == pytest.approx(2 * r["images_per_s"], rel=1e-3) for r in inputs)
-  (jpeg,) = by_part["host_jpeg"]
-  assert jpeg["cores_used"] == 1 and jpeg["images_per_s_per_core"] == jpeg["images_per_s"] > 0
+  pil, canvas = by_part["host_jpeg"]
+  assert (pil["path"], canvas["path"]) == ("pil_crops", "decode_only")
+  for jpeg in (pil, canvas):
+    assert jpeg["cores_used"] == 1 and jpeg["images_per_s_per_core"] == jpeg["images_per_s"] > 0
+  # Two 16-pixel views (+ label and aug_seed) against a 48-pixel canvas with its boxes.
+  assert pil["bytes_to_device_per_image"] == 2 * 16 * 16 * 3 + 4 + 4
+  assert canvas["bytes_to_device_per_image"] == 48 * 48 * 3 + 4 + 4 + 2 * 4 * 4 + 2
+  assert canvas["over_pil_crops"] == pytest.approx(
+    canvas["images_per_s_per_core"] / pil["images_per_s_per_core"], abs=1e-3
+  )
   summary = by_part["summary"][0]
   assert summary["step_views_per_s"] == step["views_per_s"]
   assert summary["full_device_over_step"] == by_part["full"][1]["ratio_to_step"]
-  assert summary["jpeg_images_per_s_per_core"] == jpeg["images_per_s_per_core"]
+  assert summary["jpeg_pil_crops_images_per_s_per_core"] == pil["images_per_s_per_core"]
+  assert summary["jpeg_decode_only_over_pil_crops"] == canvas["over_pil_crops"]
 
 
 def test_unknown_parts_and_modes_are_refused():

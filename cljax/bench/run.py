@@ -18,7 +18,7 @@ import numpy as np
 from cljax import metrics, train
 from cljax import run as run_lib
 from cljax.bench import flops, host, timing
-from cljax.data import device, pipeline
+from cljax.data import decode, device
 
 PARTS = ("step", "full", "input", "host_jpeg", "matmul")
 Row = dict[str, Any]
@@ -48,8 +48,12 @@ class Trainer:
       spec = next(it)
     finally:
       it.close()
-    batch = {}
+    # The decode-only path's boxes, flips and image sizes stay real: random ones would not
+    # be crops of the canvas.
+    batch = {k: spec[k] for k in decode.CANVAS_KEYS if k in spec and k != "canvas"}
     for key, value in spec.items():
+      if key in batch:
+        continue
       high = {"aug_seed": 2**31 - 1, "label": max(self.run.num_classes, 1)}.get(key, 256)
       batch[key] = rng.integers(0, high, value.shape, np.int64).astype(value.dtype)
     return self.run.global_batch(batch)
@@ -194,9 +198,11 @@ def _input_iterators(trainer: Trainer, mode: str) -> list[tuple[Row, Any]]:
   if mode == "device":
     return [({"mode": "device"}, trainer.device_iterator())]
   c = trainer.config
-  one_core = pipeline.create_pretrain_iterator(
+  one_core = decode.create_host_iterator(
     trainer.run.source,
     trainer.run.views,
+    crop_on_device=c.data.crop_on_device,
+    canvas=c.data.canvas_size,
     seed=c.train.seed,
     global_batch_size=trainer.batch,
     process_index=jax.process_index(),
@@ -279,7 +285,9 @@ def summary_row(rows: Sequence[Row]) -> Row:
     elif r["part"] == "input":
       summary["input_host_images_per_s_per_core"] = r["images_per_s_per_core"]
     elif r["part"] == "host_jpeg" and r["num_workers"] == 0:
-      summary["jpeg_images_per_s_per_core"] = r["images_per_s_per_core"]
+      summary[f"jpeg_{r['path']}_images_per_s_per_core"] = r["images_per_s_per_core"]
+      for key in (k for k in r if k.startswith("over_")):
+        summary[f"jpeg_{r['path']}_{key}"] = r[key]
     elif r["part"] == "matmul" and step:
       summary["step_fraction_of_matmul"] = round(
         step["tflops"] / jax.device_count() / r["tflops"], 4
