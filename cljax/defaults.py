@@ -85,9 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 10.0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = (
-    "tfds"  # "tfds" | "folder" | "npz" | "idx" | "encoded_npz" | "synthetic" | "embedded"
-  )
+  # "tfds" | "folder" | "npz" | "idx" | "encoded_npz" | "synthetic" | "embedded" | "prepared"
+  c.data.source = "tfds"
   c.data.name = "imagenet2012"
   c.data.data_dir = ""  # Empty: tfds's default (~/tensorflow_datasets) or the source's own.
   c.data.train_split = "train"

@@ -6,6 +6,7 @@ import gzip
 import importlib.resources
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -330,7 +331,107 @@ class SyntheticSource:
     )
 
 
-ImageSource = TfdsSource | ImageFolderSource | ArraySource | SyntheticSource
+class PreparedSource:
+  """A pre-resized JPEG copy of a source, written by ``python -m cljax.data.prepare``.
+
+  The copy of a split is ``<prefix>-00000-of-000NN.array_record`` shards (ArrayRecord,
+  group_size 1: random access) and ``<prefix>.json`` (metadata, written last), where
+  ``prefix = PreparedSource.file_prefix(split)``. Each record is a 4-byte little-endian
+  int32 label followed by the JPEG file's bytes (``pack``/``unpack``). The shards are read
+  with grain's ``ArrayRecordDataSource``, which pickles as its file names (grain workers open
+  their own readers).
+
+  Attributes:
+    class_names: the original source's label names, when it had them.
+    short_side, quality: the settings the copy was written with (0: sizes kept).
+    metadata: the whole ``<prefix>.json``.
+  """
+
+  LABEL_BYTES = 4
+
+  def __init__(self, directory: str | os.PathLike, split: str = "train"):
+    """Opens the copy of `split` in `directory`.
+
+    Args:
+      directory: the folder given to ``cljax.data.prepare --out_dir``.
+      split: the split's name in the config it was written from (``data.train_split`` /
+        ``data.eval_split``, e.g. "train", "validation").
+
+    Raises:
+      FileNotFoundError: no complete copy of the split is there (the message says how to write
+        one), or a shard the metadata lists is missing.
+      ValueError: the shards hold a different number of records than the metadata says.
+    """
+    import grain  # Imported here: the other sources do not need it.
+
+    self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    self.split, self.prefix = split, self.file_prefix(split)
+    meta_path = os.path.join(self.directory, f"{self.prefix}.json")
+    if not os.path.isfile(meta_path):
+      started = os.path.isfile(os.path.join(self.directory, f"{self.prefix}.in_progress.json"))
+      state = "is incomplete (stopped while writing)" if started else "was not found"
+      raise FileNotFoundError(
+        f"the prepared copy of split {split!r} {state}: no {meta_path}. Write it (a rerun "
+        f"finishes a stopped one) with: python -m cljax.data.prepare "
+        f"--config=<the recipe, reading the original source> --out_dir={self.directory} "
+        f"--split=train (or --split=eval, whichever the recipe names {split!r})"
+      )
+    with open(meta_path) as f:
+      self.metadata = json.load(f)
+    paths = [os.path.join(self.directory, name) for name in self.metadata["shards"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(
+        f"{len(missing)} shard(s) listed in {meta_path} are missing, the first {missing[0]}; "
+        "rerun cljax.data.prepare with the same settings to rewrite them"
+      )
+    self._records = grain.sources.ArrayRecordDataSource(paths)
+    if len(self._records) != self.metadata["num_records"]:
+      raise ValueError(
+        f"{self.directory}: the shards of {split!r} hold {len(self._records)} records, "
+        f"{meta_path} says {self.metadata['num_records']}"
+      )
+    names = self.metadata.get("class_names")
+    self.class_names = tuple(names) if names is not None else None
+    self.short_side, self.quality = self.metadata["short_side"], self.metadata["quality"]
+
+  @staticmethod
+  def file_prefix(split: str) -> str:
+    """The file name prefix of a split's copy: `split` with runs of characters other than
+    letters, digits, ``.``, ``_`` and ``-`` replaced by ``_`` and ``._-`` stripped from the
+    ends ("train[:90%]" -> "train_90", "imagenet/val" -> "imagenet_val"; "." -> "all")."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", split).strip("._-") or "all"
+
+  @staticmethod
+  def pack(label: int, data: bytes) -> bytes:
+    """One record: `label` as a 4-byte little-endian int32, then the JPEG bytes."""
+    return np.int32(label).astype("<i4").tobytes() + bytes(data)
+
+  @classmethod
+  def unpack(cls, record: bytes) -> tuple[bytes, np.int32]:
+    """A record's JPEG bytes and label (``pack``'s inverse)."""
+    label = np.frombuffer(record, "<i4", 1)[0]
+    return record[cls.LABEL_BYTES :], np.int32(label)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> Example:
+    data, label = self.encoded(index)
+    return _example(decode_image(data, f"{self!r}[{index}]"), label)
+
+  def encoded(self, index: int) -> tuple[bytes, np.int32]:
+    """The stored JPEG's bytes and label, undecoded (``decode.py``'s decode-only path)."""
+    return self.unpack(self._records[int(index)])
+
+  def __repr__(self) -> str:
+    return (
+      f"PreparedSource(directory={self.directory!r}, split={self.split!r}, "
+      f"num_examples={len(self)}, short_side={self.short_side}, quality={self.quality})"
+    )
+
+
+ImageSource = TfdsSource | ImageFolderSource | ArraySource | SyntheticSource | PreparedSource
 
 
 def _split_name(data_config: Any, split: str) -> str:
@@ -385,6 +486,7 @@ _FACTORIES: dict[str, Callable[[Any, str], ImageSource]] = {
   "idx": _idx_source,
   "synthetic": _synthetic_source,
   "embedded": lambda c, s: ArraySource.embedded("train" if s == "train" else "test"),
+  "prepared": lambda c, s: PreparedSource(_data_path(c), _split_name(c, s)),
 }
 
 
@@ -392,14 +494,16 @@ def create_source(data_config: Any, split: str) -> ImageSource:
   """Builds the source a data config names.
 
   Fields read (missing optional ones take the defaults shown):
-    source: one of "tfds", "folder", "npz", "encoded_npz", "idx", "synthetic", "embedded".
+    source: one of "tfds", "folder", "npz", "encoded_npz", "idx", "synthetic", "embedded",
+      "prepared" (a pre-resized copy written by ``python -m cljax.data.prepare``).
     name: tfds name ("tfds" only).
     data_dir: tfds data folder ("tfds"; None = $TFDS_DATA_DIR or ~/tensorflow_datasets), or
       the folder holding the split folders/files (all file-based types).
     train_split / eval_split: which split `split` means. tfds: a split expression ("train",
       "validation"); folder: a subfolder of data_dir; npz/encoded_npz: data_dir/<name>.npz;
-      idx: the file prefix ("train", "t10k"). Defaults "train" / "test". Ignored by
-      "synthetic" and "embedded" (whose eval split is its 2,000-image test set).
+      idx: the file prefix ("train", "t10k"); prepared: the copy's split name. Defaults
+      "train" / "test". Ignored by "synthetic" and "embedded" (whose eval split is its
+      2,000-image test set).
     image_key / label_key: tfds feature names (default "image" / "label"; label_key None =
       unlabelled).
     strict: "folder" only: unreadable files are errors (default False: skipped and logged).
