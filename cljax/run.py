@@ -35,7 +35,7 @@ from cljax.state import TrainState
 BATCH_KEYS = (
   *("view_a", "view_b", "aug_seed", "label", "local_views", "tokens"),
   # The decode-only path's images and draws; the step cuts the views (data.decode).
-  *("canvas", "boxes", "flips"),
+  *("canvas", "image_hw", "boxes", "flips"),
 )
 
 

@@ -81,9 +81,9 @@ def test_benchmark_rows_on_a_tiny_config():
   assert (pil["path"], canvas["path"]) == ("pil_crops", "decode_only")
   for jpeg in (pil, canvas):
     assert jpeg["cores_used"] == 1 and jpeg["images_per_s_per_core"] == jpeg["images_per_s"] > 0
-  # Two 16-pixel views (+ label and aug_seed) against a 48-pixel canvas with its boxes.
+  # Two 16-pixel views (+ label and aug_seed) against a 48-pixel canvas, its size and boxes.
   assert pil["bytes_to_device_per_image"] == 2 * 16 * 16 * 3 + 4 + 4
-  assert canvas["bytes_to_device_per_image"] == 48 * 48 * 3 + 4 + 4 + 2 * 4 * 4 + 2
+  assert canvas["bytes_to_device_per_image"] == 48 * 48 * 3 + 4 + 4 + 2 * 4 + 2 * 4 * 4 + 2
   assert canvas["over_pil_crops"] == pytest.approx(
     canvas["images_per_s_per_core"] / pil["images_per_s_per_core"], abs=1e-3
   )

@@ -133,10 +133,21 @@ def test_canvas_iterator_resumes_from_its_state_and_refuses_the_host_paths(photo
   state = it.get_state()
   assert state["pipeline"]["kind"] == "pretrain_canvas" and state["pipeline"]["canvas_size"] == 64
   rest = [next(it) for _ in range(4)]  # Crosses the epoch boundary (24 examples, 8 a batch).
-  resumed = decode.create_canvas_iterator(source, spec, canvas=64, **kwargs)
+  # Resumed in worker processes, whose canvases are built in shared memory.
+  resumed = decode.create_canvas_iterator(source, spec, canvas=64, num_workers=2, **kwargs)
   resumed.set_state(state)
-  for a, b in zip(rest, [next(resumed) for _ in range(4)], strict=True):
+  again = [next(resumed) for _ in range(4)]
+  resumed.close()
+  for a, b in zip(rest, again, strict=True):
     chex.assert_trees_all_equal(a, b)
+  # Each image packed at the start of its canvas, zeros after it, in this process and in the
+  # workers' shared memory; unpacked, the canvas holds the image in its top-left corner.
+  for batch in (rest[0], again[0]):
+    for canvas, (h, w) in zip(batch["canvas"], batch["image_hw"], strict=True):
+      assert canvas.reshape(-1)[h * w * 3 :].max(initial=0) == 0
+  unpacked = decode.unpack(jnp.asarray(rest[0]["canvas"]), jnp.asarray(rest[0]["image_hw"][:, 1]))
+  for image, packed, (h, w) in zip(unpacked, rest[0]["canvas"], rest[0]["image_hw"], strict=True):
+    np.testing.assert_array_equal(image[:h, :w], packed.reshape(-1)[: h * w * 3].reshape(h, w, 3))
   with pytest.raises(ValueError, match="different pipeline"):
     pipeline.create_pretrain_iterator(source, spec, **kwargs).set_state(state)
   with pytest.raises(ValueError, match="different pipeline"):

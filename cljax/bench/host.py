@@ -94,9 +94,11 @@ def bench_host_jpeg(
   ``canvas_size``-square canvas and draws the two crops' boxes and flips, which the step
   cuts on the device (``data.crop_on_device``). For each worker count the paths run one
   after the other, each from a fresh iterator, so that no other iterator's workers run
-  during a window. ``num_workers=0`` runs in this process with one read thread: one core.
-  With workers each process is one core at most (both decoders are single-threaded), so
-  ``cores_used = min(workers, host cores)``.
+  during a window. Every process reads with one thread, so that it is one core at most (both
+  decoders release the GIL, so more threads would use more cores): ``num_workers=0`` runs in
+  this process, one core; with workers ``cores_used = min(workers, host cores)``, the main
+  process (which only maps the workers' batches) not counted. Pin the process to one core
+  (``taskset -c 0``) for a per-core figure free of other processes' noise.
 
   Args:
     worker_counts: grain worker processes to measure, e.g. (0, 16).
@@ -135,7 +137,7 @@ def bench_host_jpeg(
         seed=0,
         global_batch_size=batch_size,
         num_workers=workers,
-        read_threads=1 if workers == 0 else None,
+        read_threads=1,
       )
       first = next(it)
       sent = sum(first[k].nbytes for k in run_lib.BATCH_KEYS if k in first) / batch_size

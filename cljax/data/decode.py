@@ -9,7 +9,7 @@ fixed ``canvas x canvas`` array with the boxes. Inside the compiled step
 ``views_from_canvas`` cuts, resizes (Pillow's bicubic, ``crops.py``) and flips every view,
 multi-crop's local views too::
 
-  host:   bytes -> decode_to_canvas -> {"canvas", "image_hw", "boxes", "flips", "aug_seed"}
+  host:   bytes -> decode -> CanvasBatch -> {"canvas", "image_hw", "boxes", "flips", "aug_seed"}
   device: views_from_canvas(batch, views) -> {"view_a", "view_b"[, "local_views"], ...}
 
 Decoding. ``simplejpeg`` with its exact settings (``fastdct=False, fastupsample=False``)
@@ -38,6 +38,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -50,6 +51,8 @@ _JPEG_MAGIC = b"\xff\xd8"
 _DCT_EIGHTHS = range(8, 0, -1)
 # The batch entries of this path that ``views_from_canvas`` replaces by views.
 CANVAS_KEYS = ("canvas", "image_hw", "boxes", "flips")
+# A record's entries that CanvasBatch writes into the canvas rather than stacking.
+_RECORD_ONLY = ("image", "encoded", "what")
 
 
 def _scaled(length: int, eighths: int) -> int:
@@ -75,45 +78,122 @@ def _fit(image: np.ndarray, canvas: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
 
 
+def _buffer(data: bytes | np.ndarray) -> bytes | memoryview:
+  return memoryview(data).cast("B") if isinstance(data, np.ndarray) else data
+
+
+def jpeg_size(data: bytes | np.ndarray, canvas: int) -> tuple[int, int] | None:
+  """The (height, width) libjpeg-turbo decodes a JPEG to, DCT-scaled by the largest k/8 that
+  fits the canvas, from its header alone; None for anything else (not a JPEG, a header
+  libjpeg-turbo refuses, an image larger than 8 canvases), which ``decode`` handles."""
+  import simplejpeg  # A compiled extension: imported where it is used.
+
+  buffer = _buffer(data)
+  if bytes(buffer[:2]) != _JPEG_MAGIC:
+    return None
+  try:
+    height, width, _, _ = simplejpeg.decode_jpeg_header(buffer)
+  except ValueError:
+    return None
+  k = dct_eighths(height, width, canvas)
+  return (_scaled(height, k), _scaled(width, k)) if k else None
+
+
+def _decode_jpeg(buffer: Any, height: int, width: int, out: np.ndarray | None = None):
+  import simplejpeg
+
+  # min_height/width make simplejpeg pick the smallest k/8 scale giving at least that size;
+  # exact DCT and upsampling give Pillow's pixels.
+  return simplejpeg.decode_jpeg(
+    buffer,
+    colorspace="RGB",
+    fastdct=False,
+    fastupsample=False,
+    min_height=height,
+    min_width=width,
+    buffer=out,
+  )
+
+
 def decode(data: bytes | np.ndarray, canvas: int, what: str = "image") -> np.ndarray:
   """Decodes an encoded image to (h, w, 3) uint8 RGB no larger than ``canvas`` on a side.
 
   JPEGs decode with libjpeg-turbo (``simplejpeg``, exact DCT and upsampling: Pillow's
-  pixels), DCT-scaled by the largest k/8 that fits; anything else, or a JPEG libjpeg-turbo
-  refuses, goes through Pillow (``images.decode_image``).
+  pixels), DCT-scaled by the largest k/8 that fits (``jpeg_size``); anything else, or a JPEG
+  libjpeg-turbo refuses, goes through Pillow (``images.decode_image``), then shrinks to fit.
 
   Raises:
     ValueError: the bytes are not an image (naming ``what``).
   """
-  import simplejpeg  # A compiled extension: imported where it is used.
+  import simplejpeg
 
-  buffer = memoryview(data).cast("B") if isinstance(data, np.ndarray) else data
+  buffer = _buffer(data)
   if bytes(buffer[:2]) == _JPEG_MAGIC:
     try:
       height, width, _, _ = simplejpeg.decode_jpeg_header(buffer)
-      k = dct_eighths(height, width, canvas)
-      # min_height/width make simplejpeg pick the smallest scale giving at least that size:
-      # exactly k/8 here (8/8 decodes at full size; k = 0 decodes at 1/8 and _fit shrinks).
-      k = k or 1
-      image = simplejpeg.decode_jpeg(
-        buffer,
-        colorspace="RGB",
-        fastdct=False,
-        fastupsample=False,
-        min_height=_scaled(height, k),
-        min_width=_scaled(width, k),
-      )
-      return _fit(image, canvas)
+      # Larger than 8 canvases: decoded at 1/8, then shrunk by _fit.
+      size = jpeg_size(buffer, canvas) or (_scaled(height, 1), _scaled(width, 1))
+      return _fit(_decode_jpeg(buffer, *size), canvas)
     except ValueError:
       pass  # Pillow below decodes what libjpeg-turbo's RGB path does not, or says why not.
   return _fit(images.decode_image(bytes(buffer), what), canvas)
 
 
-def place(image: np.ndarray, canvas: int) -> np.ndarray:
-  """``image`` (h, w, 3), h and w <= canvas, in the top-left corner of a zero canvas."""
-  out = np.zeros((canvas, canvas, 3), np.uint8)
-  out[: image.shape[0], : image.shape[1]] = image
-  return out
+def decode_into(data: bytes | np.ndarray, out: np.ndarray, size: tuple[int, int], what: str):
+  """Decodes a JPEG of ``jpeg_size`` ``size`` straight into ``out[: h * w * 3]`` (flat).
+
+  A JPEG whose body libjpeg-turbo then refuses goes through ``decode`` (Pillow), resized to
+  ``size`` if it came out otherwise, so the views drawn for ``size`` stay inside it.
+  """
+  height, width = size
+  target = out[: height * width * 3]
+  try:
+    if _decode_jpeg(_buffer(data), height, width, target).shape[:2] == (height, width):
+      return
+  except ValueError:
+    pass
+  image = decode(data, max(size), what)
+  if image.shape[:2] != (height, width):
+    image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
+  target[:] = image.reshape(-1)
+
+
+class CanvasBatch:
+  """grain's batch function for this path: every image written once, packed, into its slot of
+  one zeroed ``(b, canvas, canvas, 3)`` array; the other entries stacked.
+
+  Packed: the slot's first ``h * w * 3`` bytes are the (h, w, 3) image with rows of ``w``
+  pixels, not ``canvas`` (``unpack`` restores the rows on the device). So JPEGs decode
+  straight into the batch (``decode_into``), and an image is never copied on the host.
+  """
+
+  def __init__(self, canvas: int):
+    self.canvas = canvas
+    self.shared_memory = False
+
+  def enable_shared_memory_output(self) -> None:
+    """Called by grain in worker processes: canvases are then made in shared memory, which
+    the main process maps instead of receiving a copy (as grain's own batching does)."""
+    self.shared_memory = True
+
+  def __call__(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    shape = (len(records), self.canvas, self.canvas, 3)
+    # Both come from the OS as zero pages (a new shared memory block is zero-filled): only
+    # what is written costs.
+    if self.shared_memory:
+      canvas = grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
+    else:
+      canvas = np.zeros(shape, np.uint8)
+    for slot, record in zip(canvas.reshape(len(records), -1), records, strict=True):
+      if "encoded" in record:
+        decode_into(record["encoded"], slot, tuple(record["image_hw"]), record["what"])
+      else:
+        slot[: record["image"].size] = record["image"].reshape(-1)
+    batch = {"canvas": canvas}
+    for key in records[0]:
+      if key not in _RECORD_ONLY:
+        batch[key] = np.stack([record[key] for record in records])
+    return batch
 
 
 class EncodedRecords:
@@ -153,20 +233,24 @@ class CanvasViews(grain.transforms.RandomMap):
     self.views, self.canvas = views, canvas
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    out = {}
     if "encoded" in element:
       what = f"record {element['index']}"
-      image = decode(element["encoded"], self.canvas, what)
+      size = jpeg_size(element["encoded"], self.canvas)
+      if size:  # Decoded later, straight into the batch (CanvasBatch).
+        out = {"encoded": element["encoded"], "what": what}
+      else:
+        out = {"image": decode(element["encoded"], self.canvas, what)}
     else:
-      image = _fit(element["image"], self.canvas)
-    height, width = image.shape[:2]
+      out = {"image": _fit(element["image"], self.canvas)}
+    height, width = size if "encoded" in out else out["image"].shape[:2]
     v = self.views
     draw = lambda *settings: pipeline.random_box_and_flip(height, width, rng, *settings)
     draws = [draw(v.crop_area, v.crop_aspect, v.flip) for _ in range(2)]
     aug_seed = np.int32(rng.integers(0, 2**31 - 1))
     for _ in range(v.num_local_crops):
       draws.append(draw(v.local_crop_area, v.crop_aspect, v.flip))
-    return {
-      "canvas": place(image, self.canvas),
+    return out | {
       "image_hw": np.array([height, width], np.int32),
       "boxes": np.array([box for box, _ in draws], np.int32),
       "flips": np.array([flipped for _, flipped in draws], bool),
@@ -221,6 +305,7 @@ def create_canvas_iterator(
     num_epochs=num_epochs,
     read_threads=read_threads,
     signature={"source": f"{type(source).__name__}[{len(source)}]", "canvas_size": int(canvas)},
+    batch_fn=CanvasBatch(canvas),
   )
 
 
@@ -241,12 +326,35 @@ def views_from_canvas(batch: dict[str, jax.Array], views: views_lib.ViewSpec) ->
   if "canvas" not in batch:
     return batch
   out = {k: x for k, x in batch.items() if k not in CANVAS_KEYS}
-  canvas, boxes, flips = batch["canvas"], batch["boxes"], batch["flips"]
+  canvas = unpack(batch["canvas"], batch["image_hw"][:, 1])
+  boxes, flips = batch["boxes"], batch["flips"]
   pair = crops.crop_views(canvas, boxes[:, :2], flips[:, :2], views.image_size)
   out["view_a"], out["view_b"] = pair[:, 0], pair[:, 1]
   if boxes.shape[1] > 2:
     out["local_views"] = crops.crop_views(canvas, boxes[:, 2:], flips[:, 2:], views.local_crop_size)
   return out
+
+
+def unpack(canvas: jax.Array, widths: jax.Array) -> jax.Array:
+  """Packed canvases (``CanvasBatch``) -> each image in the top-left corner of its canvas.
+
+  Row y of an image of width w starts at byte ``3 * w * y`` of its slot; each output row is
+  the ``canvas`` pixels from there. What lies right of or below the image is other rows'
+  pixels or zeros, which no crop reads (``crops.crop_views``' weights stay inside a box).
+
+  Args:
+    canvas: (b, C, C, 3) uint8, packed.
+    widths: (b,) int32, the images' widths.
+
+  Returns:
+    (b, C, C, 3) uint8.
+  """
+  b, side = canvas.shape[0], canvas.shape[1]
+  flat = canvas.reshape(b, side * side * 3)
+  starts = jnp.arange(side, dtype=jnp.int32)[None, :] * (3 * widths.astype(jnp.int32))[:, None]
+  row = lambda f, start: jax.lax.dynamic_slice(f, (start,), (side * 3,))
+  rows = jax.vmap(jax.vmap(row, in_axes=(None, 0)))(flat, starts)
+  return rows.reshape(b, side, side, 3)
 
 
 def canvas_bytes(canvas: int) -> int:

@@ -20,6 +20,7 @@ is a small JSON-serialisable dict (the settings and the next batch number) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -364,6 +365,7 @@ def augmented_batches(
   num_epochs: int | None,
   read_threads: int | None,
   signature: dict[str, Any] | None = None,
+  batch_fn: Callable[[list[Any]], Any] | None = None,
 ) -> BatchIterator:
   """The stream every training iterator shares: shuffle, ``transform``, shard, batch.
 
@@ -372,7 +374,8 @@ def augmented_batches(
   depends on its global stream position only; its first len(source) - len(source) %
   process_count positions are dealt round-robin to the processes. The iterator's state
   carries a signature of these settings (``kind`` names the iterator; ``signature`` adds
-  its own fields), and refuses a state saved under others.
+  its own fields), and refuses a state saved under others. ``batch_fn`` makes a batch of
+  records (default: grain's, stacking each entry).
   """
   batch_size = _per_process_batch(global_batch_size, process_index, process_count)
   _check_workers(num_workers)
@@ -387,7 +390,7 @@ def augmented_batches(
   ds = ds.random_map(transform)
   # Slicing keeps the epoch in the index it passes up, so every epoch is reshuffled.
   ds = ds[:usable][process_index::process_count]
-  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
   full_signature = {
     "kind": kind,
     "source": f"{type(source).__name__}[{len(source)}]",
