@@ -2,18 +2,15 @@
 host, every crop on the device; checked against Pillow and the host-crop path."""
 
 import io
-import os
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import assert_resumes_exactly, photo_crops, sample_photos, tiny_config
 from PIL import Image
-from sklearn.datasets import load_sample_images
 
-from cljax import metrics, train
 from cljax.data import decode, images, pipeline, sources
 from cljax.data import views as views_lib
 
@@ -24,22 +21,6 @@ def _jpeg(pixels: np.ndarray, quality: int = 90, **kwargs) -> bytes:
   return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def photos():
-  """Real photographs (scikit-learn's two sample images, 427x640), as crops of varied sizes."""
-  return load_sample_images().images
-
-
-def _crops(photos, sizes, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for i, (h, w) in enumerate(sizes):
-    src = photos[i % len(photos)]
-    top, left = rng.integers(0, src.shape[0] - h + 1), rng.integers(0, src.shape[1] - w + 1)
-    out.append(np.ascontiguousarray(src[top : top + h, left : left + w]))
-  return out
-
-
 def _encoded_source(blobs, labels=None):
   offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
   data = np.concatenate([np.frombuffer(b, np.uint8) for b in blobs])
@@ -47,26 +28,27 @@ def _encoded_source(blobs, labels=None):
   return sources.ArraySource(sources.EncodedImages(data, offsets), labels, origin="test_jpegs")
 
 
-def test_jpeg_decoding_is_pillows_bit_for_bit_on_photos(photos):
+def test_jpeg_decoding_is_pillows_bit_for_bit_on_photos():
   # Exact DCT and fancy upsampling (not simplejpeg's fast options): the same libjpeg-turbo
   # arithmetic as Pillow, so no tolerance. Colour 4:2:0 and 4:4:4, and grayscale.
-  for i, pixels in enumerate(_crops(photos, [(375, 500), (427, 320), (99, 131)])):
+  for i, pixels in enumerate(photo_crops([(375, 500), (427, 320), (99, 131)])):
     for kwargs in ({}, {"subsampling": 0}):
       blob = _jpeg(pixels, **kwargs)
       np.testing.assert_array_equal(decode.decode(blob, 512), images.decode_image(blob), str(i))
-  gray = _jpeg(photos[0][:120, :160].mean(-1).astype(np.uint8))
+  gray = _jpeg(sample_photos()[0][:120, :160].mean(-1).astype(np.uint8))
   np.testing.assert_array_equal(decode.decode(gray, 512), images.decode_image(gray))
 
 
-def test_large_jpegs_are_dct_scaled_to_fit_the_canvas(photos):
-  blob = _jpeg(photos[0])  # 427 x 640
+def test_large_jpegs_are_dct_scaled_to_fit_the_canvas():
+  blob = _jpeg(sample_photos()[0])  # 427 x 640
   assert decode.dct_eighths(427, 640, 512) == 6  # 640 * 6/8 = 480 <= 512 < 640 * 7/8.
   image = decode.decode(blob, 512)
   assert image.shape == (321, 480, 3)  # ceil(427 * 6 / 8), ceil(640 * 6 / 8).
   # The DCT-scaled decode is the photo at 3/4 size: as close to Pillow's bilinear resize as
   # different filters on a detailed photo get (measured 8.3 levels on average), and closer
   # than the same resize one row off (14.9) or mirrored (80).
-  reference = np.asarray(Image.fromarray(photos[0]).resize((480, 321), Image.Resampling.BILINEAR))
+  photo = Image.fromarray(sample_photos()[0])
+  reference = np.asarray(photo.resize((480, 321), Image.Resampling.BILINEAR))
   image = image.astype(float)
   close = np.abs(image - reference).mean()
   assert close < 10 and close < np.abs(image[1:] - reference[:-1]).mean() - 4
@@ -92,13 +74,13 @@ def test_other_formats_and_bad_bytes():
     decode.decode(b"\xff\xd8not a jpeg", 64, "record 7")
 
 
-def _views(spec, photos, n=24):
+def _views(spec, n=24):
   sizes = [(int(h), int(w)) for h, w in np.random.default_rng(1).integers(20, 60, (n, 2))]
-  return _encoded_source([_jpeg(p) for p in _crops(photos, sizes)])
+  return _encoded_source([_jpeg(p) for p in photo_crops(sizes)])
 
 
 @pytest.mark.parametrize("local", [0, 2])
-def test_device_views_equal_the_host_paths_views(photos, local):
+def test_device_views_equal_the_host_paths_views(local):
   """Same seed, same boxes, flips and aug_seed: the device-cut views are Pillow's crops.
 
   Tolerance: crops.py reproduces Pillow's bicubic resize with float32 weights where Pillow
@@ -108,7 +90,7 @@ def test_device_views_equal_the_host_paths_views(photos, local):
   move most pixels by tens of levels.
   """
   spec = views_lib.ViewSpec(16, num_local_crops=local, local_crop_size=8)
-  source = _views(spec, photos)
+  source = _views(spec)
   kwargs = {"seed": 3, "global_batch_size": 8}
   host = pipeline.create_pretrain_iterator(source, spec, **kwargs)
   canvas = decode.create_canvas_iterator(source, spec, canvas=64, **kwargs)
@@ -124,9 +106,9 @@ def test_device_views_equal_the_host_paths_views(photos, local):
       assert diff.mean() < 0.5 and np.mean(diff > 3) < 0.01, (key, diff.mean(), diff.max())
 
 
-def test_canvas_iterator_resumes_from_its_state_and_refuses_the_host_paths(photos):
+def test_canvas_iterator_resumes_from_its_state_and_refuses_the_host_paths():
   spec = views_lib.ViewSpec(16)
-  source = _views(spec, photos)
+  source = _views(spec)
   kwargs = {"seed": 0, "global_batch_size": 8}
   it = decode.create_canvas_iterator(source, spec, canvas=64, **kwargs)
   next(it)
@@ -164,22 +146,22 @@ def test_sources_without_file_bytes_are_placed_on_the_canvas():
   assert views["view_a"].shape == (8, 16, 16, 3)
 
 
-def _folder(tmp_path, photos, n=48):
+def _folder(tmp_path, n=48):
   sizes = [(int(h), int(w)) for h, w in np.random.default_rng(2).integers(24, 48, (n, 2))]
-  for i, pixels in enumerate(_crops(photos, sizes)):
+  for i, pixels in enumerate(photo_crops(sizes)):
     folder = tmp_path / "images" / f"class_{i % 4}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{i}.jpg").write_bytes(_jpeg(pixels))
   return tmp_path / "images"
 
 
-def test_training_with_crops_on_device_resumes_exactly(tmp_path, photos):
+def test_training_with_crops_on_device_resumes_exactly(tmp_path):
   """A run on a folder of JPEGs through the decode-only path, stopped and resumed, equals an
   uninterrupted one bitwise: the host's draws follow the stream position, and the iterator's
   state is its batch number."""
   config = tiny_config()
   config.data.source = "folder"
-  config.data.data_dir = str(_folder(tmp_path, photos))
+  config.data.data_dir = str(_folder(tmp_path))
   config.data.train_split = config.data.eval_split = "."
   config.data.crop_on_device = True
   config.data.canvas_size = 48
@@ -190,24 +172,7 @@ def test_training_with_crops_on_device_resumes_exactly(tmp_path, photos):
   config.train.checkpoint_every_steps = 100
   config.evals.knn_at_end = False
 
-  def losses(workdir):
-    return {r["step"]: r["loss"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")}
-
-  straight = tmp_path / "straight"
-  train.train_and_evaluate(config, str(straight))
-  split = tmp_path / "split"
-  config.train.stop_at_step = 3
-  train.train_and_evaluate(config, str(split))
-  config.train.stop_at_step = 0
-  train.train_and_evaluate(config, str(split))
-  assert sorted(losses(split)) == list(range(1, 7))
-  assert losses(split) == losses(straight)
-  import orbax.checkpoint as ocp
-
-  restore = lambda w: ocp.StandardCheckpointer().restore(
-    os.path.join(w, "checkpoints", "6", "state")
-  )
-  chex.assert_trees_all_equal(restore(straight), restore(split))
+  assert_resumes_exactly(config, tmp_path)
 
 
 def test_settings_that_cannot_work_are_refused_before_compiling():

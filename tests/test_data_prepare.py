@@ -11,9 +11,8 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import photo_crops, tiny_config
 from PIL import Image
-from sklearn.datasets import load_sample_images
 
 from cljax import metrics, train
 from cljax.data import prepare, sources
@@ -27,25 +26,9 @@ SIZES += [(47, 47), (36, 44)]
 PNGS = {3, 9}
 
 
-@pytest.fixture(scope="module")
-def photos():
-  """scikit-learn's two sample photographs (427x640)."""
-  return load_sample_images().images
-
-
-def _crops(photos, sizes, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for i, (h, w) in enumerate(sizes):
-    src = photos[i % len(photos)]
-    top, left = rng.integers(0, src.shape[0] - h + 1), rng.integers(0, src.shape[1] - w + 1)
-    out.append(np.ascontiguousarray(src[top : top + h, left : left + w]))
-  return out
-
-
-def _folder(root, photos, sizes, png=(), classes=3):
+def _folder(root, sizes, png=(), classes=3):
   """A folder of JPEGs (quality 95) and PNGs, one subfolder per class; returns its path."""
-  for i, pixels in enumerate(_crops(photos, sizes)):
+  for i, pixels in enumerate(photo_crops(sizes)):
     folder = root / f"class_{i % classes}"
     folder.mkdir(parents=True, exist_ok=True)
     if i in png:
@@ -56,8 +39,8 @@ def _folder(root, photos, sizes, png=(), classes=3):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, photos):
-  return sources.ImageFolderSource(_folder(tmp_path_factory.mktemp("images"), photos, SIZES, PNGS))
+def folder(tmp_path_factory):
+  return sources.ImageFolderSource(_folder(tmp_path_factory.mktemp("images"), SIZES, PNGS))
 
 
 def _files(folder):
@@ -238,8 +221,8 @@ def test_sources_of_decoded_pixels_are_encoded(tmp_path):
   assert copy[2]["image"].shape == (20, 24, 3) and copy[2]["label"] == -1
 
 
-def test_command_line(tmp_path, photos):
-  images = _folder(tmp_path / "images", photos, SIZES[:4])
+def test_command_line(tmp_path):
+  images = _folder(tmp_path / "images", SIZES[:4])
   out = tmp_path / "copy"
   result = subprocess.run(
     [
@@ -267,9 +250,9 @@ def test_command_line(tmp_path, photos):
   assert min(copy[2]["image"].shape[:2]) == 32
 
 
-def test_training_on_a_prepared_copy_with_crops_on_device(tmp_path, photos):
+def test_training_on_a_prepared_copy_with_crops_on_device(tmp_path):
   sizes = [(int(h), int(w)) for h, w in np.random.default_rng(2).integers(24, 64, (32, 2))]
-  images = sources.ImageFolderSource(_folder(tmp_path / "images", photos, sizes, classes=4))
+  images = sources.ImageFolderSource(_folder(tmp_path / "images", sizes, classes=4))
   prepare.prepare(images, tmp_path / "copy", "train", short_side=32, progress=False)
   config = tiny_config()
   config.data.source = "prepared"

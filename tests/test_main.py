@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import tiny_config
+from helpers import assert_resumes_exactly, tiny_config
 
 from cljax import checkpoint, defaults, metrics, train
 
@@ -114,16 +114,7 @@ def readme_snippet(name: str) -> str:
 def test_device_resident_mode_trains_and_resumes_exactly(tmp_path):
   config = _resume_config()
   config.data.device_resident = True
-  straight = tmp_path / "straight"
-  train.train_and_evaluate(config, str(straight))
-  split = tmp_path / "split"
-  config.train.stop_at_step = 3
-  train.train_and_evaluate(config, str(split))
-  config.train.stop_at_step = 0
-  train.train_and_evaluate(config, str(split))
-  assert sorted(_losses(split)) == list(range(1, 7))
-  assert _losses(split) == _losses(straight)
-  chex.assert_trees_all_equal(_restore_state(straight, 6), _restore_state(split, 6))
+  assert_resumes_exactly(config, tmp_path)
 
 
 def test_readme_restore_snippet_with_plain_orbax_on_another_device_count(tmp_path):

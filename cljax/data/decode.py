@@ -2,19 +2,24 @@
 
 On ImageNet-size photos the host's crops cost more than its decoding: Pillow's two
 antialiased bicubic resizes per image take longer than the decode itself, and a host core
-then feeds about 240 images/s. Here the host only decodes (with libjpeg-turbo through
+then feeds about 200-270 images/s. Here the host only decodes (with libjpeg-turbo through
 ``simplejpeg``), draws each view's crop box and flip from the record's generator exactly as
 the host path does (``pipeline.random_box_and_flip``), and ships the decoded image in a
-fixed ``canvas x canvas`` array with the boxes. Inside the compiled step
-``views_from_canvas`` cuts, resizes (Pillow's bicubic, ``crops.py``) and flips every view,
-multi-crop's local views too::
+fixed ``canvas x canvas`` slot of the batch with the boxes: packed (rows of the image's own
+width), because JPEGs decode straight into the batch (``CanvasBatch``), so the host never
+copies an image. Inside the compiled step ``views_from_canvas`` unpacks the rows, then
+cuts, resizes (Pillow's bicubic, ``crops.py``) and flips every view, multi-crop's local
+views too::
 
-  host:   bytes -> decode -> CanvasBatch -> {"canvas", "image_hw", "boxes", "flips", "aug_seed"}
+  host:   header -> sizes, boxes, flips (CanvasViews) -> decode into the batch (CanvasBatch)
+          -> {"canvas", "image_hw", "boxes", "flips", "label", "aug_seed"}
   device: views_from_canvas(batch, views) -> {"view_a", "view_b"[, "local_views"], ...}
+
+One host core so feeds about 4x the images of Pillow's decode-and-crop (docs/benchmarks.md).
 
 Decoding. ``simplejpeg`` with its exact settings (``fastdct=False, fastupsample=False``)
 gives Pillow's pixels bit for bit on the photos measured (docs/benchmarks.md) at about 1.4x
-its speed; the fast settings gain about 13% more but move pixels by up to 37 levels (about
+its speed; the fast settings gain 8-13% more but move pixels by up to 37 levels (about
 1.5 on average), so they are not used. An image larger than the canvas is shrunk while
 decoding by libjpeg's DCT scaling (factors k/8), which costs nothing extra; one still larger
 than 8 canvases, and any image that is not a JPEG (PNG, a JPEG that libjpeg-turbo refuses,
@@ -29,7 +34,9 @@ path's). For an image that fits the canvas, the views equal the host path's view
 seed up to the roundings ``crops.py`` describes.
 
 What the canvas costs: ``canvas^2 * 3`` bytes per image to the device (786 KB at 512, against
-301 KB for two 224-pixel views), which the benchmark's ``host_jpeg`` rows state per image.
+301 KB for two 224-pixel views), which the benchmark's ``host_jpeg`` rows state per image,
+and on the device two separable resize passes per view over the canvas (0.5 GFLOP for a
+224-pixel view from 512).
 """
 
 from __future__ import annotations
