@@ -73,19 +73,20 @@ def vary(tree: Any, axis: str) -> Any:
   return pcast(tree, axis, to="varying")
 
 
-def _varies_over(x: jax.Array, axis: str) -> bool:
+def varies_over(x: jax.Array, axis: str) -> bool:
   """Whether ``x`` is typed device-varying over ``axis`` (``shard_map``'s check_vma)."""
   aval = jax.typeof(x)
   vma = getattr(aval, "vma", None)  # Up to JAX 0.9.
   if vma is None:
     mat = getattr(aval, "manual_axis_type", None)  # JAX 0.10.
     vma = getattr(mat, "varying", None)
-  # Where neither is found, assume varying: averaging a replicated value is only slower.
+  # Where neither is found, assume varying: callers then take a collective they may not need.
   return True if vma is None else axis in vma
 
 
 def invariant(tree: Any, axis: str) -> Any:
-  """``tree``'s device-varying arrays averaged over ``axis``, for values that are equal on
-  every device but typed varying (computed from a ``vary`` copy of replicated parameters
-  alone): in value a no-op, in type replicated, as ``shard_map`` out_specs ``P()`` require."""
-  return jax.tree.map(lambda x: jax.lax.pmean(x, axis) if _varies_over(x, axis) else x, tree)
+  """``tree``'s device-varying arrays as replicated over ``axis``, for values that are equal
+  on every device but typed varying (computed from a ``vary`` copy of replicated parameters
+  alone), as ``shard_map`` out_specs ``P()`` require. The maximum over devices of equal
+  values is each of them exactly (a mean would round)."""
+  return jax.tree.map(lambda x: jax.lax.pmax(x, axis) if varies_over(x, axis) else x, tree)

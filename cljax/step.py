@@ -151,9 +151,17 @@ def _loss_and_grads(
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   if axis is None:
     return loss, out, grads
-  # A value computed from the per-device copy alone (CLIP's logit scale as a metric) is the
-  # same on every device but typed device-varying; its mean over devices is itself.
-  loss, metrics = sharding.invariant((loss, out.metrics), axis)
+  if sharding.varies_over(loss, axis):
+    # A term of the per-device copy alone (a weight penalty, say) would be counted on every
+    # device, and the summed gradient would hold it once per device.
+    raise ValueError(
+      f"{type(method).__name__}.loss must be a global value (a mean over the devices with "
+      "pmean/psum, as cljax.losses' are); it varies over the devices. Reduce every term "
+      "over the 'data' axis; a term of the parameters alone as psum(term / device count)."
+    )
+  # A metric computed from the per-device copy alone (CLIP's logit scale) is the same on every
+  # device but typed device-varying.
+  metrics = sharding.invariant(out.metrics, axis)
   return loss, out._replace(metrics=metrics), jax.lax.psum(grads, axis)
 
 

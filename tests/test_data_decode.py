@@ -1,7 +1,9 @@
 """The decode-only host path (cljax.data.decode): libjpeg-turbo decoding into a canvas on the
 host, every crop on the device; checked against Pillow and the host-crop path."""
 
+import gc
 import io
+import os
 
 import chex
 import jax
@@ -193,3 +195,27 @@ def test_settings_that_cannot_work_are_refused_before_compiling():
   clip = methods.create_method(config)
   with pytest.raises(ValueError, match="set data.crop_on_device=False"):
     clip.create_train_iterator(None, None, None, device_resident=False)
+
+
+def test_worker_batches_are_made_in_shared_memory_and_freed_on_errors():
+  # With workers, each batch's canvas is made in shared memory (the main process maps it;
+  # grain would otherwise copy it there); a batch that fails frees its block.
+  import grain
+
+  records = [
+    {"image": np.full((3, 2, 3), 7, np.uint8), "image_hw": np.array([3, 2], np.int32)},
+    {"encoded": _jpeg(photo_crops([(5, 4)])[0]), "what": "r1", "image_hw": np.array([5, 4])},
+  ]
+  batch = decode.CanvasBatch(8, shared_memory=True)(records)
+  assert isinstance(batch["canvas"], grain.multiprocessing.SharedMemoryArray)
+  flat = batch["canvas"].reshape(2, -1)
+  assert (flat[0, :18] == 7).all() and not flat[0, 18:].any() and not flat[1, 60:].any()
+  batch["canvas"].unlink_on_del()
+  del batch, flat
+  blocks = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+  records[1] = dict(records[1], encoded=b"\xff\xd8 not a jpeg")
+  with pytest.raises(ValueError, match="r1"):
+    decode.CanvasBatch(8, shared_memory=True)(records)
+  gc.collect()
+  if os.path.isdir("/dev/shm"):
+    assert set(os.listdir("/dev/shm")) <= blocks

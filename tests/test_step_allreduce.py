@@ -160,3 +160,21 @@ def test_one_device_step_all_reduces_no_gradients():
   # One device: no cast, no sum (make_train_step turns check_vma off there).
   hlo, params = _compiled(_config("simclr_chunks_4"), jax.devices()[:1])
   assert gradient_all_reduces(hlo, params) == {"top_level": 0, "in_loops": 0}
+
+
+def test_a_loss_with_a_per_device_term_is_refused(monkeypatch):
+  # A term of the parameters alone, not reduced over the devices, would reach the summed
+  # gradient once per device; the step refuses such a loss when it is traced.
+  from cljax.methods.simclr import SimCLR
+
+  loss = SimCLR.loss
+
+  def with_penalty(self, params, state, views, batch):
+    value, out = loss(self, params, state, views, batch)
+    return value + 1e-4 * sum(jax.numpy.sum(p**2) for p in jax.tree.leaves(params)), out
+
+  monkeypatch.setattr(SimCLR, "loss", with_penalty)
+  with pytest.raises(ValueError, match="must be a global value"):
+    _compiled(_config("simclr_chunks_1"), jax.devices())
+  # On one device there is nothing to sum: the same loss is fine.
+  _compiled(_config("simclr_chunks_1"), jax.devices()[:1])

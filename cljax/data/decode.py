@@ -158,7 +158,7 @@ def decode_into(data: bytes | np.ndarray, out: np.ndarray, size: tuple[int, int]
     if _decode_jpeg(_buffer(data), height, width, target).shape[:2] == (height, width):
       return
   except ValueError:
-    pass
+    pass  # A body libjpeg-turbo refuses (its header was fine): Pillow below, or its error.
   image = decode(data, max(size), what)
   if image.shape[:2] != (height, width):
     image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
@@ -174,13 +174,16 @@ class CanvasBatch:
   straight into the batch (``decode_into``), and an image is never copied on the host.
   """
 
-  def __init__(self, canvas: int):
+  def __init__(self, canvas: int, shared_memory: bool = False):
+    """Args: canvas: the canvas side; shared_memory: make each batch's canvas in shared
+    memory, which the main process maps instead of receiving a copy (as grain's own batching
+    does in workers). Only for batches made in grain worker processes."""
     self.canvas = canvas
-    self.shared_memory = False
+    self.shared_memory = shared_memory
 
   def enable_shared_memory_output(self) -> None:
-    """Called by grain in worker processes: canvases are then made in shared memory, which
-    the main process maps instead of receiving a copy (as grain's own batching does)."""
+    """grain's hook for batch functions that run in its workers (not called by grain
+    0.2.18's ``mp_prefetch`` after ``to_iter_dataset``: hence the constructor's flag)."""
     self.shared_memory = True
 
   def __call__(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -191,11 +194,16 @@ class CanvasBatch:
       canvas = grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
     else:
       canvas = np.zeros(shape, np.uint8)
-    for slot, record in zip(canvas.reshape(len(records), -1), records, strict=True):
-      if "encoded" in record:
-        decode_into(record["encoded"], slot, tuple(record["image_hw"]), record["what"])
-      else:
-        slot[: record["image"].size] = record["image"].reshape(-1)
+    try:
+      for slot, record in zip(canvas.reshape(len(records), -1), records, strict=True):
+        if "encoded" in record:
+          decode_into(record["encoded"], slot, tuple(record["image_hw"]), record["what"])
+        else:
+          slot[: record["image"].size] = record["image"].reshape(-1)
+    except BaseException:
+      if self.shared_memory:  # The block would outlive the error: free it.
+        canvas.unlink_on_del()
+      raise
     batch = {"canvas": canvas}
     for key in records[0]:
       if key not in _RECORD_ONLY:
@@ -312,7 +320,8 @@ def create_canvas_iterator(
     num_epochs=num_epochs,
     read_threads=read_threads,
     signature={"source": f"{type(source).__name__}[{len(source)}]", "canvas_size": int(canvas)},
-    batch_fn=CanvasBatch(canvas),
+    # Worker processes build batches straight in shared memory (see CanvasBatch).
+    batch_fn=CanvasBatch(canvas, shared_memory=num_workers > 0),
   )
 
 
