@@ -177,14 +177,11 @@ class CanvasBatch:
   def __init__(self, canvas: int, shared_memory: bool = False):
     """Args: canvas: the canvas side; shared_memory: make each batch's canvas in shared
     memory, which the main process maps instead of receiving a copy (as grain's own batching
-    does in workers). Only for batches made in grain worker processes."""
+    does in workers). Only for batches made in grain worker processes (grain 0.2.18's
+    ``mp_prefetch`` after ``to_iter_dataset`` never calls a batch function's
+    ``enable_shared_memory_output`` hook, so the iterator sets this)."""
     self.canvas = canvas
     self.shared_memory = shared_memory
-
-  def enable_shared_memory_output(self) -> None:
-    """grain's hook for batch functions that run in its workers (not called by grain
-    0.2.18's ``mp_prefetch`` after ``to_iter_dataset``: hence the constructor's flag)."""
-    self.shared_memory = True
 
   def __call__(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     shape = (len(records), self.canvas, self.canvas, 3)
@@ -248,17 +245,15 @@ class CanvasViews(grain.transforms.RandomMap):
     self.views, self.canvas = views, canvas
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    out = {}
-    if "encoded" in element:
-      what = f"record {element['index']}"
-      size = jpeg_size(element["encoded"], self.canvas)
-      if size:  # Decoded later, straight into the batch (CanvasBatch).
-        out = {"encoded": element["encoded"], "what": what}
-      else:
-        out = {"image": decode(element["encoded"], self.canvas, what)}
+    encoded = element.get("encoded")
+    size = None if encoded is None else jpeg_size(encoded, self.canvas)
+    if size:  # A JPEG: decoded later, straight into the batch (CanvasBatch).
+      out = {"encoded": encoded, "what": f"record {element['index']}"}
+    elif encoded is not None:
+      out = {"image": decode(encoded, self.canvas, f"record {element['index']}")}
     else:
       out = {"image": _fit(element["image"], self.canvas)}
-    height, width = size if "encoded" in out else out["image"].shape[:2]
+    height, width = size or out["image"].shape[:2]
     v = self.views
     draw = lambda *settings: pipeline.random_box_and_flip(height, width, rng, *settings)
     draws = [draw(v.crop_area, v.crop_aspect, v.flip) for _ in range(2)]
@@ -371,11 +366,6 @@ def unpack(canvas: jax.Array, widths: jax.Array) -> jax.Array:
   row = lambda f, start: jax.lax.dynamic_slice(f, (start,), (side * 3,))
   rows = jax.vmap(jax.vmap(row, in_axes=(None, 0)))(flat, starts)
   return rows.reshape(b, side, side, 3)
-
-
-def canvas_bytes(canvas: int) -> int:
-  """Bytes one image's canvas sends to the device (its boxes and flips add < 100)."""
-  return canvas * canvas * 3
 
 
 def create_host_iterator(
