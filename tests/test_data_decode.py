@@ -4,6 +4,7 @@ host, every crop on the device; checked against Pillow and the host-crop path.""
 import gc
 import io
 import os
+import time
 
 import chex
 import jax
@@ -197,11 +198,21 @@ def test_settings_that_cannot_work_are_refused_before_compiling():
     clip.create_train_iterator(None, None, None, device_resident=False)
 
 
-def test_worker_batches_are_made_in_shared_memory_and_freed_on_errors():
+def test_worker_batches_are_made_in_shared_memory_and_freed_on_errors(monkeypatch):
   # With workers, each batch's canvas is made in shared memory (the main process maps it;
-  # grain would otherwise copy it there); a batch that fails frees its block.
+  # grain would otherwise copy it there); a batch that fails frees its block. The blocks are
+  # followed by name: other processes (grain workers of earlier tests) make blocks too.
   import grain
 
+  made = []
+
+  class Recorded(grain.multiprocessing.SharedMemoryArray):
+    def __new__(cls, shape, dtype=float):
+      array = super().__new__(cls, shape, dtype)
+      made.append(array.shm.name.lstrip("/"))
+      return array
+
+  monkeypatch.setattr(grain.multiprocessing, "SharedMemoryArray", Recorded)
   records = [
     {"image": np.full((3, 2, 3), 7, np.uint8), "image_hw": np.array([3, 2], np.int32)},
     {"encoded": _jpeg(photo_crops([(5, 4)])[0]), "what": "r1", "image_hw": np.array([5, 4])},
@@ -212,10 +223,15 @@ def test_worker_batches_are_made_in_shared_memory_and_freed_on_errors():
   assert (flat[0, :18] == 7).all() and not flat[0, 18:].any() and not flat[1, 60:].any()
   batch["canvas"].unlink_on_del()
   del batch, flat
-  blocks = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
   records[1] = dict(records[1], encoded=b"\xff\xd8 not a jpeg")
   with pytest.raises(ValueError, match="r1"):
     decode.CanvasBatch(8, shared_memory=True)(records)
-  gc.collect()
-  if os.path.isdir("/dev/shm"):
-    assert set(os.listdir("/dev/shm")) <= blocks
+  assert len(made) == 2
+  if not os.path.isdir("/dev/shm"):
+    return
+  for _ in range(100):  # Unlinking may be asynchronous (grain's deletion threads).
+    gc.collect()
+    if not set(made) & set(os.listdir("/dev/shm")):
+      break
+    time.sleep(0.05)
+  assert not set(made) & set(os.listdir("/dev/shm")), "a batch's shared memory outlived it"
