@@ -16,7 +16,7 @@ from helpers import initial_state, state_and_step, tiny_config
 from jax.sharding import PartitionSpec as P
 from test_step import _batch
 
-from cljax import collapse, losses, methods, metrics, sharding, step, train
+from cljax import collapse, losses, methods, metrics, models, sharding, step, train
 from cljax.methods import base, momentum
 
 MOMENTUM = ("moco_v2", "moco_v3", "byol")
@@ -36,10 +36,11 @@ def _config(method, **overrides):
   return c
 
 
-def _run(config, devices, batches, num_steps=10, lr=0.1):
+def _run(config, devices, batches, num_steps=10, lr=0.1, prepare=lambda state: state):
   mesh = sharding.create_mesh(devices)
   lr_fn = optax.constant_schedule(lr)
   state, step_fn = state_and_step(config, mesh, lr_fn, num_classes=4, num_steps=num_steps)
+  state = prepare(state)
   history = []
   for batch in batches:
     state, step_metrics = step_fn(
@@ -49,26 +50,34 @@ def _run(config, devices, batches, num_steps=10, lr=0.1):
   return jax.device_get(state), history
 
 
+def _in_float64(state):
+  return jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
+
+
 @pytest.mark.parametrize("method", ["moco_v2", "moco_v3", "byol", "simsiam"])
-def test_method_step_on_8_devices_equals_1_device(method):
+def test_method_step_on_8_devices_equals_1_device(method, monkeypatch):
+  # In float64. In float32 the sharded and the single-device step differ by summation order
+  # alone, but BatchNorm of near-constant features and LARS's trust ratios of near-zero
+  # biases amplify that past any bound derived from float32's eps (BYOL's BatchNorm scales
+  # and biases: 1.8e-4 to 2.7e-4 after two steps on two different CPUs, other leaves ~1e-5).
+  # In float64 the same amplification leaves at most 2e-9 (MoCo v2 with LARS; 1e-14 for
+  # BYOL): the two steps compute one function, with no asymmetry in the target network's
+  # statistics. A real one (per-device BatchNorm, negatives or queue) is O(1e-2).
+  monkeypatch.setitem(models._DTYPES, "float64", jnp.float64)
   config = _config(method)
-  # SGD: LARS's trust ratios amplify float32 summation-order differences of
-  # tiny parameters (BatchNorm biases) past any tight tolerance.
-  config.optim.name = "sgd"
+  config.model.dtype = "float64"
   batches = [_batch(seed=0), _batch(seed=1)]
-  state8, hist8 = _run(config, jax.devices(), batches)
-  state1, hist1 = _run(config, jax.devices()[:1], batches)
+  with jax.enable_x64(True):
+    state8, hist8 = _run(config, jax.devices(), batches, prepare=_in_float64)
+    state1, hist1 = _run(config, jax.devices()[:1], batches, prepare=_in_float64)
+  assert jax.tree.leaves(state8.params)[0].dtype == np.float64
+  # Metrics are cast to float32 at the end: a few of its ulps (eps 1.2e-7).
   for m8, m1 in zip(hist8, hist1, strict=True):
-    chex.assert_trees_all_close(m8, m1, rtol=1e-4, atol=1e-6)
-  # Float32 summation order only: most leaves agree to 1e-5 after two steps, but BYOL's
-  # BatchNorm biases over near-constant features amplify it (1.8e-4 with the jaxlib pip
-  # resolves in December 2026, the same before and after cljax.run; "The first hour"
-  # issue tracks a float64 check). Per-device instead of global BatchNorm or negatives
-  # would be O(1e-2).
-  chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-4, atol=3e-4)
-  # Queued keys are normalised outputs of the target network: float32
-  # summation-order differences reach a few 1e-5 there; a misplaced key is O(0.1).
-  chex.assert_trees_all_close(state8.method_state, state1.method_state, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(m8, m1, rtol=1e-6, atol=1e-6)
+  # 50x the largest float64 difference measured; 1e5 below a real asymmetry.
+  chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-7, atol=1e-7)
+  chex.assert_trees_all_close(state8.method_state, state1.method_state, rtol=1e-7, atol=1e-7)
+  chex.assert_trees_all_close(state8.batch_stats, state1.batch_stats, rtol=1e-7, atol=1e-7)
   assert np.isfinite(hist8[-1]["loss"])
 
 
