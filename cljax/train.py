@@ -147,7 +147,13 @@ def train_and_evaluate(
   logging.info(r.describe())
   logging.info("Config:\n%s", config)
   manager = checkpoint.create_manager(workdir, config)
-  state, start_step = checkpoint.restore_latest(manager, r.state, r.iterator, config, force_resume)
+  try:
+    state, start_step = checkpoint.restore_latest(
+      manager, r.state, r.iterator, config, force_resume
+    )
+  except BaseException:
+    manager.close()  # Its background threads would otherwise outlive the error.
+    raise
   writer = metrics.MetricWriter(
     workdir,
     total_steps=r.num_steps,
