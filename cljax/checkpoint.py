@@ -5,9 +5,17 @@ Layout (one folder per saved step, written by ``orbax.checkpoint``)::
     WORKDIR/checkpoints/<step>/state/    the TrainState arrays (StandardSave)
     WORKDIR/checkpoints/<step>/data/     the grain iterator state, one JSON per process
     WORKDIR/checkpoints/<step>/config/   the run config (JsonSave)
+    WORKDIR/checkpoints/<step>/digests/  SHA-256 of each state array, iterator state and
+                                         the config (JsonSave; ``cljax.integrity``)
 
 The state restores with plain orbax, on any device count, e.g.
 ``ocp.StandardCheckpointer().restore(WORKDIR/checkpoints/<step>/state)``.
+
+Restoring tells two failures apart. A checkpoint that cannot be read, or whose digests or
+saved config do not verify, is *unusable*: it is moved aside to ``checkpoints_unreadable/``
+(kept) and the previous one is tried. A checkpoint that verifies but does not fit the
+current config (other array shapes, another tree) is *incompatible*: a user error, raised as
+``IncompatibleCheckpointError``, with every checkpoint left where it is.
 """
 
 from __future__ import annotations
@@ -20,9 +28,13 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from cljax import integrity
+from cljax import step as step_lib
 
 # Keys that may change between a run and its resumption without changing
 # what is computed: bookkeeping, not the model, data order or optimiser.
@@ -62,17 +74,31 @@ def check_workdir(workdir: str) -> None:
     ) from e
 
 
-def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """An async CheckpointManager keeping ``config.train.max_to_keep`` checkpoints."""
+class IncompatibleCheckpointError(ValueError):
+  """An intact checkpoint that does not fit the current config: a user error, not corruption."""
+
+
+class UnusableCheckpointError(Exception):
+  """A checkpoint that cannot be read or does not verify against its digests."""
+
+
+def create_manager(
+  workdir: str, config: ml_collections.ConfigDict, *, read_only: bool = False
+) -> ocp.CheckpointManager:
+  """An async CheckpointManager keeping ``config.train.max_to_keep`` checkpoints.
+
+  ``read_only`` (evaluation) creates nothing and deletes nothing.
+  """
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=config.train.max_to_keep,
-    create=True,
-    enable_async_checkpointing=True,
+    max_to_keep=None if read_only else config.train.max_to_keep,
+    create=not read_only,
+    read_only=read_only,
+    enable_async_checkpointing=not read_only,
   )
   return ocp.CheckpointManager(
     os.path.join(os.path.abspath(workdir), "checkpoints"),
     options=options,
-    item_names=("state", "data", "config"),
+    item_names=("state", "data", "config", "digests"),
   )
 
 
@@ -88,13 +114,16 @@ def save(
   """Starts an asynchronous save of ``step``; returns ``step``, or None if not due.
 
   Device arrays are copied to the host before this returns, so the caller may
-  donate ``state`` to the next step. A failure of the previous asynchronous
-  save surfaces here (see :func:`wait`).
+  donate ``state`` to the next step; so are the digests (``cljax.integrity``), computed
+  from the values in memory. A failure of the previous asynchronous save surfaces here
+  (see :func:`wait`).
   """
+  config_dict = config.to_dict()
   args = ocp.args.Composite(
     state=ocp.args.StandardSave(state),
     data=grain.checkpoint.CheckpointSave(data_iterator),
-    config=ocp.args.JsonSave(config.to_dict()),
+    config=ocp.args.JsonSave(config_dict),
+    digests=ocp.args.JsonSave(integrity.create(state, data_iterator, config_dict)),
   )
   try:
     saved = manager.save(step, args=args, force=force)
@@ -130,21 +159,25 @@ def restore_latest(
   config: ml_collections.ConfigDict,
   force_resume: bool,
 ) -> tuple[Any, int]:
-  """Restores the newest readable checkpoint; returns ``(state, step)``, step 0 if none.
+  """Restores the newest usable checkpoint; returns ``(state, step)``, step 0 if none.
 
-  A checkpoint that fails to restore (partial or corrupted files) is moved
-  aside to ``checkpoints_unreadable/`` with a warning, never deleted, and the
-  previous one is tried. Folders of saves that never completed carry orbax's
-  temporary suffix and are not checkpoints at all.
+  An unusable checkpoint (partial or corrupted files, digests that do not match, a saved
+  config that cannot be read, a non-finite state) is moved aside to
+  ``checkpoints_unreadable/`` with a warning, never deleted, and the previous one is
+  tried. Folders of saves that never completed carry orbax's temporary suffix and are not
+  checkpoints at all.
+
+  Raises:
+    ValueError: the checkpoint was written with a different config (without
+      ``force_resume``); IncompatibleCheckpointError: its arrays do not fit ``state``.
   """
   for step in sorted(manager.all_steps(), reverse=True):
-    check_resumable(manager, step, config, force_resume)
     try:
-      restored = restore(manager, step, state, data_iterator)
-    except Exception as e:  # Any failure to read means this checkpoint is unusable.
+      restored = _restore_verified(manager, step, state, data_iterator, config, force_resume)
+    except UnusableCheckpointError as e:
       aside = _move_aside(manager, step)
       logging.warning(
-        "The checkpoint at step %d cannot be restored (%r); moved it to %s and trying the "
+        "The checkpoint at step %d cannot be restored (%s); moved it to %s and trying the "
         "previous one.",
         step,
         e,
@@ -154,6 +187,158 @@ def restore_latest(
     logging.info("Resumed from %s at step %d.", manager.directory, step)
     return restored, step
   return state, 0
+
+
+def _restore_verified(manager, step, state, data_iterator, config, force_resume) -> Any:
+  """Checks the saved config, the shapes and the digests of ``step`` around its restore."""
+  digests = read_digests(manager, step)
+  saved = verified_config(manager, step, digests)
+  check_resumable(step, saved, config, force_resume)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  changed = bool(config_differences(saved, config))
+  check_fits(manager, step, digests, abstract, config_changed=changed)
+  try:
+    restored = restore(manager, step, abstract, data_iterator)
+  except Exception as e:  # Any failure to read means this checkpoint is unusable.
+    raise UnusableCheckpointError(repr(e)) from e
+  problems = state_problems(digests, restored)
+  if digests is not None:
+    saved = integrity.saved_iterator_digest(_item_dir(manager, step, "data"))
+    if saved != digests["data"][jax.process_index()]:
+      problems.append("the data-iterator state differs from its digest")
+  _raise_if_any_process(problems, step)
+  return restored
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract: Any, data_iterator: Any) -> Any:
+  """Restores the state as ``abstract`` (shapes and shardings) and the iterator in place."""
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      data=grain.checkpoint.CheckpointRestore(data_iterator),
+    ),
+  )
+  return restored["state"]
+
+
+def _item_dir(manager: ocp.CheckpointManager, step: int, item: str) -> str:
+  return os.path.join(str(manager.directory), str(step), item)
+
+
+def read_digests(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The digests saved with ``step``; None for a checkpoint written before they existed.
+
+  Raises:
+    UnusableCheckpointError: they exist but cannot be read.
+  """
+  if not os.path.isdir(_item_dir(manager, step, "digests")):
+    logging.warning(
+      "The checkpoint at step %d has no digests (written before cljax recorded them): it is "
+      "restored without verifying its contents.",
+      step,
+    )
+    return None
+  try:
+    args = ocp.args.Composite(digests=ocp.args.JsonRestore())
+    digests = manager.restore(step, args=args)["digests"]
+    if digests.get("version") != integrity.VERSION:
+      raise ValueError(f"digest version {digests.get('version')!r}, expected {integrity.VERSION}")
+    return digests
+  except Exception as e:
+    raise UnusableCheckpointError(f"its digests cannot be read: {e!r}") from e
+
+
+def verified_config(manager: ocp.CheckpointManager, step: int, digests: dict | None) -> dict:
+  """The config saved with ``step``, checked against its digest.
+
+  Raises:
+    UnusableCheckpointError: it cannot be read or does not match its digest; the
+      checkpoint then cannot be checked against the current config, so it is not used.
+  """
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    saved = saved["config"]
+    if not isinstance(saved, dict):
+      raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+  except Exception as e:
+    raise UnusableCheckpointError(
+      f"its saved config cannot be read ({e!r}), so it cannot be checked against the current config"
+    ) from e
+  if digests is not None and integrity.json_digest(saved) != digests["config"]:
+    raise UnusableCheckpointError("its saved config differs from its digest")
+  return saved
+
+
+def saved_state_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The shapes and dtypes of the saved state (orbax metadata), read without the arrays."""
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.metadata(_item_dir(manager, step, "state")).item_metadata
+  except Exception as e:
+    raise UnusableCheckpointError(f"its state's metadata cannot be read: {e!r}") from e
+
+
+def check_fits(
+  manager: ocp.CheckpointManager,
+  step: int,
+  digests: dict | None,
+  abstract: Any,
+  *,
+  config_changed: bool,
+) -> None:
+  """Raises ``IncompatibleCheckpointError``, naming the arrays, when ``step``'s saved state
+  does not fit ``abstract``.
+
+  The shapes come from the digests, verified JSON. A checkpoint without them has only
+  orbax's metadata, which a damaged file also changes: there a mismatch is a config's
+  doing only when the config changed; otherwise the checkpoint is unusable.
+  """
+  if digests is not None:
+    saved = integrity.recorded_table(digests)
+  else:
+    saved = integrity.tree_table(saved_state_metadata(manager, step))
+  diffs = integrity.structure_differences(saved, integrity.tree_table(abstract))
+  if not diffs:
+    return
+  if digests is None and not config_changed:
+    raise UnusableCheckpointError(f"its state's metadata does not match: {diffs[:3]}")
+  shown = diffs[:20] + ([f"... and {len(diffs) - 20} more"] if len(diffs) > 20 else [])
+  raise IncompatibleCheckpointError(
+    f"The checkpoint at step {step} in {manager.directory} is intact but its train state "
+    f"does not fit the current config ({len(diffs)} arrays differ, saved vs now):\n  "
+    + "\n  ".join(shown)
+    + "\n--force_resume continues only with configs whose state has the same structure "
+    "(schedule, data or logging changes). Train this config in a new --workdir; the "
+    "checkpoints were left as they are."
+  )
+
+
+def state_problems(digests: dict | None, state: Any) -> list[str]:
+  """Why a restored ``state`` cannot be trusted: digest mismatches, NaN or Inf."""
+  problems = []
+  if digests is not None:
+    bad = integrity.state_mismatches(digests, state)
+    if bad:
+      problems.append(
+        f"{len(bad)} arrays differ from their digests ({', '.join(bad[:5])}"
+        + (", ..." if len(bad) > 5 else "")
+        + ")"
+      )
+  if not bool(jax.jit(step_lib.all_finite)(state)):
+    problems.append("the state holds a NaN or Inf")
+  return problems
+
+
+def _raise_if_any_process(problems: list[str], step: int) -> None:
+  """Raises ``UnusableCheckpointError`` on every process if any found a problem."""
+  bad = bool(problems)
+  if jax.process_count() > 1:
+    bad = bool(np.any(multihost_utils.process_allgather(np.asarray(bad))))
+  if bad:
+    raise UnusableCheckpointError(
+      "; ".join(problems) or f"another process found step {step} corrupt"
+    )
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -167,29 +352,6 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   multihost_utils.sync_global_devices(f"cljax_move_aside_{step}")
   manager.reload()
   return target
-
-
-def restore(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any) -> Any:
-  """Restores ``state`` (as its abstract shape and sharding) and the iterator in place."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract),
-      data=grain.checkpoint.CheckpointRestore(data_iterator),
-    ),
-  )
-  return restored["state"]
-
-
-def saved_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
-  """The config saved with ``step``, or None if it cannot be read."""
-  try:
-    args = ocp.args.Composite(config=ocp.args.JsonRestore())
-    return manager.restore(step, args=args)["config"]
-  except Exception as e:  # A damaged config file: the state restore decides what to do.
-    logging.warning("Cannot read the config saved at step %d: %r", step, e)
-    return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -216,12 +378,9 @@ def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[
   return diffs
 
 
-def check_resumable(
-  manager: ocp.CheckpointManager, step: int, config: ml_collections.ConfigDict, force: bool
-) -> None:
-  """Refuses to resume a workdir written with a different config unless forced."""
-  saved = saved_config(manager, step)
-  diffs = [] if saved is None else config_differences(saved, config)
+def check_resumable(step: int, saved: dict, config: ml_collections.ConfigDict, force: bool) -> None:
+  """Refuses to resume a checkpoint written with a different config unless forced."""
+  diffs = config_differences(saved, config)
   if not diffs:
     return
   message = (

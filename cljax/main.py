@@ -5,12 +5,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import metrics, train
+# JAX, Flax and the data libraries are imported in main(), after the flags and the config
+# are checked: --help and a bad value answer in about a second, not half a minute.
+from cljax import validate
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -29,6 +31,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_ALLOW_ZERO_LR = flags.DEFINE_bool(
+  "allow_zero_lr", False, "Accept optim.base_lr=0 (a frozen-encoder run)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -49,6 +54,8 @@ def initialize_distributed() -> None:
   detects the coordinator and process ids itself. On CPU the processes talk
   over gloo, so the same code runs on a laptop with several processes.
   """
+  import jax
+
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     if _COORDINATOR.value is None or _PROCESS_ID.value is None:
       raise app.UsageError("--num_processes > 1 needs --coordinator_address and --process_id.")
@@ -64,9 +71,22 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    validate.check_config(_CONFIG.value, allow_zero_lr=_ALLOW_ZERO_LR.value)
+  except ValueError as e:
+    _exit_with(e)
+  import jax
+
+  from cljax import checkpoint, metrics, train
+
   metrics.setup_logging()
   initialize_distributed()
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value)
+  try:
+    result = train.train_and_evaluate(
+      _CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value
+    )
+  except (checkpoint.IncompatibleCheckpointError, checkpoint.UnusableCheckpointError) as e:
+    _exit_with(e)
   if jax.process_index() == 0:
     if "knn_top1" in result:
       line = f"kNN top-1 of the learned encoder on the eval split: {result['knn_top1']:.1%}"
@@ -76,5 +96,15 @@ def main(argv):
     print(json.dumps({"final": result}, sort_keys=True))
 
 
+def _exit_with(error: Exception) -> None:
+  """A user error: its message alone on stderr, exit status 1 (no traceback to read past)."""
+  print(f"Error: {error}", file=sys.stderr)
+  sys.exit(1)
+
+
 if __name__ == "__main__":
+  if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
+    # absl's --help exits with status 1; asking for help is not an error.
+    print(flags.FLAGS.main_module_help())
+    sys.exit(0)
   app.run(main)

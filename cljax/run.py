@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import methods, optim, sharding, step
+from cljax import methods, optim, sharding, step, validate
 from cljax.data import sources
 from cljax.data import views as views_lib
 from cljax.state import TrainState
@@ -55,6 +55,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"Process {jax.process_index()} has a different config from process 0. Start every "
         "process with the same config file and --config overrides."
       ) from e
+  # Zero is left to the command line's --allow_zero_lr; a negative rate is always refused.
+  validate.check_config(config, allow_zero_lr=True)
   if not config.loss.temperature > 0:
     raise ValueError(f"loss.temperature must be > 0, got {config.loss.temperature}.")
   if config.data.device_resident and config.data.crop_on_device:

@@ -215,10 +215,12 @@ def train_step(
     method_state=method_state,
   )
 
-  # A NaN or Inf in the loss or any gradient (the norm is non-finite iff some
-  # element is) skips the update: parameters, statistics, optimiser, probe and
-  # method state stay as they were, and the batch counts as consumed.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A NaN or Inf in the loss, any gradient (the norm is non-finite iff some element is) or
+  # anything the step would write skips the update: parameters, statistics, optimiser, probe
+  # and method state stay as they were, and the batch counts as consumed. Checking the new
+  # state too catches an update that overflows from finite gradients, and a non-finite state
+  # is never kept, so never checkpointed.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_state, grad_axis)
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = out.metrics | metrics
   metrics.update(
@@ -229,6 +231,26 @@ def train_step(
     nonfinite=1.0 - finite.astype(jnp.float32),
   )
   return kept.replace(step=new_state.step), metrics
+
+
+def all_finite(tree: Any, axis: str | None = None) -> jax.Array:
+  """Whether every floating-point element of ``tree`` is finite, as one boolean scalar.
+
+  Inside ``shard_map`` a leaf sharded over ``axis`` (a MoCo queue) is checked on every device
+  and the answer agreed on, so the result is replicated; integer leaves are always finite.
+  """
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x)]
+  varying = [f for f in flags if axis is not None and sharding.varies_over(f, axis)]
+  finite = jnp.all(jnp.stack([f for f in flags if not any(f is v for v in varying)] + [True]))
+  if varying:
+    # One scalar all-reduce: the devices whose shard holds a NaN or Inf, counted.
+    bad = jnp.any(~jnp.stack(varying)).astype(jnp.int32)
+    finite = finite & (jax.lax.psum(bad, axis) == 0)
+  return finite
+
+
+def _is_float(x: Any) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def make_train_step(method: Method, mesh: Mesh, learning_rate_fn: optax.Schedule):

@@ -15,6 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cljax import checkpoint, metrics, run
+from cljax import step as step_lib
 from cljax.evaluate import knn
 
 Metrics = dict[str, jax.Array]
@@ -69,12 +70,36 @@ class NonFiniteGuard:
       self.total += int(bool(flag))
       if self.limit and self.streak >= self.limit:
         raise FloatingPointError(
-          f"{self.streak} consecutive training steps had a NaN or Inf loss or gradient, the "
-          f"last at step {first_step + i} (train.max_nonfinite_streak={self.limit}). Each was "
-          "skipped; the last checkpoint"
-          + (f" (step {last_good_checkpoint})" if last_good_checkpoint is not None else "")
-          + " is intact. Lower the learning rate, check the input data, or raise the limit."
+          f"{self.streak} consecutive training steps had a NaN or Inf loss, gradient or "
+          f"updated state, the last at step {first_step + i} "
+          f"(train.max_nonfinite_streak={self.limit}). Each was skipped. "
+          + _good_checkpoint_note(last_good_checkpoint)
+          + " Check the input data and the learning rate, or raise the limit."
         )
+
+
+def _good_checkpoint_note(step: int | None) -> str:
+  # Every checkpoint is written from a state that passed the step's guard and a finiteness
+  # check (``_check_savable``), so the newest one is good.
+  if step is None:
+    return "No checkpoint has been written in this run's workdir."
+  return f"The last checkpoint (step {step}) holds a finite state that passed the guard."
+
+
+_state_is_finite = jax.jit(step_lib.all_finite)
+
+
+def _check_savable(state, step: int, last_good_checkpoint: int | None) -> None:
+  """Refuses to checkpoint a state with a NaN or Inf anywhere (one reduction on device).
+
+  The step never produces one from a finite state; this catches a state that was never
+  finite (a bad initialisation) and, with it, keeps rotation from deleting good checkpoints.
+  """
+  if not bool(_state_is_finite(state)):
+    raise FloatingPointError(
+      f"The train state at step {step} holds a NaN or Inf; it was not checkpointed. "
+      + _good_checkpoint_note(last_good_checkpoint)
+    )
 
 
 class PendingMetrics:
@@ -122,7 +147,13 @@ def train_and_evaluate(
   logging.info(r.describe())
   logging.info("Config:\n%s", config)
   manager = checkpoint.create_manager(workdir, config)
-  state, start_step = checkpoint.restore_latest(manager, r.state, r.iterator, config, force_resume)
+  try:
+    state, start_step = checkpoint.restore_latest(
+      manager, r.state, r.iterator, config, force_resume
+    )
+  except BaseException:
+    manager.close()  # Its background threads would otherwise outlive the error.
+    raise
   writer = metrics.MetricWriter(
     workdir,
     total_steps=r.num_steps,
@@ -146,9 +177,11 @@ def train_and_evaluate(
         writer.write_scalars(step, last)
       if step % config.train.checkpoint_every_steps == 0:
         pending.check(saved)  # Never checkpoint past a run of failed steps.
+        _check_savable(state, step, saved)
         saved = checkpoint.save(manager, step, state, r.iterator, config) or saved
     if saved != step:
       pending.check(saved)
+      _check_savable(state, step, saved)
       saved = checkpoint.save(manager, step, state, r.iterator, config, force=True) or saved
     checkpoint.wait(manager, saved)
   finally:

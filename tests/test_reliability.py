@@ -6,14 +6,17 @@ import os
 import pathlib
 import shutil
 
+import chex
 import grain
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from helpers import tiny_config
 
-from cljax import methods, metrics, train
+from cljax import methods, metrics, optim, train
+from cljax import step as step_lib
 from cljax.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -169,3 +172,80 @@ def test_float_pixels_such_as_nan_are_refused_by_array_sources():
   images = np.full((4, 8, 8, 3), np.nan, np.float32)
   with pytest.raises(ValueError, match="uint8 or uint16"):
     sources.ArraySource(images)
+
+
+def _poison_updates(monkeypatch, bad_steps):
+  """Makes the learning rate of the given (0-based) steps infinite: the loss and gradients
+  stay finite, but the update, and so the new parameters, are not."""
+  original = optim.create_learning_rate_fn
+
+  def poisoned(*args, **kwargs):
+    schedule = original(*args, **kwargs)
+    return lambda count: jnp.where(
+      jnp.isin(count, jnp.asarray(bad_steps)), jnp.inf, schedule(count)
+    )
+
+  monkeypatch.setattr(optim, "create_learning_rate_fn", poisoned)
+
+
+def _all_finite(state):
+  return all(
+    np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.inexact)
+  )
+
+
+def test_a_step_whose_update_is_nonfinite_leaves_the_state_unchanged(tmp_path, monkeypatch):
+  # The schedule reads the optimiser's step count, which a skipped step leaves as it was, so
+  # every step from the third on would write NaN parameters (with a finite loss and
+  # gradients) and is skipped.
+  _poison_updates(monkeypatch, [2])
+  config = _config(num_steps=5, every=1)
+  config.train.max_nonfinite_streak = 0
+  train.train_and_evaluate(config, str(tmp_path))
+  records = {r["step"]: r for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")}
+  assert [records[s]["nonfinite_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+  states = {s: _state(tmp_path, s) for s in range(1, 6)}
+  assert all(_all_finite(s) for s in states.values())  # Never checkpointed...
+  for s in (3, 4, 5):  # ...and everything but the step count as after step 2.
+    assert int(states[s]["step"]) == s
+    chex.assert_trees_all_equal(
+      {k: v for k, v in states[s].items() if k != "step"},
+      {k: v for k, v in states[2].items() if k != "step"},
+    )
+  assert not np.array_equal(_kernel(states[2]), _kernel(states[1]))
+
+
+def test_rotation_keeps_the_last_good_checkpoint_and_the_error_names_it(tmp_path, monkeypatch):
+  _poison_updates(monkeypatch, list(range(4, 100)))  # Steps 5, 6, ... would write NaNs.
+  config = _config(num_steps=20, every=2)
+  config.train.max_to_keep = 1
+  config.train.max_nonfinite_streak = 3
+  config.train.log_every_steps = 10
+  with pytest.raises(FloatingPointError, match=r"last at step 7 .*\(step 6\) holds a finite"):
+    train.train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [6]  # Only one kept, and it is good: the state after step 4.
+  # The same program stopped before the first poisoned step.
+  config.train.stop_at_step = 4
+  train.train_and_evaluate(config, str(tmp_path / "clean"))
+  good, clean = _state(tmp_path, 6), _state(tmp_path / "clean", 4)
+  chex.assert_trees_all_equal(
+    {k: v for k, v in good.items() if k != "step"}, {k: v for k, v in clean.items() if k != "step"}
+  )
+
+
+def test_a_state_that_is_not_finite_is_never_checkpointed(tmp_path, monkeypatch):
+  original = step_lib.create_train_state
+
+  def nan_init(*args, **kwargs):
+    state = original(*args, **kwargs)
+    return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+
+  monkeypatch.setattr(step_lib, "create_train_state", nan_init)
+  config = _config(num_steps=4, every=2)
+  config.train.max_nonfinite_streak = 0  # Never stop: the checkpoint check alone must refuse.
+  with pytest.raises(
+    FloatingPointError, match=r"step 2 holds a NaN or Inf; it was not checkpointed"
+  ):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]

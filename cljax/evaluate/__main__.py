@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import metrics
+from cljax import checkpoint, metrics
 from cljax.evaluate import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -92,7 +93,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.setup_logging()
-  result = runner.evaluate_checkpoint(
+  try:
+    result = _evaluate()
+  except (
+    FileNotFoundError,
+    checkpoint.IncompatibleCheckpointError,
+    checkpoint.UnusableCheckpointError,
+  ) as e:  # A user error: its message alone, exit status 1.
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    print("\n".join(_summary(result)))
+    print(json.dumps({"eval": result}, sort_keys=True))
+
+
+def _evaluate() -> dict:
+  return runner.evaluate_checkpoint(
     _CONFIG.value,
     _WORKDIR.value,
     step=_STEP.value,
@@ -109,9 +125,6 @@ def main(argv):
     num_workers=_WORKERS.value,
     zero_shot=_ZERO_SHOT.value,
   )
-  if jax.process_index() == 0:
-    print("\n".join(_summary(result)))
-    print(json.dumps({"eval": result}, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -54,9 +54,8 @@ def abstract_state(method: methods.Method, mesh: Mesh, num_classes: int = 0) -> 
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
 
-def _saved_num_classes(path: str) -> int:
-  """Classes of the online probe saved in the state at ``path``, 0 without a probe."""
-  saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+def _saved_num_classes(saved: Any) -> int:
+  """Classes of the online probe in a saved state's metadata, 0 without a probe."""
   probe = saved.get("probe_params") if hasattr(saved, "get") else None
   return int(probe["kernel"].shape[-1]) if probe else 0
 
@@ -66,11 +65,22 @@ def restore_checkpoint(
 ) -> tuple[Any, int]:
   """The train state at ``step`` (default: the latest) of ``workdir``, replicated on ``mesh``.
 
+  The checkpoint is verified as training verifies it (``cljax.checkpoint``). Without
+  ``step``, an unusable latest checkpoint is skipped with a warning and the previous one
+  evaluated; evaluation changes nothing in the workdir, so it is left where it is.
+
   Raises:
     FileNotFoundError: if the workdir has no checkpoint (at ``step``).
+    IncompatibleCheckpointError: the checkpoint is intact but does not fit the config.
+    UnusableCheckpointError: the checkpoint at ``step``, or every one, cannot be used.
   """
-  config = method.config
-  manager = checkpoint.create_manager(workdir, config)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"{directory} does not exist: is --workdir={workdir} a training workdir? Train first "
+      "with python -m cljax.main."
+    )
+  manager = checkpoint.create_manager(workdir, method.config, read_only=True)
   try:
     steps = manager.all_steps()
     if not steps or (step is not None and step not in steps):
@@ -78,17 +88,39 @@ def restore_checkpoint(
         f"no checkpoint {'' if step is None else f'at step {step} '}in {manager.directory} "
         f"(found steps {sorted(steps)}); train first with python -m cljax.main."
       )
-    step = max(steps) if step is None else step
-    saved = checkpoint.saved_config(manager, step)  # None when unreadable: nothing to compare.
-    diffs = [] if saved is None else checkpoint.config_differences(saved, config)
-    if diffs:
-      logging.warning("The checkpoint was written with another config:\n  %s", "\n  ".join(diffs))
-    path = os.path.join(manager.directory, str(step), "state")
+    candidates = [step] if step is not None else sorted(steps, reverse=True)
+    for s in candidates:
+      try:
+        return _restore_verified(manager, s, method, mesh), s
+      except checkpoint.UnusableCheckpointError as e:
+        if s == candidates[-1]:
+          raise checkpoint.UnusableCheckpointError(
+            f"The checkpoint at step {s} in {manager.directory} cannot be used: {e}"
+          ) from e
+        logging.warning("The checkpoint at step %d cannot be used (%s); trying the previous.", s, e)
   finally:
     manager.close()
-  target = abstract_state(method, mesh, _saved_num_classes(path))
-  state = ocp.StandardCheckpointer().restore(path, target)
-  return state, step
+
+
+def _restore_verified(manager: Any, step: int, method: methods.Method, mesh: Mesh) -> Any:
+  """The state of ``step``, its config, shapes and digests checked (``cljax.checkpoint``)."""
+  digests = checkpoint.read_digests(manager, step)
+  saved = checkpoint.verified_config(manager, step, digests)
+  diffs = checkpoint.config_differences(saved, method.config)
+  if diffs:
+    logging.warning("The checkpoint was written with another config:\n  %s", "\n  ".join(diffs))
+  metadata = checkpoint.saved_state_metadata(manager, step)
+  target = abstract_state(method, mesh, _saved_num_classes(metadata))
+  checkpoint.check_fits(manager, step, digests, target, config_changed=bool(diffs))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      state = checkpointer.restore(os.path.join(manager.directory, str(step), "state"), target)
+  except Exception as e:  # Any failure to read means this checkpoint is unusable.
+    raise checkpoint.UnusableCheckpointError(repr(e)) from e
+  problems = checkpoint.state_problems(digests, state)
+  if problems:
+    raise checkpoint.UnusableCheckpointError("; ".join(problems))
+  return state
 
 
 def two_view_embeddings(
