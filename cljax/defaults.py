@@ -80,6 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay_end = -1.0
   c.optim.momentum = 0.9
   c.optim.trust_coefficient = 1e-3
+  # Which parameters weight decay (and LARS's trust ratio) applies to, as each recipe's
+  # official code does (tests/test_fidelity_optim.py): "kernels": not biases, norm scales and
+  # offsets, a ViT's class token and position embeddings or CLIP's logit scale (SimCLR, BYOL:
+  # on a ResNet the same as "matrices"); "matrices": parameters of 2+ dimensions that are not
+  # biases, PyTorch's ``p.ndim >= 2`` (DINO, Barlow Twins, MoCo v3's LARS, CLIP); "all"
+  # (MoCo v2, SimSiam, SupCon, MoCo v3's AdamW, SwAV's LARC). Never a ``frozen_*`` module.
+  c.optim.decay_mask = "kernels"
   c.optim.b2 = 0.999  # AdamW's second-moment decay (CLIP: 0.98).
   c.optim.eps = 1e-8  # AdamW's epsilon (CLIP: 1e-6).
   c.optim.warmup_epochs = 10.0

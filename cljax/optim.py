@@ -1,17 +1,20 @@
-"""Optimisers: LARS with masked weight decay and trust ratio, LR schedules, scaling rules."""
+"""Optimisers: LARS, SGD and AdamW with per-recipe masks, LR schedules, scaling rules."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-# Parameter names that LARS leaves alone: biases and BatchNorm/LayerNorm scales/offsets
-# get neither weight decay nor trust-ratio adaptation (SimCLR, You et al. 2017), nor do a
-# ViT's class token and learned position embeddings (MoCo v3, DINO: decay on kernels only).
+# Parameter names that ``lars_mask`` leaves alone: biases and BatchNorm/LayerNorm
+# scales/offsets (SimCLR, You et al. 2017), a ViT's class token and learned position
+# embeddings, and CLIP's logit scale and bias. No official recipe excludes the tokens (DINO
+# and MoCo v3 decay them); ``optim.decay_mask`` picks each recipe's own rule.
 _UNADAPTED_NAMES = ("bias", "scale", "cls_token", "pos_embedding", "logit_scale", "logit_bias")
 # Modules whose parameters never train (a ViT's frozen patch projection, ``models.vit``):
 # their gradients are zero, and without weight decay every optimiser here leaves them as
@@ -58,11 +61,47 @@ def lars_mask(params) -> object:
   """
 
   def adapted(path, _) -> bool:
-    if any(_key(entry).startswith(_FROZEN_PREFIX) for entry in path):
-      return False
-    return _key(path[-1]) not in _UNADAPTED_NAMES
+    return not _frozen(path) and _key(path[-1]) not in _UNADAPTED_NAMES
 
   return jax.tree_util.tree_map_with_path(adapted, params)
+
+
+def _frozen(path) -> bool:
+  return any(_key(entry).startswith(_FROZEN_PREFIX) for entry in path)
+
+
+def matrix_mask(params) -> object:
+  """True for parameters of two or more dimensions that are not biases (PyTorch's
+  ``p.ndim >= 2``: a Flax attention bias of shape (heads, head_dim) is PyTorch's 1-D
+  ``in_proj_bias``); False for biases, normalisation scales, scalars and ``frozen_*``.
+
+  The official rule of DINO (``get_params_groups``: ``.bias`` or 1-D), Barlow Twins and MoCo
+  v3's LARS (``p.ndim == 1`` / ``p.ndim > 1``) and open_clip (``ndim < 2``, ``bias``,
+  ``logit_scale``); on a ResNet, the same parameters as :func:`lars_mask`.
+  """
+
+  def decayed(path, p) -> bool:
+    return not _frozen(path) and _key(path[-1]) != "bias" and len(p.shape) >= 2
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def all_mask(params) -> object:
+  """True for every parameter but those under a ``frozen_*`` module (which never train)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: not _frozen(path), params)
+
+
+# optim.decay_mask -> the parameters weight decay (and LARS's trust ratio) applies to.
+DECAY_MASKS = {"kernels": lars_mask, "matrices": matrix_mask, "all": all_mask}
+
+
+def decay_mask(optim_config: ml_collections.ConfigDict) -> Callable[[object], object]:
+  """The mask ``optim.decay_mask`` names: "kernels" (:func:`lars_mask`), "matrices"
+  (:func:`matrix_mask`) or "all" (:func:`all_mask`)."""
+  name = optim_config.get("decay_mask", "kernels")
+  if name not in DECAY_MASKS:
+    raise ValueError(f"optim.decay_mask must be one of {tuple(DECAY_MASKS)}, got {name!r}.")
+  return DECAY_MASKS[name]
 
 
 def weight_decay_schedule(optim_config: ml_collections.ConfigDict, num_steps: int):
@@ -100,15 +139,44 @@ def add_decayed_weights(weight_decay, mask) -> optax.GradientTransformation:
 
 
 def create_optimizer(
-  optim_config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, num_steps: int = 0
+  optim_config: ml_collections.ConfigDict,
+  learning_rate_fn: optax.Schedule,
+  num_steps: int = 0,
+  *,
+  freeze_mask: Callable[[object], object] | None = None,
+  freeze_steps: int = 0,
 ) -> optax.GradientTransformation:
   """The optimiser named by ``optim_config.name`` ("lars", "sgd" or "adamw").
 
-  ``num_steps`` (the run's length) sizes the weight-decay schedule of SGD and AdamW when
-  ``optim.weight_decay_end >= 0`` (:func:`weight_decay_schedule`).
+  Weight decay (and LARS's trust ratio) apply to the parameters ``optim.decay_mask`` selects
+  (:func:`decay_mask`). ``num_steps`` (the run's length) sizes the weight-decay schedule of
+  SGD and AdamW when ``optim.weight_decay_end >= 0`` (:func:`weight_decay_schedule`).
+
+  With ``freeze_mask`` and ``freeze_steps > 0``, the parameters where ``freeze_mask(params)``
+  is True are frozen for the first ``freeze_steps`` updates as if they had no gradient
+  (PyTorch's ``p.grad = None``, DINO's last layer): :func:`freeze_for_steps`.
   """
+  make = lambda offset: _create_optimizer(optim_config, learning_rate_fn, num_steps, offset)
+  if freeze_mask is None or freeze_steps <= 0:
+    return make(0)
+  return freeze_for_steps(make, freeze_mask, freeze_steps)
+
+
+def _shifted(schedule, offset: int):
+  """``schedule`` read ``offset`` steps later (constants and offset 0 unchanged)."""
+  if offset == 0 or not callable(schedule):
+    return schedule
+  return lambda count: schedule(count + offset)
+
+
+def _create_optimizer(
+  optim_config: ml_collections.ConfigDict, learning_rate_fn, num_steps: int, offset: int
+) -> optax.GradientTransformation:
+  """:func:`create_optimizer` without a freeze; its schedules start at step ``offset``."""
   name = optim_config.name
-  weight_decay = weight_decay_schedule(optim_config, num_steps)
+  mask = decay_mask(optim_config)
+  weight_decay = _shifted(weight_decay_schedule(optim_config, num_steps), offset)
+  learning_rate_fn = _shifted(learning_rate_fn, offset)
   if name == "lars" and callable(weight_decay):
     raise ValueError(
       "optim.weight_decay_end (a weight-decay schedule) works with optim.name='sgd' or "
@@ -118,28 +186,68 @@ def create_optimizer(
     return optax.lars(
       learning_rate=learning_rate_fn,
       weight_decay=optim_config.weight_decay,
-      weight_decay_mask=lars_mask,
+      weight_decay_mask=mask,
       trust_coefficient=optim_config.trust_coefficient,
       eps=0.0,
-      trust_ratio_mask=lars_mask,
+      trust_ratio_mask=mask,
       momentum=optim_config.momentum,
       nesterov=False,
     )
   if name == "sgd":
     return optax.chain(
-      add_decayed_weights(weight_decay, lars_mask),
+      add_decayed_weights(weight_decay, mask),
       optax.sgd(learning_rate_fn, momentum=optim_config.momentum),
     )
   if name == "adamw":
     b2, eps = optim_config.get("b2", 0.999), optim_config.get("eps", 1e-8)
     if not callable(weight_decay):
-      return optax.adamw(
-        learning_rate_fn, b2=b2, eps=eps, weight_decay=weight_decay, mask=lars_mask
-      )
+      return optax.adamw(learning_rate_fn, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     # optax.adamw's own chain, its decoupled weight decay on a schedule.
     return optax.chain(
       optax.scale_by_adam(b2=b2, eps=eps),
-      add_decayed_weights(weight_decay, lars_mask),
+      add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate_fn),
     )
   raise ValueError(f"optim.name must be 'lars', 'sgd' or 'adamw', got {name!r}.")
+
+
+def freeze_for_steps(
+  make_tx: Callable[[int], optax.GradientTransformation],
+  freeze_mask: Callable[[object], object],
+  freeze_steps: int,
+) -> optax.GradientTransformation:
+  """``make_tx(0)`` for most parameters; those ``freeze_mask`` selects are frozen at first.
+
+  The official DINO code sets the last layer's ``grad`` to None for its first epoch, so
+  PyTorch's optimiser skips it: no update, no weight decay, and its Adam state (moments and
+  step count) starts when the freeze ends. A zero gradient instead would leave the moments
+  near zero while the shared step count runs on, and the first updates after the freeze
+  would be several times a fresh Adam's. Here the frozen parameters have an optimiser of
+  their own, ``make_tx(freeze_steps)`` (the same one with its learning-rate and
+  weight-decay schedules read ``freeze_steps`` later, so it follows the run's schedule),
+  behind ``optax.transforms.conditionally_mask``: for the first ``freeze_steps`` updates
+  their update is zero and its state is left as it was; after that it runs from its
+  initial state. The condition is traced (``lax.cond`` on a step count in the state), so
+  the step compiles once.
+  """
+  labels = lambda params: jax.tree.map(lambda m: "frozen" if m else "free", freeze_mask(params))
+  frozen = optax.transforms.conditionally_mask(
+    make_tx(freeze_steps), lambda count: count >= freeze_steps
+  )
+  return optax.multi_transform({"free": make_tx(0), "frozen": frozen}, labels)
+
+
+def applied_count(opt_state) -> jax.Array:
+  """How many updates the optimiser has applied: the step count its schedules read.
+
+  The largest ``count`` in the state (optax's schedules and Adam keep one each and advance
+  them together; a frozen group's, :func:`freeze_for_steps`, is smaller). The train step
+  keeps the whole state when it skips a non-finite step, so this can lag ``state.step``.
+
+  Raises:
+    ValueError: if the state holds no ``count`` (an optimiser without a schedule).
+  """
+  counts = [c for _, c in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
+  if not counts:
+    raise ValueError("The optimiser state holds no step count ('count'): is lr a schedule?")
+  return functools.reduce(jnp.maximum, counts)

@@ -54,7 +54,7 @@ def create_train_state(
   config = method.config
   model_rng, probe_rng, method_rng = jax.random.split(rng, 3)
   variables = method.init_variables(model_rng, image_shape)
-  tx = optim.create_optimizer(config.optim, learning_rate_fn, method.num_steps)
+  tx = method.create_optimizer(learning_rate_fn)
   probe_params = probe_tx = None
   if num_classes >= 2 and config.evals.online_probe:
     feature_dim = models.encoder_feature_dim(config)
@@ -225,7 +225,8 @@ def train_step(
   metrics = out.metrics | metrics
   metrics.update(
     loss=loss,
-    learning_rate=learning_rate_fn(state.step),
+    # The schedule at the optimiser's own count, which skipped steps leave behind state.step.
+    learning_rate=learning_rate_fn(optim.applied_count(state.opt_state)),
     grad_norm=grad_norm,
     param_norm=optax.tree.norm(state.params),
     nonfinite=1.0 - finite.astype(jnp.float32),

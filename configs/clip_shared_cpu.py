@@ -51,6 +51,7 @@ def get_config():
   c.optim.name = "adamw"
   c.optim.base_lr = 1e-3
   c.optim.lr_scaling = "none"
+  c.optim.decay_mask = "matrices"  # open_clip: no decay on biases, norms, logit scale.
   c.optim.weight_decay = 0.1
   c.optim.warmup_epochs = 0.2
   c.optim.b2 = 0.98

@@ -62,6 +62,7 @@ def get_config(preset: str = "gpu"):
   c.optim.name = "adamw"
   c.optim.base_lr = 0.001  # x 512 / 256 = 0.002
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "matrices"  # DINO's get_params_groups: no decay on biases, norms.
   c.optim.weight_decay = 0.04
   c.optim.weight_decay_end = 0.4  # The official half cosine over the run.
 

@@ -56,6 +56,7 @@ def get_config():
   c.optim.name = "adamw"
   c.optim.base_lr = 0.0005  # x 1024 / 256 = 0.002
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "matrices"  # DINO's get_params_groups: no decay on biases, norms.
   c.optim.weight_decay = 0.04
   c.optim.weight_decay_end = 0.4  # The official half cosine over the run.
 

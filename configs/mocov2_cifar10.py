@@ -37,6 +37,7 @@ def get_config(preset: str = "gpu"):
   c.optim.name = "sgd"
   c.optim.base_lr = 0.3
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # torch SGD(model.parameters(), weight_decay=...).
   c.optim.weight_decay = 5e-4
   c.data.global_batch_size = 256
   c.data.augment.color_strength = 0.5

@@ -39,6 +39,7 @@ def get_config():
   c.optim.name = "sgd"
   c.optim.base_lr = 0.03
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # torch SGD(model.parameters(), weight_decay=...).
   c.optim.weight_decay = 1e-4
   c.optim.warmup_epochs = 0.0
 

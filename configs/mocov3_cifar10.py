@@ -11,7 +11,8 @@ root; ``--config.data.data_dir=DIR`` elsewhere), device-resident.
   3-layer projector 4096-256 and 2-layer predictor, T = 0.2, momentum 0.99 cosine-ramped
   to 1, LARS lr 0.3 x B/256, weight decay 1e-6, batch 256, 1000 epochs (solo-learn's MoCo v3
   CIFAR recipe reports 93.1% linear top-1 on CIFAR-10). A ViT-S/4 variant:
-  ``--config.model.name=vit --config.model.variant=S/4 --config.optim.name=adamw``.
+  ``--config.model.name=vit --config.model.variant=S/4 --config.optim.name=adamw
+  --config.optim.decay_mask=all`` (MoCo v3 decays every parameter with AdamW).
 - ``:cpu``: a 2-core CPU; the tiny ResNet of ``configs/common/cifar10.py``. Measured kNN in
   docs/results.md.
 """
@@ -34,6 +35,7 @@ def get_config(preset: str = "gpu"):
   c.loss.temperature = 0.2
   c.optim.base_lr = 0.3
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "matrices"  # MoCo v3's LARS: ndim > 1 only (its AdamW: all).
   c.data.global_batch_size = 256
   # BYOL's asymmetric solarisation (p = 0.0 / 0.2); 32 px: no blur, as in the CIFAR recipes.
   c.data.augment.color_strength = 0.5

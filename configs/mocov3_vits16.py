@@ -41,6 +41,7 @@ def get_config():
   c.optim.name = "adamw"
   c.optim.base_lr = 1.5e-4
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # MoCo v3: AdamW(model.parameters(), weight_decay=...).
   c.optim.weight_decay = 0.1
   c.optim.warmup_epochs = 40.0
 

@@ -29,6 +29,7 @@ def get_config(preset: str = "gpu"):
   c.optim.name = "sgd"
   c.optim.base_lr = 0.03
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # torch SGD over every parameter, as the official code.
   c.optim.weight_decay = 5e-4
   c.optim.warmup_epochs = 0.0
   c.data.global_batch_size = 512

@@ -33,6 +33,7 @@ def get_config():
   c.optim.name = "sgd"
   c.optim.base_lr = 0.05
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # torch SGD over every parameter, as the official code.
   c.optim.weight_decay = 1e-4
   c.optim.warmup_epochs = 0.0
 

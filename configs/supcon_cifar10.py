@@ -38,6 +38,7 @@ def get_config(preset: str = "gpu"):
   c.optim.name = "sgd"
   c.optim.base_lr = 0.125  # x 1024 / 256 = 0.5
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # SupContrast: torch SGD(model.parameters(), ...).
   c.optim.weight_decay = 1e-4
   c.data.global_batch_size = 1024
   c.data.augment.crop_area_min = 0.2

@@ -41,6 +41,7 @@ def get_config(preset: str = "gpu"):
   c.swav.queue_start_epoch = 50.0
   c.optim.base_lr = 0.6
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # LARC(SGD): every parameter decayed and trust-scaled.
   c.optim.trust_coefficient = 0.02
   c.data.global_batch_size = 256
   c.data.augment.crop_area_min = 0.14

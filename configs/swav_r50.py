@@ -39,6 +39,7 @@ def get_config():
 
   c.optim.base_lr = 0.3  # x 4096 / 256 = 4.8
   c.optim.lr_scaling = "linear"
+  c.optim.decay_mask = "all"  # LARC(SGD): every parameter decayed and trust-scaled.
 
   c.data.augment.crop_area_min = 0.14
   c.data.augment.num_local_crops = 6

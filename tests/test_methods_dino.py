@@ -10,7 +10,7 @@ from helpers import tiny_config
 from jax.sharding import PartitionSpec as P
 from test_step import _batch as _two_view_batch
 
-from cljax import losses, methods, models, sharding, step
+from cljax import losses, methods, models, optim, sharding, step
 from cljax.evaluate import classifier, knn
 from cljax.evaluate import features as features_lib
 from cljax.methods import base, dino
@@ -170,10 +170,16 @@ def test_teacher_temperature_warms_up_and_the_last_layer_is_frozen_for_one_epoch
   )
   assert [m["last_layer_frozen"] for m in history] == [1.0, 1.0, 0.0]
   last = [s.params["head"]["last_layer"]["kernel"] for s in states]
-  # Frozen during steps 0 and 1 (SGD without weight decay: exactly unchanged), trained at 2.
+  # Frozen during steps 0 and 1 (the optimiser drops its gradient), trained at 2.
   np.testing.assert_array_equal(last[1], last[0])
   np.testing.assert_array_equal(last[2], last[0])
   assert np.abs(last[3] - last[2]).max() > 1e-6
+  # Its optimiser state (SGD's momentum) is untouched while frozen, then runs.
+  group = [_frozen_group_state(s.opt_state) for s in states]
+  chex.assert_trees_all_equal(group[1], group[0])
+  chex.assert_trees_all_equal(group[2], group[0])
+  momentum = lambda g: jax.tree.leaves(g)[-1]  # The last layer's kernel trace.
+  assert np.abs(momentum(group[3])).max() > 0
   # Everything else trained from the first step.
   mlp = [s.params["head"]["mlp_0"]["kernel"] for s in states]
   assert np.abs(mlp[1] - mlp[0]).max() > 1e-6
@@ -256,17 +262,10 @@ def test_head_is_mlp_l2_norm_and_weight_normalised_prototypes(norm_last_layer):
   np.testing.assert_allclose(logits, y @ w, rtol=1e-5, atol=1e-6)
   if norm_last_layer:
     assert np.abs(logits).max() <= 1 + 1e-6  # Cosines.
-
-  # Frozen: zero gradient for the last layer's parameters (kernel and gain) only.
-  @jax.jit
-  def grads(frozen):
-    loss = lambda p: jnp.sum(head.apply({"params": p}, x, frozen_last_layer=frozen)[1] ** 2)
-    return jax.grad(loss)(params)
-
-  g = grads(jnp.asarray(True))
-  assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(g["last_layer"]))
-  assert np.abs(g["mlp_0"]["kernel"]).max() > 0
-  assert all(np.abs(v).max() > 0 for v in jax.tree.leaves(grads(jnp.asarray(False))["last_layer"]))
+  # The freeze (in the optimiser) selects the last layer's kernel and gain, nothing else.
+  mask = dino.last_layer_mask({"head": params})["head"]
+  assert all(jax.tree.leaves(mask["last_layer"]))
+  assert not any(jax.tree.leaves({k: v for k, v in mask.items() if k != "last_layer"}))
 
 
 def test_model_returns_encoder_features_and_logits_for_evaluation(vit_runs):
@@ -354,3 +353,91 @@ def test_cached_student_features_are_not_reused_for_the_teacher(vit_runs, monkey
   chex.assert_trees_all_equal(
     classifier._variables(as_dict, method)["params"], final.method_state["teacher_params"]
   )
+
+
+def _frozen_group_state(opt_state):
+  """The optimiser state of the frozen group (``optim.freeze_for_steps``): the inner
+  optimiser's state behind ``conditionally_mask``."""
+  return opt_state.inner_states["frozen"].inner_state.inner_state
+
+
+def _adamw_reference(params, grads_seq, lrs, wds, b1=0.9, b2=0.999, eps=1e-8):
+  """PyTorch's AdamW in float64 from a fresh state: step t = 1, 2, ... with ``lrs[t-1]`` and
+  ``wds[t-1]``; p <- p - lr (wd p + m_hat / (sqrt(v_hat) + eps)). Returns the updates."""
+  p = np.asarray(params, np.float64)
+  m, v, updates = np.zeros_like(p), np.zeros_like(p), []
+  for t, (g, lr, wd) in enumerate(zip(grads_seq, lrs, wds, strict=True), start=1):
+    g = np.asarray(g, np.float64)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    step = m / (1 - b1**t) / (np.sqrt(v / (1 - b2**t)) + eps)
+    updates.append(-lr * (step + wd * p))
+    p = p + updates[-1]
+  return updates
+
+
+def test_last_layer_after_the_freeze_updates_like_a_fresh_adamw_and_not_before():
+  # DINO's recipe: AdamW on a warm-up + cosine rate and a 0.04 -> 0.4 weight decay, the
+  # last layer frozen for the first epoch (3 steps here), as the official code does it:
+  # while frozen nothing touches the layer or its Adam state; afterwards its Adam starts
+  # at step 1 with the run's learning rate and weight decay of that step.
+  config = _config("vit")
+  config.optim.name, config.optim.weight_decay, config.optim.weight_decay_end = "adamw", 0.04, 0.4
+  freeze, num_steps = 3, 10
+  method = methods.create_method(config, num_steps=num_steps, steps_per_epoch=freeze)
+  assert method.freeze_steps == freeze
+  lr_fn = optax.warmup_cosine_decay_schedule(0.002, 0.01, 2, num_steps)
+  wd_fn = optim.weight_decay_schedule(config.optim, num_steps)
+  tx = method.create_optimizer(lr_fn)
+  head = dino.DINOHead(out_dim=6, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False)
+  params = {"head": head.init(jax.random.key(0), jnp.zeros((2, 5)))["params"]}
+  rng = np.random.default_rng(0)
+  grads_seq = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    for _ in range(freeze + 2)
+  ]
+  update = jax.jit(tx.update)
+  states, history = [tx.init(params)], [params]
+  for grads in grads_seq:
+    updates, state = update(grads, states[-1], history[-1])
+    states.append(state)
+    history.append(optax.apply_updates(history[-1], updates))
+  assert update._cache_size() == 1  # One compiled update on both sides of the freeze.
+  for k in range(1, freeze + 1):
+    # Frozen: the layer (no decay either) and its optimiser state are as they were...
+    chex.assert_trees_all_equal(history[k]["head"]["last_layer"], params["head"]["last_layer"])
+    chex.assert_trees_all_equal(_frozen_group_state(states[k]), _frozen_group_state(states[0]))
+    # ...while the rest trains.
+    assert (
+      np.abs(history[k]["head"]["mlp_0"]["kernel"] - params["head"]["mlp_0"]["kernel"]).max() > 0
+    )
+
+  last = lambda tree: tree["head"]["last_layer"]["kernel"]
+  after = range(freeze, freeze + 2)
+  expected = _adamw_reference(
+    last(params),
+    [last(grads_seq[k]) for k in after],
+    [float(lr_fn(k)) for k in after],
+    [float(wd_fn(k)) for k in after],
+  )
+  for expected_update, k in zip(expected, after, strict=True):
+    got = np.asarray(last(history[k + 1]) - last(history[k]))
+    # A handful of float32 roundings per element (moments, bias corrections, sqrt, the
+    # division, the parameter update's subtraction): relative error ~1e-6, and the absolute
+    # floor covers the subtraction's rounding of parameters of size ~1.
+    np.testing.assert_allclose(got, expected_update, rtol=1e-5, atol=1e-7)
+
+  # The old freeze (stop_gradient: zero gradients, one optimiser whose count runs on, the
+  # kernel decaying) fails the same comparison: its first update is 0.58x a fresh Adam's.
+  old_tx = optim.create_optimizer(config.optim, lr_fn, num_steps)
+  old_state, old_params = old_tx.init(params), params
+  for k, grads in enumerate(grads_seq[: freeze + 1]):
+    if k < freeze:
+      grads = {
+        "head": dict(
+          grads["head"], last_layer=jax.tree.map(jnp.zeros_like, grads["head"]["last_layer"])
+        )
+      }
+    updates, old_state = old_tx.update(grads, old_state, old_params)
+    old_params = optax.apply_updates(old_params, updates)
+  ratio = np.asarray(last(updates)) / expected[0]
+  assert np.all((ratio > 0.5) & (ratio < 0.7))

@@ -138,3 +138,59 @@ def test_constant_weight_decay_keeps_optaxs_adamw_state_and_lars_refuses_a_sched
   assert jax.tree.structure(tx.init(params)) == jax.tree.structure(reference.init(params))
   with pytest.raises(ValueError, match="LARS takes a constant optim.weight_decay"):
     optim.create_optimizer(_optim_config("lars", 0.04, 0.4), optax.constant_schedule(0.1), 10)
+
+
+def _vit_like_params():
+  return {
+    "cls_token": jnp.ones((1, 1, 3)),
+    "pos_embedding": jnp.ones((1, 4, 3)),
+    "attention": {"kernel": jnp.ones((3, 2, 2)), "bias": jnp.ones((2, 2))},
+    "LayerNorm_0": {"scale": jnp.ones(3), "bias": jnp.ones(3)},
+    "frozen_embedding": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+    "logit_scale": jnp.ones(()),
+  }
+
+
+def test_decay_masks_follow_pytorchs_ndim_rule_or_everything():
+  params = _vit_like_params()
+  # PyTorch's ndim >= 2 (DINO, Barlow Twins, MoCo v3's LARS, open_clip): the tokens and
+  # kernels; a Flax attention bias of shape (heads, head_dim) is PyTorch's 1-D bias.
+  assert optim.matrix_mask(params) == {
+    "cls_token": True,
+    "pos_embedding": True,
+    "attention": {"kernel": True, "bias": False},
+    "LayerNorm_0": {"scale": False, "bias": False},
+    "frozen_embedding": {"kernel": False, "bias": False},
+    "logit_scale": False,
+  }
+  everything = optim.all_mask(params)
+  assert everything["frozen_embedding"] == {"kernel": False, "bias": False}  # Never trains.
+  del everything["frozen_embedding"]
+  assert all(jax.tree.leaves(everything))
+  # The default keeps the tokens out too (on a ResNet, the same as "matrices").
+  assert not optim.lars_mask(params)["cls_token"] and not optim.lars_mask(params)["pos_embedding"]
+
+
+@pytest.mark.parametrize(
+  "name,weight_decay_end,freeze",
+  [("lars", -1.0, 0), ("sgd", -1.0, 0), ("sgd", 0.4, 0), ("adamw", -1.0, 0), ("adamw", 0.4, 2)],
+)
+def test_applied_count_is_the_number_of_updates_for_every_chain(name, weight_decay_end, freeze):
+  params = {"last_layer": {"kernel": jnp.ones((3, 2))}, "dense": {"kernel": jnp.ones((2, 3))}}
+  frozen = lambda p: {"last_layer": {"kernel": True}, "dense": {"kernel": False}}
+  tx = optim.create_optimizer(
+    _optim_config(name, 0.04, weight_decay_end),
+    optax.constant_schedule(0.1),
+    num_steps=10,
+    freeze_mask=frozen,
+    freeze_steps=freeze,
+  )
+  state = tx.init(params)
+  assert int(optim.applied_count(state)) == 0
+  update = jax.jit(tx.update)
+  for k in range(1, 5):
+    _, state = update(jax.tree.map(jnp.ones_like, params), state, params)
+    # Not the frozen group's own count (k - freeze after the freeze).
+    assert int(optim.applied_count(state)) == k
+  with pytest.raises(ValueError, match="no step count"):
+    optim.applied_count(optax.sgd(0.1).init(params))

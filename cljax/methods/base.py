@@ -34,9 +34,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from jax.sharding import PartitionSpec
 
-from cljax import models, sharding
+from cljax import models, optim, sharding
 from cljax.data import augment, decode
 from cljax.data import device as device_data
 from cljax.data import views as views_lib
@@ -184,6 +185,10 @@ class Method:
     init = jax.jit(functools.partial(model.init, train=False, **kwargs))
     variables = init(rng, jnp.zeros((2, *image_shape), jnp.float32))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+  def create_optimizer(self, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """The optimiser of the online parameters: the ``optim`` section's (DINO adds a freeze)."""
+    return optim.create_optimizer(self.config.optim, learning_rate_fn, self.num_steps)
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:
     """The method's extra state (None for SimCLR)."""

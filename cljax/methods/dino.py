@@ -29,12 +29,14 @@ One step, as the train step runs it inside ``shard_map`` over ``'data'``:
    over the global batch.
 
 The last layer (the prototypes) is frozen for the first
-``dino.freeze_last_layer_epochs``: the official code drops its gradient; here
-the forward passes it through ``jnp.where(step < freeze_steps,
-stop_gradient(w), w)``, so its gradient is exactly zero. The optimiser still
-sees a zero gradient rather than none: AdamW's step count advances and
-masked weight decay still shrinks the (column-normalised) kernel, which with
-``norm_last_layer`` does not change the output.
+``dino.freeze_last_layer_epochs``. The official code sets its ``grad`` to None
+(``cancel_gradients_last_layer``), so PyTorch's AdamW skips it: no update, no
+weight decay, and its Adam state starts at step 1 when the freeze ends. Here
+the optimiser does the same (:meth:`DINO.create_optimizer`,
+``optim.freeze_for_steps``): the last layer has an AdamW state of its own,
+left untouched while frozen. A zero gradient instead (``stop_gradient``) would
+leave its moments at zero while the shared step count runs on, and its first
+updates after the freeze would be several times a fresh Adam's.
 """
 
 from __future__ import annotations
@@ -47,10 +49,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from jax.sharding import PartitionSpec
 
-from cljax import losses, models
+from cljax import losses, models, optim
 from cljax.methods.base import Method, StepOutput, copy_tree, ema_config, ema_decay
+
+
+def last_layer_mask(params: Any) -> Any:
+  """True for the parameters of the DINO head's last layer (the official ``"last_layer" in
+  name``), False elsewhere."""
+  in_last = lambda path, _: any(getattr(e, "key", None) == "last_layer" for e in path)
+  return jax.tree_util.tree_map_with_path(in_last, params)
 
 
 class WeightNormDense(nn.Module):
@@ -61,25 +71,18 @@ class WeightNormDense(nn.Module):
   gain ``g`` is 1 and not a parameter (DINO's ``norm_last_layer``: every
   prototype is a unit vector); otherwise ``g`` is the parameter ``scale``,
   initialised to 1 as in DINO (the name keeps it out of weight decay).
-
-  ``frozen`` (a bool or a traced bool scalar) passes the parameters through
-  ``stop_gradient``: the forward is unchanged and their gradient is zero.
   """
 
   features: int
   fixed_norm: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, frozen: bool | jax.Array = False) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     # PyTorch's default nn.Linear init, uniform in +-1/sqrt(fan_in); only the
     # direction matters after the normalisation.
     init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
     kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
     scale = None if self.fixed_norm else self.param("scale", nn.initializers.ones, (self.features,))
-    if frozen is not False:
-      freeze = lambda p: jnp.where(frozen, jax.lax.stop_gradient(p), p)
-      kernel = freeze(kernel)
-      scale = None if scale is None else freeze(scale)
     w = losses.l2_normalize(kernel, axis=0)
     if scale is not None:
       w = w * scale[None, :]
@@ -110,9 +113,7 @@ class DINOHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(
-    self, x: jax.Array, frozen_last_layer: bool | jax.Array = False
-  ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
     dense = functools.partial(
@@ -126,15 +127,14 @@ class DINOHead(nn.Module):
     x = dense(self.bottleneck_dim, name=f"mlp_{self.num_layers - 1}")(x)
     z = losses.l2_normalize(x)
     last = WeightNormDense(self.out_dim, fixed_norm=self.norm_last_layer, name="last_layer")
-    return z, last(z, frozen=frozen_last_layer)
+    return z, last(z)
 
 
 class DINOModel(nn.Module):
   """An encoder and the DINO head; ``apply`` returns ``(features, logits)``.
 
   With ``return_embeddings=True`` it returns ``(features, z, logits)``, ``z``
-  the head's l2-normalised bottleneck embeddings. ``freeze_last_layer`` (a
-  bool or traced bool) stops the gradient of the head's last layer.
+  the head's l2-normalised bottleneck embeddings.
   """
 
   encoder: nn.Module
@@ -144,11 +144,10 @@ class DINOModel(nn.Module):
     self,
     x: jax.Array,
     train: bool = True,
-    freeze_last_layer: bool | jax.Array = False,
     return_embeddings: bool = False,
   ):
     features = self.encoder(x, train=train)
-    z, logits = self.head(features, frozen_last_layer=freeze_last_layer)
+    z, logits = self.head(features)
     if return_embeddings:
       return features, z, logits
     return features, logits
@@ -166,8 +165,8 @@ class DINO(Method):
   linearly from ``dino.warmup_teacher_temperature`` to
   ``dino.teacher_temperature`` over ``warmup_teacher_temperature_epochs *
   steps_per_epoch`` steps (per step; the official schedule changes per
-  epoch), and the last layer is frozen while ``step < ceil(
-  freeze_last_layer_epochs * steps_per_epoch)``. With ``steps_per_epoch=0``
+  epoch), and the last layer is frozen for the first ``ceil(
+  freeze_last_layer_epochs * steps_per_epoch)`` optimiser updates. With ``steps_per_epoch=0``
   (unknown) the temperature stays at its warm-up start and nothing is frozen
   (a freeze of unknown length could only last forever).
 
@@ -178,8 +177,9 @@ class DINO(Method):
   have ``out_dim`` = 65,536 columns, too many for a covariance).
 
   Metrics: ``teacher_temperature``, ``ema_decay``, ``last_layer_frozen`` (1
-  while frozen), and from the loss ``teacher_entropy``, ``student_entropy``
-  and ``kl`` (loss minus teacher entropy): the paper's Sec. 5.3 diagnostics,
+  while the optimiser holds the last layer), and from the loss
+  ``teacher_entropy``, ``student_entropy`` and ``kl`` (loss minus teacher
+  entropy): the paper's Sec. 5.3 diagnostics,
   a teacher entropy near 0 with a KL near 0 is collapse to one prototype,
   near log(out_dim) to the uniform distribution.
 
@@ -271,7 +271,19 @@ class DINO(Method):
     return max(math.ceil(epochs * self.steps_per_epoch), 0)
 
   def last_layer_frozen(self, step: jax.Array) -> bool | jax.Array:
+    """Whether the optimiser holds the last layer at ``step`` (its count of applied updates)."""
     return step < self.freeze_steps if self.freeze_steps > 0 else False
+
+  def create_optimizer(self, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """The config's optimiser, with the head's last layer frozen for ``freeze_steps`` updates
+    as if it had no gradient (the official ``cancel_gradients_last_layer``)."""
+    return optim.create_optimizer(
+      self.config.optim,
+      learning_rate_fn,
+      self.num_steps,
+      freeze_mask=last_layer_mask,
+      freeze_steps=self.freeze_steps,
+    )
 
   # ---- One step.
 
@@ -287,10 +299,9 @@ class DINO(Method):
     cfg = self.config.dino
     x = views["global"]
     n = x.shape[0] // 2
-    frozen = self.last_layer_frozen(state.step)
-    student = functools.partial(
-      self.forward, state.apply_fn, params, freeze_last_layer=frozen, return_embeddings=True
-    )
+    # The optimiser's clock: with skipped non-finite steps it lags state.step.
+    frozen = self.last_layer_frozen(optim.applied_count(state.opt_state))
+    student = functools.partial(self.forward, state.apply_fn, params, return_embeddings=True)
     h, z, logits, stats = student(state.batch_stats, x)
     student_logits = [logits.reshape(2, n, -1)]
     if "local" in views:
