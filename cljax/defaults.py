@@ -36,6 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stage_sizes = ()  # Non-empty overrides the depth's blocks per stage (toy models).
   c.model.dtype = "bfloat16"  # Compute dtype; parameters are always float32.
   c.model.bn_momentum = 0.9
+  # How BatchNorm sees a step's views in training: "per_view" (a forward pass per view, each
+  # normalised by its own statistics: the official code of BYOL, MoCo v2/v3, SimSiam and
+  # Barlow Twins) | "pooled" (one pass over all views: SimCLR's) | "default" (the method's
+  # official choice; methods that only pool offer only "pooled"). Global across devices
+  # either way.
+  c.model.bn_views = "default"
   # ViT only (model.name = "vit"): "Ti/16" | "S/16" | "B/16" | "L/16"; the
   # number after the slash is the patch size.
   c.model.variant = "S/16"
@@ -46,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.num_layers = 2  # SimCLR v1: 2, v2: 3.
   c.head.hidden_dim = 2048
   c.head.output_dim = 128
-  c.head.output_norm = "bn"  # "bn": BatchNorm after the last Dense; "none": a bias instead.
+  # After the last Dense: "bn", BatchNorm with a scale (SimCLR v2); "bn_no_affine", without
+  # scale or bias (MoCo v3, SimSiam's projector); "none", a bias instead.
+  c.head.output_norm = "bn"
   c.head.hidden_norm = "bn"  # "bn": BatchNorm in the hidden layers; "none" (MoCo v2): bias.
 
   # The prediction MLP of BYOL, SimSiam and MoCo v3 (0 layers: none). Its
@@ -54,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.predictor = ml_collections.ConfigDict()
   c.predictor.num_layers = 0
   c.predictor.hidden_dim = 4096
-  c.predictor.output_norm = "none"
+  c.predictor.output_norm = "none"  # As head.output_norm (MoCo v3: "bn_no_affine").
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.1

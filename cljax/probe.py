@@ -88,7 +88,9 @@ def probe_loss_and_metrics(
       f"({features.shape[1]}, {num_classes}) for these features and classes."
     )
   x = jax.lax.stop_gradient(features).astype(jnp.float32)
-  logits = x @ probe_params["kernel"] + probe_params["bias"]  # (n, d) @ (d, c) -> (n, c)
+  # Full float32 products, as in the offline linear probe (not bf16 / TF32 on TPU / GPU).
+  logits = jnp.matmul(x, probe_params["kernel"], precision=jax.lax.Precision.HIGHEST)
+  logits = logits + probe_params["bias"]  # (n, d) @ (d, c) + (c,) -> (n, c)
   valid = (labels >= 0) & (labels < num_classes)
   safe_labels = jnp.where(valid, labels, 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)

@@ -200,7 +200,7 @@ def train_step(
   grad_norm = optax.tree.norm(grads)
 
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = method.project_params(optax.apply_updates(state.params, updates))
   method_state = method.update_state(state, params, out)
   probe_params, probe_opt_state, metrics = monitor(
     state, out, batch, collapse_metrics=method.config.evals.collapse_metrics

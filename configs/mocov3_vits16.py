@@ -34,7 +34,9 @@ def get_config():
   c.head.hidden_dim = 4096
   c.head.output_dim = 256
   c.predictor.num_layers = 2
-  c.predictor.output_norm = "bn"
+  # The official _build_mlp ends projector and predictor in BatchNorm1d(affine=False).
+  c.head.output_norm = "bn_no_affine"
+  c.predictor.output_norm = "bn_no_affine"
   c.ema.base = 0.99
   c.loss.temperature = 0.2
 

@@ -24,6 +24,7 @@ def get_config(preset: str = "gpu"):
   c = common.cifar_resnet18(common.shared_data(defaults.base_config()))
   c.method = "simsiam"
   c.head.output_dim = 2048
+  c.head.output_norm = "bn_no_affine"  # The official projector ends in BatchNorm1d(affine=False).
   c.predictor.num_layers = 2
   c.predictor.hidden_dim = 512
   c.optim.name = "sgd"

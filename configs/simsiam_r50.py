@@ -27,6 +27,7 @@ def get_config():
   c.method = "simsiam"
   c.head.num_layers = 3
   c.head.output_dim = 2048
+  c.head.output_norm = "bn_no_affine"  # The official projector ends in BatchNorm1d(affine=False).
   c.predictor.num_layers = 2
   c.predictor.hidden_dim = 512
 

@@ -447,6 +447,55 @@ def test_clip_step_on_8_devices_equals_1_device():
   assert np.isfinite(hist8[-1]["loss"]) and "probe_top1" in hist8[-1]
 
 
+def test_the_logit_scale_gradient_is_never_cut_by_the_clamp():
+  # open_clip clamps the parameter after each step and uses exp(logit_scale) as it is; a
+  # parameter beyond the clamp (restored from a run that clamped only in the forward pass)
+  # is used at the clamp, and gets the gradient it would get there, not zero.
+  x, y = _pairs(seed=3)
+  loss_of = jax.value_and_grad(
+    lambda p: clip_losses.clip_loss(x, y, clip_method.logit_scale(p, 100.0))
+  )
+  beyond, at = loss_of(jnp.float32(math.log(150.0))), loss_of(jnp.float32(math.log(100.0)))
+  assert float(beyond[1]) != 0.0
+  chex.assert_trees_all_close(beyond, at, rtol=1e-6)
+  np.testing.assert_allclose(float(beyond[0]), np_clip_loss(x, y, 100.0)[0], rtol=2e-5)
+  # Below the clamp it is exp, value and gradient (d exp(p) / dp = exp(p)).
+  value, grad = jax.value_and_grad(lambda p: clip_method.logit_scale(p, 100.0))(jnp.float32(2.0))
+  assert float(value) == pytest.approx(math.exp(2.0), rel=1e-6)
+  assert float(grad) == pytest.approx(math.exp(2.0), rel=1e-6)
+
+
+def test_project_params_clamps_the_log_scale_to_open_clips_range_only():
+  method = methods.create_method(_clip_config())
+  for p, want in [(5.3, math.log(100.0)), (-0.2, 0.0), (2.5, 2.5)]:
+    params = {"logit_scale": jnp.float32(p), "text": {"logit_scale": jnp.float32(9.0)}}
+    out = method.project_params(params)
+    assert float(out["logit_scale"]) == pytest.approx(want, abs=1e-7)
+    assert float(out["text"]["logit_scale"]) == 9.0  # Only the top-level parameter.
+  with pytest.raises(ValueError, match=r"initial logit scale 0.5 must be in \[1, "):
+    clip_method.init_logit_scale(_clip_config(clip__init_logit_scale=0.5).clip)
+
+
+def test_a_logit_scale_beyond_the_clamp_recovers_in_training():
+  # The parameter starts beyond log 100 (as an older checkpoint could hold it). The first
+  # step leaves it at most log 100; with a gradient through the clamp it then moves back
+  # below, where a clamp in the forward pass alone would hold it at log 150 for good.
+  config = _clip_config()
+  lr_fn = optax.constant_schedule(0.05)
+  method = methods.create_method(config)
+  init = step.create_train_state(method, jax.random.key(0), lr_fn, (16, 16, 3))
+  init = jax.device_get(init)
+  params = dict(init.params, logit_scale=np.float32(math.log(150.0)))
+  init = init.replace(params=params)
+  batches = [_clip_batch(s) for s in range(3)]
+  state1, hist = _run(config, jax.devices()[:1], batches[:1], init, lr_fn)
+  # At most log 100 rounded to float32 (the parameter's dtype), 6e-8 above the real number.
+  assert float(state1.params["logit_scale"]) <= np.float32(math.log(100.0))
+  assert hist[0]["logit_scale"] == pytest.approx(100.0, rel=1e-5)  # Used at the clamp.
+  state3, _ = _run(config, jax.devices()[:1], batches, init, lr_fn)
+  assert 0.0 <= float(state3.params["logit_scale"]) < math.log(100.0) - 1e-3
+
+
 def test_siglip_trains_end_to_end_and_evaluates_zero_shot_and_retrieval(tmp_path):
   config = _clip_config(
     clip__loss="siglip",

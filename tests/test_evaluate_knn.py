@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from test_fidelity_models import HIGHEST, dot_precisions
 
 from cljax.evaluate import knn
 
@@ -106,6 +107,18 @@ def test_sharded_inputs_match_single_device(axis_type):
   single = knn.knn_classify(train, labels, test, num_classes=5, k=20, batch_size=16)
   assert jax.device_count() == 8
   chex.assert_trees_all_equal(np.asarray(sharded), np.asarray(single))
+
+
+def test_similarities_are_full_float32_products():
+  # TPU/GPU default precision rounds the inputs to bf16/TF32: cosines off by ~1e-3 and the
+  # votes exp(s / 0.07) by a few percent. The jaxpr shows the precision on any backend.
+  train, labels, test = _random_problem(0, 40, 10)
+
+  def classify(a, b, c):
+    return knn.knn_classify(a, b, c, num_classes=5, k=3, batch_size=4)
+
+  precisions = dot_precisions(classify, train, labels, test)
+  assert precisions and all(p == HIGHEST for p in precisions), precisions
 
 
 def test_rejects_mismatched_shapes():

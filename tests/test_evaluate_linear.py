@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
+from test_fidelity_models import HIGHEST, dot_precisions
 
 from cljax.evaluate import linear
 
@@ -100,6 +101,24 @@ def test_sharded_features_give_the_same_result():
   single = linear.linear_probe(train_x, train_y, test_x, test_y, **kwargs)
   assert sharded["l2"] == single["l2"]
   assert sharded["top1"] == pytest.approx(single["top1"], abs=0.011)
+
+
+def test_logits_and_their_gradients_are_full_float32_products():
+  # TPU/GPU default precision would round features and weights to bf16/TF32; the jaxpr shows
+  # the precision on any backend, the fit's gradient dots (their transposes) included.
+  x, y = _problem(0, n=20, d=5, c=3)
+  mean, scale = linear.standardization(x)
+  params = (np.zeros((5, 3), np.float32), np.zeros(3, np.float32))
+
+  def loss(p):
+    return linear.logistic_loss(p, x, y, np.ones(20, np.float32), 1e-3, mean, scale)
+
+  classifier = linear.LinearClassifier(*params, mean, scale)
+  for precisions in (
+    dot_precisions(jax.value_and_grad(loss), params),
+    dot_precisions(linear.predict_logits, classifier, x),
+  ):
+    assert len(precisions) >= 2 and all(p == HIGHEST for p in precisions), precisions
 
 
 def test_rejects_bad_inputs():

@@ -104,6 +104,48 @@ def test_projection_head_without_batchnorm_is_moco_v2s_mlp():
     heads.ProjectionHead(hidden_norm="ln").init(jax.random.key(0), x, train=False)
 
 
+def test_projection_head_without_affine_output_norm_is_moco_v3s_last_batchnorm():
+  # MoCo v3's _build_mlp (and SimSiam's projector) end in BatchNorm1d(affine=False): no
+  # learned scale or bias, the output standardised per dimension over the batch.
+  head = heads.ProjectionHead(num_layers=2, hidden_dim=32, output_dim=8, output_norm="bn_no_affine")
+  x = jax.random.normal(jax.random.key(1), (6, 16))
+  variables = head.init(jax.random.key(0), x, train=False)
+  params = variables["params"]
+  assert sorted(params) == ["BatchNorm_0", "Dense_0", "Dense_1"]  # No BatchNorm_1 parameters.
+  assert set(params["BatchNorm_0"]) == {"scale", "bias"}  # Hidden layers stay affine.
+  assert set(variables["batch_stats"]) == {"BatchNorm_0", "BatchNorm_1"}
+  out, _ = head.apply(variables, x, train=True, mutable=["batch_stats"])
+  # The float64 reference: Dense -> BN (affine, at its initial scale 1, bias 0) -> ReLU ->
+  # Dense -> BN without affine parameters, batch statistics, biased variance, eps 1e-5.
+  p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+  def standardise(a):
+    return (a - a.mean(0)) / np.sqrt(a.var(0) + 1e-5)
+
+  hidden = np.maximum(standardise(np.asarray(x, np.float64) @ p64["Dense_0"]["kernel"]), 0)
+  expected = standardise(hidden @ p64["Dense_1"]["kernel"])
+  # Float32 matmuls of width 32 and a batch standardisation: ~1e-6 relative.
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="output_norm must be 'bn', 'bn_no_affine' or 'none'"):
+    heads.ProjectionHead(output_norm="ln").init(jax.random.key(0), x, train=False)
+
+
+@pytest.mark.parametrize("recipe", ["mocov3_cifar10", "mocov3_vits16", "simsiam_cifar10"])
+def test_moco_v3_and_simsiam_recipes_end_in_batchnorm_without_affine(recipe):
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).parents[1] / "configs" / f"{recipe}.py"
+  spec = importlib.util.spec_from_file_location(recipe, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert config.head.output_norm == "bn_no_affine"
+  # SimSiam's predictor ends in a Linear with bias; MoCo v3's in BatchNorm1d(affine=False).
+  want = "none" if config.method == "simsiam" else "bn_no_affine"
+  assert config.predictor.output_norm == want
+
+
 def test_create_model_from_config():
   config = defaults.base_config()
   config.model.depth = 18

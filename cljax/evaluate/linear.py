@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from cljax import sharding
 
+_HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-6, 1))  # 1e-6 ... 1.
 
 
@@ -44,9 +45,11 @@ class LinearClassifier(NamedTuple):
 def _logits(kernel: jax.Array, bias: jax.Array, mean, scale, x: jax.Array) -> jax.Array:
   # Folds the standardisation into the weights: (x - m) / s @ W + b = x @ (W / s) + (b - m/s @ W).
   # That avoids a standardised copy of the (n, d) features, which can be gigabytes.
+  # Full float32 products (and in the gradients, whose dots inherit the precision): TPU/GPU
+  # default precision rounds the inputs to bf16 or TF32.
   w = kernel / scale[:, None]
-  b = bias - (mean / scale) @ kernel  # (d,) @ (d, c) -> (c,)
-  return x.astype(jnp.float32) @ w + b  # (n, d) @ (d, c) -> (n, c)
+  b = bias - jnp.matmul(mean / scale, kernel, precision=_HIGHEST)  # (d,) @ (d, c) -> (c,)
+  return jnp.matmul(x.astype(jnp.float32), w, precision=_HIGHEST) + b  # (n, d) @ (d, c)
 
 
 def predict_logits(classifier: LinearClassifier, features: jax.Array) -> jax.Array:

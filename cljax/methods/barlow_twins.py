@@ -62,6 +62,10 @@ class BarlowTwins(Method):
   """
 
   name = "barlow_twins"
+  # The official code calls backbone and projector once per view: BatchNorm statistics per
+  # view (synchronised across GPUs).
+  bn_views_default = "per_view"
+  bn_views_choices = ("per_view", "pooled")
 
   @classmethod
   def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
@@ -83,7 +87,7 @@ class BarlowTwins(Method):
       params = jax.tree.map(lambda p, a: p if a else scale_gradient(p, ratio), params, adapted)
     x = views["global"]
     n = x.shape[0] // 2
-    h, z, batch_stats = self.forward(state.apply_fn, params, state.batch_stats, x)
+    h, z, batch_stats = self.forward(state.apply_fn, params, state.batch_stats, x, num_views=2)
     loss, metrics = losses.barlow_twins_loss(
       z[:n],
       z[n:],

@@ -67,7 +67,13 @@ class StepOutput(NamedTuple):
 
 
 def forward(
-  apply_fn: Any, params: Any, batch_stats: Any, views: jax.Array, num_chunks: int = 1, **kwargs
+  apply_fn: Any,
+  params: Any,
+  batch_stats: Any,
+  views: jax.Array,
+  num_chunks: int = 1,
+  num_groups: int = 1,
+  **kwargs,
 ) -> tuple:
   """The network's outputs on ``views`` and its updated BatchNorm statistics.
 
@@ -75,8 +81,17 @@ def forward(
   for the plain model, with the predictions before the statistics when
   ``predict=True`` is passed through ``kwargs``.
 
+  ``num_groups > 1`` splits ``views`` into that many equal groups (the views
+  of a batch, ``[view_a; view_b]``) that pass through the network one after
+  another, as separate forward passes: BatchNorm normalises each group with
+  its own statistics (still averaged across devices), and the running
+  averages are updated group after group. That is per-view BatchNorm, what
+  the official code of BYOL, MoCo v3, SimSiam and Barlow Twins does by calling
+  the network once per view; ``num_groups=1`` pools the statistics of all
+  views in one pass (SimCLR's reference code).
+
   With ``num_chunks > 1`` this is gradient caching (GradCache, Gao et al.
-  2021) by rematerialisation: the views pass through the network in chunks
+  2021) by rematerialisation: each group passes through the network in chunks
   under ``lax.scan``, and ``jax.checkpoint`` keeps only each chunk's input, so
   the backward pass recomputes one chunk's activations at a time. Activation
   memory falls by about ``num_chunks`` while the loss still sees every
@@ -91,17 +106,32 @@ def forward(
     outputs, new_vars = apply_fn(variables, x, train=True, mutable=["batch_stats"], **kwargs)
     return new_vars.get("batch_stats", stats), outputs
 
-  if num_chunks == 1:
+  if num_chunks < 1 or num_groups < 1:
+    raise ValueError(f"num_chunks={num_chunks} and num_groups={num_groups} must be >= 1.")
+  if num_chunks == 1 and num_groups == 1:
     stats, outputs = apply(batch_stats, views)
     return (*outputs, stats)
-  if views.shape[0] % num_chunks:
+  if views.shape[0] % num_groups:
+    raise ValueError(f"the {views.shape[0]} views on each device are not {num_groups} groups.")
+  if (views.shape[0] // num_groups) % num_chunks:
     raise ValueError(
-      f"train.grad_chunks={num_chunks} must divide the {views.shape[0]} views on each device."
+      f"train.grad_chunks={num_chunks} must divide the {views.shape[0] // num_groups} views "
+      f"of each of the {num_groups} BatchNorm groups on each device."
     )
-  chunk = jax.checkpoint(apply, prevent_cse=False)
-  chunks = views.reshape(num_chunks, -1, *views.shape[1:])
-  stats, outputs = jax.lax.scan(chunk, batch_stats, chunks)
-  return (*(o.reshape(-1, *o.shape[2:]) for o in outputs), stats)
+  # The groups one after another, unrolled like the official code's separate calls (a
+  # lax.scan over the groups had not finished compiling the BYOL :cpu step after 30 minutes
+  # on a shared 2-core CPU); each group's chunks under a scan, rematerialised.
+  outputs, stats = [], batch_stats
+  for group in jnp.split(views, num_groups):
+    if num_chunks == 1:
+      stats, out = apply(stats, group)
+    else:
+      chunk = jax.checkpoint(apply, prevent_cse=False)
+      chunks = group.reshape(num_chunks, -1, *group.shape[1:])
+      stats, out = jax.lax.scan(chunk, stats, chunks)
+      out = tuple(o.reshape(-1, *o.shape[2:]) for o in out)
+    outputs.append(out)
+  return (*(jnp.concatenate(parts) for parts in zip(*outputs, strict=True)), stats)
 
 
 def ema_config() -> ml_collections.ConfigDict:
@@ -154,6 +184,12 @@ class Method:
   zero_shot = False
   # Which network eval_variables returns, recorded with cached features.
   eval_network = "online"
+  # How BatchNorm sees the views of a step (``model.bn_views``): "pooled" (one forward pass
+  # over all of them, SimCLR's reference code) or "per_view" (one pass per view, as the
+  # official code of BYOL, MoCo v3, SimSiam and Barlow Twins calls its network). The default
+  # is what the method's official code does; ``bn_views_choices`` are the ones it offers.
+  bn_views_default = "pooled"
+  bn_views_choices = ("pooled",)
 
   @classmethod
   def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
@@ -171,6 +207,15 @@ class Method:
     self.num_steps = num_steps
     self.steps_per_epoch = steps_per_epoch
     self.axis_name = sharding.DATA_AXIS
+    self.bn_views = self._bn_views(config.model.get("bn_views", "default"))
+
+  def _bn_views(self, choice: str) -> str:
+    if choice == "default":
+      return self.bn_views_default
+    if choice not in self.bn_views_choices:
+      offered = " or ".join(repr(c) for c in ("default", *self.bn_views_choices))
+      raise ValueError(f"model.bn_views must be {offered} for {self.name}, got {choice!r}.")
+    return choice
 
   # ---- The model and the method's state.
 
@@ -280,15 +325,29 @@ class Method:
       views["local"] = jnp.concatenate(crops)
     return views
 
-  def forward(self, apply_fn, params, batch_stats, x, **kwargs) -> tuple:
-    """:func:`forward` with the config's ``train.grad_chunks``."""
-    return forward(apply_fn, params, batch_stats, x, self.config.train.grad_chunks, **kwargs)
+  def forward(self, apply_fn, params, batch_stats, x, num_views: int = 1, **kwargs) -> tuple:
+    """:func:`forward` with the config's ``train.grad_chunks`` and ``model.bn_views``.
+
+    ``x`` stacks ``num_views`` views of this device's batch, ``[view_a; view_b; ...]``;
+    with per-view BatchNorm each passes through the network alone. A network without
+    BatchNorm (a ViT and a head without it) takes them in one pass either way.
+    """
+    per_view = self.bn_views == "per_view" and bool(jax.tree.leaves(batch_stats))
+    groups = num_views if per_view else 1
+    chunks = self.config.train.grad_chunks
+    return forward(apply_fn, params, batch_stats, x, chunks, groups, **kwargs)
 
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     """The loss of the online ``params`` and a :class:`StepOutput`; every method defines it."""
     raise NotImplementedError(
       f"{type(self).__name__} does not define loss(); subclass Method and implement it."
     )
+
+  def project_params(self, params: Any) -> Any:
+    """The online parameters just updated by the optimiser, projected onto the method's
+    constraints (CLIP clamps its logit scale, as open_clip does after each step); by
+    default as they are."""
+    return params
 
   def update_state(self, state: Any, params: Any, out: StepOutput) -> Any:
     """The method state after the step; ``params`` are the updated online parameters."""

@@ -9,8 +9,9 @@ batch at a learned logit scale (``siglip_loss`` with ``clip.loss="siglip"``).
 
 Parameters: ``encoder`` (the image tower, so image-only evaluation reads it as for every
 other method), ``image_projection``, ``text`` (the text tower), ``text_projection``,
-``logit_scale`` (the log of the scale, clamped at ``log clip.max_logit_scale`` in the
-forward pass) and, for SigLIP, ``logit_bias``. ``apply(variables, images, train)`` returns
+``logit_scale`` (the log of the scale, which ``CLIP.project_params`` clamps to
+``[0, log clip.max_logit_scale]`` after each optimiser step, as open_clip does) and, for
+SigLIP, ``logit_bias``. ``apply(variables, images, train)`` returns
 ``(features, image_embeddings)`` like every model here; ``method="encode_text"`` returns
 ``(text_features, text_embeddings)``.
 """
@@ -119,12 +120,31 @@ def init_logit_scale(clip: ml_collections.ConfigDict) -> float:
   if clip.loss not in DEFAULT_INIT_LOGIT_SCALE:
     raise ValueError(f"clip.loss must be 'clip' or 'siglip', got {clip.loss!r}.")
   scale = clip.init_logit_scale or DEFAULT_INIT_LOGIT_SCALE[clip.loss]
-  if not 0 < scale <= clip.max_logit_scale:
+  if not 1 <= scale <= clip.max_logit_scale:
     raise ValueError(
-      f"the initial logit scale {scale} must be in (0, clip.max_logit_scale="
-      f"{clip.max_logit_scale}]."
+      f"the initial logit scale {scale} must be in [1, clip.max_logit_scale="
+      f"{clip.max_logit_scale}]: the range open_clip clamps it to."
     )
   return float(scale)
+
+
+def clamp_log_scale(log_scale: jax.Array, max_scale: float) -> jax.Array:
+  """open_clip's ``logit_scale.clamp_(0, math.log(100))``: the log-parameter in [0, log max]."""
+  return jnp.clip(log_scale, 0.0, math.log(max_scale))
+
+
+def logit_scale(log_scale: jax.Array, max_scale: float) -> jax.Array:
+  """The scale ``exp(log_scale)`` of the log-parameter, with its value clamped to
+  ``[1, max_scale]`` but its gradient never cut.
+
+  ``project_params`` keeps the parameter in range after every step, so the clamp acts only
+  on a parameter restored from beyond it (an older checkpoint, clamped in the forward pass
+  alone); the gradient then is that of ``exp`` at the clamped value, so the parameter can
+  move back, where ``exp(min(log_scale, log max))`` would give it zero gradient for good.
+  """
+  log_scale = jnp.asarray(log_scale, jnp.float32)
+  clamped = clamp_log_scale(log_scale, max_scale)
+  return jnp.exp(log_scale + jax.lax.stop_gradient(clamped - log_scale))
 
 
 def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
@@ -196,6 +216,18 @@ class CLIP(Method):
     variables = init(rng, jnp.zeros((2, *image_shape), jnp.float32), tokens)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
+  def project_params(self, params: Any) -> Any:
+    """The parameters with the log logit scale clamped to ``[0, log clip.max_logit_scale]``
+    after the optimiser's step, as open_clip clamps ``model.logit_scale`` after each step."""
+    max_scale = self.config.clip.max_logit_scale
+
+    def project(path, p):
+      if len(path) == 1 and getattr(path[0], "key", None) == "logit_scale":
+        return clamp_log_scale(p, max_scale).astype(p.dtype)
+      return p
+
+    return jax.tree_util.tree_map_with_path(project, params)
+
   def views(self, batch: dict, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     """``{"global": (n, h, w, 3)}``: the one normalised view of each image.
 
@@ -215,7 +247,7 @@ class CLIP(Method):
       state.apply_fn, params, state.batch_stats, views["global"]
     )
     _, text_emb = state.apply_fn({"params": params}, batch["tokens"], method="encode_text")
-    scale = clip_losses.clip_logit_scale(params["logit_scale"], clip.max_logit_scale)
+    scale = logit_scale(params["logit_scale"], clip.max_logit_scale)
     if clip.loss == "siglip":
       loss, metrics = clip_losses.siglip_loss(
         image_emb,

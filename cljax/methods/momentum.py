@@ -36,7 +36,15 @@ def _without_predictor(tree: dict) -> dict:
 
 
 class MomentumMethod(Method):
-  """Online network + EMA target network; subclasses define the loss."""
+  """Online network + EMA target network; subclasses define the loss.
+
+  BatchNorm over the views: the official code of BYOL, MoCo v3 and MoCo v2 runs each view
+  through each network in its own forward pass, so by default (``model.bn_views``) both
+  the online and the target network normalise each view with its own statistics.
+  """
+
+  bn_views_default = "per_view"
+  bn_views_choices = ("per_view", "pooled")
 
   @classmethod
   def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
@@ -52,10 +60,12 @@ class MomentumMethod(Method):
   def state_specs(self) -> Any:
     return PartitionSpec()
 
-  def target_forward(self, state: Any, x: jax.Array) -> tuple[jax.Array, Any]:
-    """The target network's embeddings of ``x`` (no gradient) and its new statistics."""
+  def target_forward(self, state: Any, x: jax.Array, num_views: int = 1) -> tuple[jax.Array, Any]:
+    """The target network's embeddings of the ``num_views`` views stacked in ``x`` (no
+    gradient) and its new statistics."""
     ms = state.method_state
-    _, z, stats = self.forward(state.apply_fn, ms["target_params"], ms["target_batch_stats"], x)
+    params, stats = ms["target_params"], ms["target_batch_stats"]
+    _, z, stats = self.forward(state.apply_fn, params, stats, x, num_views)
     return jax.lax.stop_gradient(z), stats
 
   def decay(self, step: jax.Array) -> jax.Array:
@@ -86,8 +96,10 @@ class BYOL(MomentumMethod):
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     x = views["global"]
     n = x.shape[0] // 2
-    h, z, p, stats = self.forward(state.apply_fn, params, state.batch_stats, x, predict=True)
-    t, target_stats = self.target_forward(state, x)
+    h, z, p, stats = self.forward(
+      state.apply_fn, params, state.batch_stats, x, num_views=2, predict=True
+    )
+    t, target_stats = self.target_forward(state, x, num_views=2)
     swapped = jnp.concatenate([t[n:], t[:n]])
     # Mean over both directions of the batch mean: byol(p_a, t_b) + byol(p_b, t_a).
     loss = 2 * losses.byol_loss(p, swapped, axis_name=self.axis_name)
@@ -102,7 +114,9 @@ class MoCoV3(MomentumMethod):
   ``ctr(p_a, k_b) + ctr(p_b, k_a)`` where ``ctr`` is InfoNCE over the keys of
   the whole global batch (gathered across devices), scaled by ``2 T``; no
   queue. Momentum 0.99 cosine-ramped to 1; 3-layer projector and 2-layer
-  predictor with BatchNorm; AdamW for ViTs (LARS for ResNets).
+  predictor with BatchNorm, each ending in BatchNorm without affine parameters
+  (``output_norm="bn_no_affine"`` in the recipes, the official ``_build_mlp``);
+  AdamW for ViTs (LARS for ResNets).
 
   References:
     Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision
@@ -114,8 +128,10 @@ class MoCoV3(MomentumMethod):
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     x = views["global"]
     n = x.shape[0] // 2
-    h, z, p, stats = self.forward(state.apply_fn, params, state.batch_stats, x, predict=True)
-    k, target_stats = self.target_forward(state, x)
+    h, z, p, stats = self.forward(
+      state.apply_fn, params, state.batch_stats, x, num_views=2, predict=True
+    )
+    k, target_stats = self.target_forward(state, x, num_views=2)
     temperature = self.config.loss.temperature
     loss_ab, m_ab = losses.moco_v3_loss(
       p[:n], k[n:], temperature, axis_name=self.axis_name, return_metrics=True
@@ -194,8 +210,8 @@ class MoCoV2(MomentumMethod):
     n = x.shape[0] // 2
     temperature, queue = self.config.loss.temperature, state.method_state["queue"]
     if self.config.moco.symmetric:
-      h, q, stats = self.forward(state.apply_fn, params, state.batch_stats, x)
-      k, target_stats = self.target_forward(state, x)
+      h, q, stats = self.forward(state.apply_fn, params, state.batch_stats, x, num_views=2)
+      k, target_stats = self.target_forward(state, x, num_views=2)
       swapped = jnp.concatenate([k[n:], k[:n]])
       loss, metrics = losses.moco_v2_loss(
         q, swapped, queue, temperature, axis_name=self.axis_name, return_metrics=True

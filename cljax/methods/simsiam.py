@@ -27,6 +27,9 @@ class SimSiam(Method):
   """
 
   name = "simsiam"
+  # The official code calls the encoder once per view: BatchNorm statistics per view.
+  bn_views_default = "per_view"
+  bn_views_choices = ("per_view", "pooled")
 
   @classmethod
   def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
@@ -37,7 +40,9 @@ class SimSiam(Method):
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     x = views["global"]
     n = x.shape[0] // 2
-    h, z, p, stats = self.forward(state.apply_fn, params, state.batch_stats, x, predict=True)
+    h, z, p, stats = self.forward(
+      state.apply_fn, params, state.batch_stats, x, num_views=2, predict=True
+    )
     swapped = jnp.concatenate([z[n:], z[:n]])
     # The batch mean over both directions is the paper's average of the two.
     loss = losses.simsiam_loss(

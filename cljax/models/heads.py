@@ -13,9 +13,11 @@ class ProjectionHead(nn.Module):
 
   ``num_layers - 1`` hidden layers of Dense -> BatchNorm -> ReLU, then a
   Dense to ``output_dim``. With ``output_norm="bn"`` that Dense is followed by
-  BatchNorm without a bias (as in the SimCLR v2 reference code; MoCo v3 and
-  SimSiam also end in BatchNorm); with ``"none"`` the last Dense has a bias
-  and nothing follows (BYOL's projector and predictor, SimSiam's predictor).
+  BatchNorm with a learned scale and no bias (as in the SimCLR v2 reference
+  code); with ``"bn_no_affine"`` by BatchNorm with neither (PyTorch's
+  ``BatchNorm1d(affine=False)``: MoCo v3's projector and predictor, SimSiam's
+  projector); with ``"none"`` the last Dense has a bias and nothing follows
+  (BYOL's projector and predictor, SimSiam's predictor).
   ``num_layers=2`` is SimCLR v1, 3 is v2. ``hidden_norm="none"`` drops the
   hidden layers' BatchNorm (their Dense then has a bias): MoCo v2's head.
   """
@@ -26,15 +28,17 @@ class ProjectionHead(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
-  output_norm: str = "bn"  # "bn" | "none"
+  output_norm: str = "bn"  # "bn" | "bn_no_affine" | "none"
   hidden_norm: str = "bn"  # "bn" | "none"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
-    if self.output_norm not in ("bn", "none"):
-      raise ValueError(f"output_norm must be 'bn' or 'none', got {self.output_norm!r}.")
+    if self.output_norm not in ("bn", "bn_no_affine", "none"):
+      raise ValueError(
+        f"output_norm must be 'bn', 'bn_no_affine' or 'none', got {self.output_norm!r}."
+      )
     if self.hidden_norm not in ("bn", "none"):
       raise ValueError(f"hidden_norm must be 'bn' or 'none', got {self.hidden_norm!r}.")
 
@@ -57,5 +61,5 @@ class ProjectionHead(nn.Module):
     if self.output_norm == "none":
       return nn.Dense(self.output_dim, dtype=self.dtype)(x).astype(jnp.float32)
     x = nn.Dense(self.output_dim, use_bias=False, dtype=self.dtype)(x)
-    x = norm(use_bias=False)(x)
+    x = norm(use_bias=False, use_scale=self.output_norm == "bn")(x)
     return x.astype(jnp.float32)
