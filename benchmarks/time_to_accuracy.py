@@ -45,7 +45,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # This checkout's cljax (not an installed one) and the sibling benchmark module `budget`.
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 import budget  # noqa: E402
 
 from cljax import metrics, run  # noqa: E402
@@ -110,11 +111,10 @@ def recipe_name(spec: str) -> str:
 
 def _commit() -> str | None:
   """The repository's commit, ``+dirty`` when tracked files differ; None outside git."""
-  here = os.path.dirname(os.path.abspath(__file__))
   try:
-    sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+    sha = subprocess.run(["git", "-C", _HERE, "rev-parse", "HEAD"], capture_output=True,
                          text=True, check=True).stdout.strip()  # fmt: skip
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "-uno"],
+    dirty = subprocess.run(["git", "-C", _HERE, "status", "--porcelain", "-uno"],
                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
   except (OSError, subprocess.CalledProcessError):
     return None
@@ -150,10 +150,10 @@ def evaluate(r: run.Run, state: Any, *, linear_probe: bool, linear_max_steps: in
 
 
 def _mean_metrics(pending: list) -> dict[str, float]:
-  """Means over the finite steps since the last evaluation (fetched off the clock)."""
+  """Scalar metrics (loss, ...) averaged over the finite steps since the last evaluation."""
   host = jax.device_get(pending)
   good = [m for m in host if not m["nonfinite"]]
-  keys = [k for k in ("loss", "learning_rate") if good and k in good[0]]
+  keys = [k for k in (good[0] if good else ()) if k != "nonfinite" and np.ndim(good[0][k]) == 0]
   out = {f"train_{k}": float(np.mean([m[k] for m in good])) for k in keys}
   out["nonfinite_steps"] = len(host) - len(good)
   return out

@@ -12,7 +12,6 @@ from conftest import REPO
 from helpers import tiny_config
 
 _spec = importlib.util.spec_from_file_location("tta", REPO / "benchmarks" / "time_to_accuracy.py")
-sys.path.insert(0, str(REPO / "benchmarks"))  # The benchmark imports its sibling `budget`.
 tta = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tta)
 
