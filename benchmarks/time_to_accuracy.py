@@ -211,7 +211,7 @@ def train_with_evals(config: ml_collections.ConfigDict, *, epochs: float, every_
 
 def run_recipe(spec: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains one recipe with the flags' schedule; writes and returns its JSON record."""
-  t0 = time.perf_counter()
+  t0, commit = time.perf_counter(), _commit()  # The code that runs, not that at the end.
   result = train_with_evals(config, epochs=_EPOCHS.value, every_epochs=_EVAL_EVERY.value,
                             at_start=_EVAL_AT_START.value, linear_probe=_LINEAR_PROBE.value,
                             linear_max_steps=_LINEAR_MAX_STEPS.value)  # fmt: skip
@@ -220,7 +220,7 @@ def run_recipe(spec: str, config: ml_collections.ConfigDict, workdir: str) -> di
     "name": recipe_name(spec),
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "machine": budget.machine(),
-    "commit": _commit(),
+    "commit": commit,
     "overrides": list(_SET.value),
     "wall_seconds": time.perf_counter() - t0,
     **result,
