@@ -22,8 +22,9 @@ compilation is reported separately.
 
 Writes ``WORKDIR/<recipe>.json`` per recipe (machine, JAX version, commit, config, and per
 evaluation: epoch, step, training seconds, kNN top-1, probe) and ``WORKDIR/time_to_accuracy.png``
-(accuracy against epochs and against training seconds, one curve per recipe). Runs are not
-checkpointed: a rerun starts over.
+(accuracy against epochs and against training seconds, one curve per recipe). The JSON is
+rewritten after every evaluation (``"complete": false`` until the run ends), so a run cut
+short keeps its points; runs are not checkpointed: a rerun starts over.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def _mean_metrics(pending: list) -> dict[str, float]:
 
 def train_with_evals(config: ml_collections.ConfigDict, *, epochs: float, every_epochs: float,
                      at_start: bool = True, linear_probe: bool = False,
-                     linear_max_steps: int = 300) -> dict:  # fmt: skip
+                     linear_max_steps: int = 300, on_evaluation=None) -> dict:  # fmt: skip
   """Trains ``config`` for ``epochs`` (the recipe's own if <= 0), evaluating off the clock.
 
   Returns:
@@ -204,6 +205,8 @@ def train_with_evals(config: ml_collections.ConfigDict, *, epochs: float, every_
     logging.info("time_to_accuracy: %s", record)
     evaluations.append(record)
     pending = []
+    if on_evaluation is not None:  # The results so far, e.g. saved in case the run is cut.
+      on_evaluation(dict(out, train_seconds=clock, evaluations=evaluations))
   out.update(train_seconds=clock, eval_seconds=sum(e["eval_seconds"] for e in evaluations))
   out["evaluations"] = evaluations
   return out
@@ -212,26 +215,37 @@ def train_with_evals(config: ml_collections.ConfigDict, *, epochs: float, every_
 def run_recipe(spec: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains one recipe with the flags' schedule; writes and returns its JSON record."""
   t0, commit = time.perf_counter(), _commit()  # The code that runs, not that at the end.
-  result = train_with_evals(config, epochs=_EPOCHS.value, every_epochs=_EVAL_EVERY.value,
-                            at_start=_EVAL_AT_START.value, linear_probe=_LINEAR_PROBE.value,
-                            linear_max_steps=_LINEAR_MAX_STEPS.value)  # fmt: skip
-  record = {
-    "recipe": spec,
-    "name": recipe_name(spec),
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "machine": budget.machine(),
-    "commit": commit,
-    "overrides": list(_SET.value),
-    "wall_seconds": time.perf_counter() - t0,
-    **result,
-    "config": config.to_dict(),
-  }
-  path = os.path.join(workdir, f"{record['name']}.json")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(runner._json_ready(record), f, indent=2, sort_keys=True, default=str)
-  return record
+  path = os.path.join(workdir, f"{recipe_name(spec)}.json")
+
+  def save(result: dict, complete: bool = False) -> dict:
+    record = {
+      "recipe": spec,
+      "name": recipe_name(spec),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "machine": budget.machine(),
+      "commit": commit,
+      "overrides": list(_SET.value),
+      "complete": complete,
+      "wall_seconds": time.perf_counter() - t0,
+      **result,
+      "config": config.to_dict(),
+    }
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(runner._json_ready(record), f, indent=2, sort_keys=True, default=str)
+    return record
+
+  result = train_with_evals(
+    config,
+    epochs=_EPOCHS.value,
+    every_epochs=_EVAL_EVERY.value,
+    at_start=_EVAL_AT_START.value,
+    linear_probe=_LINEAR_PROBE.value,
+    linear_max_steps=_LINEAR_MAX_STEPS.value,
+    on_evaluation=save,
+  )
+  return save(result, complete=True)
 
 
 def plot(records: list[dict], path: str) -> str:
@@ -304,7 +318,7 @@ def main(argv):
   if jax.process_index() == 0:
     print("\n".join(_table(records)))
     for r in records:
-      if "compile_seconds" in r:
+      if r.get("complete"):
         print(f"{r['name']}: compile {r['compile_seconds']:.1f} s, training "
               f"{r['train_seconds']:.1f} s, evaluation {r['eval_seconds']:.1f} s")  # fmt: skip
     print(f"Figure: {plot(records, figure)}")

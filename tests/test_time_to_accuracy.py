@@ -77,6 +77,7 @@ def test_command_writes_json_and_figure(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # One device, as a user runs it.
   subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=300)
   record = json.loads((tmp_path / "tta_tiny_config.json").read_text())
+  assert record["complete"]
   for key in ("machine", "commit", "config", "compile_seconds", "train_seconds", "eval_seconds"):
     assert key in record, key
   assert record["machine"]["jax"] and record["machine"]["device"]
