@@ -95,6 +95,19 @@ def test_swav_prototypes_get_no_gradient_while_frozen(swav_run):
   assert np.abs(head[1] - head[0]).max() > 1e-6
 
 
+def test_swav_scores_do_not_depend_on_the_prototypes_norm():
+  # Weight decay shrinks frozen prototypes geometrically (methods.swav.unit_prototypes); a
+  # kernel 1e-12 times smaller must score the same. float32 cosines over d = 16: error
+  # about d * 6e-8 = 1e-6.
+  rng = np.random.default_rng(0)
+  z = losses.l2_normalize(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32))
+  kernel = jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)
+  score = lambda k: methods.swav.Prototypes(32).apply({"params": {"kernel": k}}, z)
+  expected = np.asarray(z, np.float64) @ (kernel / np.linalg.norm(kernel, axis=0))
+  np.testing.assert_allclose(score(kernel), expected, atol=1e-6)
+  np.testing.assert_allclose(score(kernel * 1e-12), expected, atol=1e-6)
+
+
 def test_swav_queue_fills_in_order_and_joins_sinkhorn_once_full(swav_run):
   config, batches, states, hist = swav_run
   assert [m["queue_used"] for m in hist] == [0.0, 0.0, 0.0, 1.0]

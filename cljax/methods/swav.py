@@ -104,8 +104,17 @@ class Prototypes(nn.Module):
 
 
 def unit_prototypes(kernel: jax.Array) -> jax.Array:
-  """The (d, K) kernel with each column (prototype) scaled to unit norm."""
-  return losses.l2_normalize(kernel, axis=0)
+  """The (d, K) kernel with each column (prototype) scaled to unit norm, whatever its norm.
+
+  The floor under the squared norm is float32's smallest normal number, not
+  ``l2_normalize``'s 1e-12: frozen prototypes still get the optimiser's weight decay (with
+  LARS, a step of ``lr * trust_coefficient`` of the kernel, accumulated by momentum), so
+  their norm shrinks geometrically while frozen, to 1e-4 in the one-epoch freeze of
+  ``configs/swav_cifar10.py:cpu`` and below 1e-6 within 120 steps at peak rate without
+  warm-up; under the 1e-12 floor the scores would shrink with it to 0 and the codes become
+  uniform (the ln K plateau).
+  """
+  return losses.l2_normalize(kernel, axis=0, eps=float(jnp.finfo(jnp.float32).tiny))
 
 
 class SwAVModel(nn.Module):
