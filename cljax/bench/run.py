@@ -173,6 +173,8 @@ def bench_training(
     row = {"part": "step", **timing.rates(result, trainer.views_per_step)}
     row["ms_per_step"] = round(1e3 / statistics.median(result["steps_per_s"]), 3)
     row["compile_s"] = round(compiles.seconds, 3)
+    row["compile_cache_hits"] = compiles.cache_hits
+    row["compile_cache_misses"] = compiles.cache_misses
     row["first_step_s"] = round(first_step_s, 3)
     row["peak_memory_bytes"] = timing.peak_memory_bytes()
     row["gflop_per_view"] = _sig(trainer.flops_per_view / 1e9)

@@ -14,6 +14,8 @@ _COMPILE_EVENTS = (
   "/jax/core/compile/jaxpr_to_mlir_module_duration",
   "/jax/core/compile/backend_compile_duration",
 )
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_CACHE_MISS = "/jax/compilation_cache/cache_misses"
 
 
 class CompileCounter:
@@ -21,11 +23,15 @@ class CompileCounter:
 
   Listens to JAX's monitoring events, so it sees every jit in the process, and costs
   nothing: ``jit(f).lower(...).compile()`` would compile a second time, because the
-  result does not enter ``jit(f)``'s call cache.
+  result does not enter ``jit(f)``'s call cache. A program loaded from the persistent
+  compilation cache (``cljax.compile_cache``) counts as a compilation (its load time is
+  in ``seconds``) and in ``cache_hits``; one compiled afresh with the cache on, in
+  ``cache_misses``.
   """
 
   def __init__(self):
     self.count, self.seconds = 0, 0.0
+    self.cache_hits, self.cache_misses = 0, 0
 
   def __call__(self, event: str, duration: float, **kwargs) -> None:
     del kwargs
@@ -33,12 +39,19 @@ class CompileCounter:
       self.seconds += duration
       self.count += event == _COMPILE_EVENTS[-1]
 
+  def _event(self, event: str, **kwargs) -> None:
+    del kwargs
+    self.cache_hits += event == _CACHE_HIT
+    self.cache_misses += event == _CACHE_MISS
+
   def __enter__(self) -> CompileCounter:
     jax.monitoring.register_event_duration_secs_listener(self)
+    jax.monitoring.register_event_listener(self._event)
     return self
 
   def __exit__(self, *exc) -> None:
     jax.monitoring.unregister_event_duration_listener(self)
+    jax.monitoring.unregister_event_listener(self._event)
 
 
 def peak_memory_bytes() -> int | None:

@@ -8,7 +8,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import metrics
+from cljax import compile_cache, metrics
 from cljax.evaluate import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -92,6 +92,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.setup_logging()
+  compile_cache.setup()
   result = runner.evaluate_checkpoint(
     _CONFIG.value,
     _WORKDIR.value,
