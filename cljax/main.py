@@ -10,7 +10,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import metrics, train
+from cljax import compile_cache, metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -66,6 +66,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.setup_logging()
   initialize_distributed()
+  compile_cache.setup()
   result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value)
   if jax.process_index() == 0:
     if "knn_top1" in result:
