@@ -77,10 +77,11 @@ def main(argv):
     _exit_with(e)
   import jax
 
-  from cljax import checkpoint, metrics, train
+  from cljax import checkpoint, compile_cache, metrics, train
 
   metrics.setup_logging()
   initialize_distributed()
+  compile_cache.setup()
   try:
     result = train.train_and_evaluate(
       _CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value
@@ -90,8 +91,16 @@ def main(argv):
   if jax.process_index() == 0:
     if "knn_top1" in result:
       line = f"kNN top-1 of the learned encoder on the eval split: {result['knn_top1']:.1%}"
-      if "knn_top1_random_init" in result:
-        line += f" (randomly initialised encoder: {result['knn_top1_random_init']:.1%})"
+      baselines = [
+        f"{name} {result[key]:.1%}"
+        for key, name in (
+          ("knn_top1_random_init", "random-init encoder"),
+          ("knn_top1_pixels", "raw pixels"),
+        )
+        if key in result
+      ]
+      if baselines:
+        line += f" (baselines: {', '.join(baselines)})"
       print(line)
     print(json.dumps({"final": result}, sort_keys=True))
 

@@ -217,10 +217,16 @@ class MetricWriter:
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops INFO lines from orbax and grain (dozens per checkpoint); keeps warnings."""
+  """Drops INFO lines from orbax and grain (dozens per checkpoint) and JAX's backend probing
+  ("Unable to initialize backend 'tpu'" on every CPU or GPU host); keeps warnings, except
+  orbax's "Metadata file does not exist" for a checkpoint's item directory, which has none
+  by design (the step directory holds it)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    path = record.pathname
+    if "/orbax/" in path and str(record.msg).startswith("Metadata file does not exist"):
+      return False
+    noisy = "/orbax/" in path or "/grain/" in path or path.endswith("xla_bridge.py")
     return record.levelno >= py_logging.WARNING or not noisy
 
 

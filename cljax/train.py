@@ -7,6 +7,7 @@ Everything the loop runs is built once by ``cljax.run.create_run``; the step its
 from __future__ import annotations
 
 import signal
+import time
 
 import jax
 import ml_collections
@@ -14,9 +15,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cljax import checkpoint, metrics, run
+from cljax import checkpoint, defaults, metrics, run
 from cljax import step as step_lib
-from cljax.evaluate import knn
+from cljax.evaluate import knn, runner
 
 Metrics = dict[str, jax.Array]
 
@@ -134,6 +135,20 @@ class PendingMetrics:
     return out
 
 
+def non_default_lines(config: ml_collections.ConfigDict) -> str:
+  """``  key = value`` lines of the config's values that differ from ``defaults.base_config``."""
+
+  def flat(tree, prefix=""):
+    for k, v in tree.items():
+      yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+  base = dict(flat(defaults.base_config().to_dict()))
+  now = dict(flat(config.to_dict()))
+  return "\n".join(
+    f"  {k} = {v!r}" for k, v in sorted(now.items()) if k not in base or base[k] != v
+  )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, force_resume: bool = False
 ) -> dict[str, float]:
@@ -145,7 +160,9 @@ def train_and_evaluate(
   checkpoint.check_workdir(workdir)
   r = run.create_run(config)
   logging.info(r.describe())
-  logging.info("Config:\n%s", config)
+  logging.info(
+    "Config (in full: %s), where not the default:\n%s", "config.json", non_default_lines(config)
+  )
   manager = checkpoint.create_manager(workdir, config)
   try:
     state, start_step = checkpoint.restore_latest(
@@ -169,7 +186,12 @@ def train_and_evaluate(
     while step < stop_at and not stop.should_stop(step % config.train.log_every_steps == 0):
       # Dispatch is asynchronous: the host fetches the next batch while the
       # device runs this step. Metrics stay on device until a log step.
+      first, t0 = step == start_step, time.perf_counter()
+      if first:
+        logging.info("Compiling the train step (loaded instead if an earlier run compiled it)...")
       state, step_metrics = r.step_fn(state, r.global_batch(next(r.iterator)), r.step_rng)
+      if first:
+        logging.info("Train step compiled in %.1fs.", time.perf_counter() - t0)
       step += 1
       pending.append(step, step_metrics)
       if step % config.train.log_every_steps == 0 or step == r.num_steps:
@@ -189,7 +211,10 @@ def train_and_evaluate(
     manager.close()
 
   if step >= r.num_steps and config.evals.knn_at_end:
+    logging.info("Final kNN: encoding the train and eval splits...")
     knn_result = knn.final_knn(r, state)
+    if knn_result and config.evals.knn_baseline:
+      knn_result.update(runner.pixel_knn(config, r.mesh))
     if knn_result:
       writer.write_scalars(step, knn_result)
       last.update(knn_result)

@@ -7,10 +7,12 @@ Hardware: any machine; sized for a 2-core CPU, where it takes about 4 minutes
 (install excluded). Needs no network and no data download: 10,000 training
 and 2,000 held-out images ship with the package.
 
-Expected result: the final JSON line reports the kNN top-1 (k=200, T=0.07) of
-the trained encoder on the 2,000 held-out images next to that of the same
-encoder at random initialisation; training should raise it by several points
-(about 0.55 -> 0.65 on a 2-core CPU).
+Expected result: the final line reports the kNN top-1 (k=200, T=0.07) on the 2,000
+held-out images of the trained encoder, of the same encoder at random initialisation and
+of raw pixels. Measured on a 2-core CPU (issue 18): learned 72.0%, random-init 53.0%, raw
+pixels 73.35%. Pretraining gains 19 points over the random encoder but does not yet beat
+raw pixels on these small, centred, grey images at this budget (the linear probe neither:
+80.65% against 82.25%); on CIFAR-10 it beats pixels by 16 points (docs/results.md).
 """
 
 from cljax import defaults

@@ -94,6 +94,7 @@ def test_cli_evaluates_the_latest_checkpoint(run):
   assert 1.0 <= projection["effective_rank"] <= 16  # The head's output_dim.
   for name in ("curves", "tsne", "similarity"):
     _assert_png(saved["plots"][name])
+  assert saved["plots"]["curves"].endswith("curves_step2.png")  # One file per evaluated step.
 
 
 def test_restore_matches_plain_orbax(run):
@@ -135,3 +136,26 @@ def test_feature_cache_round_trip(tmp_path):
   np.testing.assert_array_equal(got_x, x)
   np.testing.assert_array_equal(got_y, y)
   assert meta == {"step": 5}
+
+
+def test_grey_pixels_keep_one_channel_with_the_same_knn(monkeypatch):
+  config = _config()
+  rng = np.random.default_rng(0)
+  grey = {
+    s: rng.integers(0, 256, (n, 16, 16, 1), np.uint8) for s, n in (("train", 96), ("eval", 40))
+  }
+  labels = {s: rng.integers(0, 4, len(x)).astype(np.int32) for s, x in grey.items()}
+  made = {s: sources.ArraySource(np.repeat(x, 3, axis=-1), labels[s]) for s, x in grey.items()}
+  monkeypatch.setattr(sources, "create_source", lambda data, split: made[split])
+  got = runner.pixel_features(config, sharding.create_mesh())
+  for split in ("train", "eval"):
+    x, y = got[split]
+    np.testing.assert_array_equal(y, labels[split])
+    np.testing.assert_allclose(x, grey[split].reshape(len(y), -1) / 255.0, rtol=1e-7)
+  # Three equal channels scale every norm by sqrt(3) and every dot product by 3: the same
+  # cosines, so the same neighbours and the same kNN accuracy.
+  three = {s: np.repeat(x, 3, axis=-1).reshape(len(x), -1) / 255.0 for s, x in grey.items()}
+  want = knn.knn_accuracy(
+    three["train"], labels["train"], three["eval"], labels["eval"], num_classes=4, k=20
+  )
+  assert runner.pixel_knn(config, sharding.create_mesh())["knn_top1_pixels"] == want

@@ -26,6 +26,24 @@ def test_curves(tmp_path):
     plots.plot_curves([{"step": 1, "time": 0.0}], tmp_path / "none.png")
 
 
+def test_curves_draw_the_knn_against_its_baselines(tmp_path):
+  records = [{"step": s, "loss": 5.0 / s} for s in range(1, 11)]
+  # As the final kNN logs it: the learned encoder's and its random-init baseline.
+  records.append({"step": 10, "knn_top1": 0.8, "knn_top1_random_init": 0.5})
+  records.append({"step": 10, "knn_top1_pixels": 0.7})
+  panels = plots.curve_panels(records, baselines={"knn_top1": {"learned, step 10": 0.81}})
+  assert list(panels) == ["loss", "knn_top1"]  # Baselines are lines, not panels.
+  assert panels["knn_top1"]["points"] == [(10, 0.8)]
+  assert panels["knn_top1"]["baselines"] == {
+    "random-init encoder": 0.5,
+    "raw pixels": 0.7,
+    "learned, step 10": 0.81,
+  }
+  assert panels["loss"]["baselines"] == {}
+  path = plots.plot_curves(records, tmp_path / "curves_step10.png", title="run, step 10")
+  _assert_png(path)
+
+
 def test_tsne(tmp_path):
   pytest.importorskip("sklearn")
   rng = np.random.default_rng(0)

@@ -141,7 +141,9 @@ def bench_host_jpeg(
       )
       first = next(it)
       sent = sum(first[k].nbytes for k in run_lib.BATCH_KEYS if k in first) / batch_size
-      result = timing.time_iterator(it, windows=windows, warmup_s=warmup_s, window_s=window_s)
+      result = timing.time_iterator(
+        it, windows=windows, warmup_s=warmup_s, window_s=window_s, desc=f"{path} x{workers}"
+      )
       it.close()
       used = 1 if workers == 0 else min(workers, host_cores())
       rates = [batch_size * r for r in result["steps_per_s"]]

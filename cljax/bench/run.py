@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from cljax import metrics, train
 from cljax import run as run_lib
@@ -158,10 +159,17 @@ def bench_training(
   with contextlib.ExitStack() as stack:
     if step:
       run = _step_run(trainer)
+      logging.info("Compiling the train step (loaded if in the compilation cache)...")
       with timing.CompileCounter() as compiles:
         start = time.perf_counter()
         jax.block_until_ready(run(1))
         first_step_s = time.perf_counter() - start
+      logging.info(
+        "First step: %.1fs, of which compiling %.1fs (%d programs from the cache).",
+        first_step_s,
+        compiles.seconds,
+        compiles.cache_hits,
+      )
       runs["step"] = (run, warmup)
     for mode in modes:
       # Warm up through a log step, so that everything a log step runs has compiled.
@@ -173,6 +181,8 @@ def bench_training(
     row = {"part": "step", **timing.rates(result, trainer.views_per_step)}
     row["ms_per_step"] = round(1e3 / statistics.median(result["steps_per_s"]), 3)
     row["compile_s"] = round(compiles.seconds, 3)
+    row["compile_cache_hits"] = compiles.cache_hits
+    row["compile_cache_misses"] = compiles.cache_misses
     row["first_step_s"] = round(first_step_s, 3)
     row["peak_memory_bytes"] = timing.peak_memory_bytes()
     row["gflop_per_view"] = _sig(trainer.flops_per_view / 1e9)
@@ -223,7 +233,9 @@ def bench_input(
   rows = []
   for fields, it in _input_iterators(trainer, mode):
     it = it or trainer.iterator("host")
-    result = timing.time_iterator(it, windows=windows, warmup_s=warmup_s, window_s=window_s)
+    result = timing.time_iterator(
+      it, windows=windows, warmup_s=warmup_s, window_s=window_s, desc=f"input {mode}"
+    )
     if mode == "host":
       it.close()
     row = {"part": "input", **fields, **timing.rates(result, trainer.views_per_step)}

@@ -8,12 +8,17 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from absl import logging
+
+from cljax.evaluate import features
 
 _COMPILE_EVENTS = (
   "/jax/core/compile/jaxpr_trace_duration",
   "/jax/core/compile/jaxpr_to_mlir_module_duration",
   "/jax/core/compile/backend_compile_duration",
 )
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_CACHE_MISS = "/jax/compilation_cache/cache_misses"
 
 
 class CompileCounter:
@@ -21,11 +26,15 @@ class CompileCounter:
 
   Listens to JAX's monitoring events, so it sees every jit in the process, and costs
   nothing: ``jit(f).lower(...).compile()`` would compile a second time, because the
-  result does not enter ``jit(f)``'s call cache.
+  result does not enter ``jit(f)``'s call cache. A program loaded from the persistent
+  compilation cache (``cljax.compile_cache``) counts as a compilation (its load time is
+  in ``seconds``) and in ``cache_hits``; one compiled afresh with the cache on, in
+  ``cache_misses``.
   """
 
   def __init__(self):
     self.count, self.seconds = 0, 0.0
+    self.cache_hits, self.cache_misses = 0, 0
 
   def __call__(self, event: str, duration: float, **kwargs) -> None:
     del kwargs
@@ -33,12 +42,19 @@ class CompileCounter:
       self.seconds += duration
       self.count += event == _COMPILE_EVENTS[-1]
 
+  def _event(self, event: str, **kwargs) -> None:
+    del kwargs
+    self.cache_hits += event == _CACHE_HIT
+    self.cache_misses += event == _CACHE_MISS
+
   def __enter__(self) -> CompileCounter:
     jax.monitoring.register_event_duration_secs_listener(self)
+    jax.monitoring.register_event_listener(self._event)
     return self
 
   def __exit__(self, *exc) -> None:
     jax.monitoring.unregister_event_duration_listener(self)
+    jax.monitoring.unregister_event_listener(self._event)
 
 
 def peak_memory_bytes() -> int | None:
@@ -56,6 +72,7 @@ def time_windows(
   warmup: int,
   warmup_s: float = 0.0,
   min_window_s: float = 0.0,
+  desc: str = "timing",
 ) -> dict[str, Any]:
   """Times ``run`` over ``windows`` windows of ``steps`` steps (repeated to ``min_window_s``).
 
@@ -68,6 +85,7 @@ def time_windows(
       worker processes have started and their prefetch buffers are in their steady state.
     min_window_s: a window repeats ``run(steps)`` until it has lasted this long, so that
       buffering and timer resolution do not bias fast loops.
+    desc: the progress bar's label (on a terminal).
 
   Returns:
     {"steps_per_s": per window, "seconds": window lengths, "recompiles": XLA compilations
@@ -80,7 +98,7 @@ def time_windows(
     jax.block_until_ready(run(1))
   rates, seconds = [], []
   with CompileCounter() as compiles:
-    for _ in range(windows):
+    for _ in features.progress(range(windows), desc=desc, unit="window"):
       start, done = time.perf_counter(), 0
       while done == 0 or time.perf_counter() - start < min_window_s:
         jax.block_until_ready(run(steps))
@@ -91,7 +109,7 @@ def time_windows(
 
 
 def time_iterator(
-  iterator: Any, *, windows: int, warmup_s: float, window_s: float
+  iterator: Any, *, windows: int, warmup_s: float, window_s: float, desc: str = "input"
 ) -> dict[str, Any]:
   """``time_windows`` of taking batches from ``iterator`` (one batch a step), after one
   batch and ``warmup_s`` seconds of warm-up, in windows of at least ``window_s``."""
@@ -102,6 +120,7 @@ def time_iterator(
     warmup=1,
     warmup_s=warmup_s,
     min_window_s=window_s,
+    desc=desc,
   )
 
 
@@ -131,11 +150,13 @@ def time_interleaved(
   Returns:
     name -> {"steps_per_s", "seconds", "recompiles"} as ``time_windows``.
   """
-  for run, warmup in runs.values():
+  for name, (run, warmup) in runs.items():
     if warmup:
+      start = time.perf_counter()
       jax.block_until_ready(run(warmup))
+      logging.info("Warm-up of %s: %d steps in %.1fs.", name, warmup, time.perf_counter() - start)
   results = {name: {"steps_per_s": [], "seconds": [], "recompiles": 0} for name in runs}
-  for _ in range(windows):
+  for _ in features.progress(range(windows), desc=f"timing {', '.join(runs)}", unit="window"):
     for name, (run, _) in runs.items():
       with CompileCounter() as compiles:
         start = time.perf_counter()

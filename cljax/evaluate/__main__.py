@@ -9,7 +9,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import checkpoint, metrics
+from cljax import checkpoint, compile_cache, metrics
 from cljax.evaluate import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -93,6 +93,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.setup_logging()
+  compile_cache.setup()
   try:
     result = _evaluate()
   except (

@@ -272,7 +272,9 @@ def train_classifier(
     num_workers=num_workers,
   )
   t0, history = time.time(), []
-  for step, batch in zip(range(1, num_steps + 1), it, strict=False):
+  steps = zip(range(1, num_steps + 1), it, strict=False)
+  name = "linear (SGD)" if frozen else "fine-tuning"
+  for step, batch in features.progress(steps, desc=name, total=num_steps, unit="step"):
     batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
     trainable, opt_state, batch_stats, metrics = step_fn(
       trainable, opt_state, fixed, batch_stats, batch["image"], batch["label"]

@@ -8,6 +8,8 @@ all go through ``eval_batches`` and ``extract``.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -25,6 +28,18 @@ from cljax.data import augment, pipeline, sources
 
 def _normalize(images: jax.Array) -> jax.Array:
   return augment.normalize_images(images.astype(jnp.float32) / 255.0)
+
+
+def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, **kwargs):
+  """A tqdm bar with rate and ETA on a terminal; silent where stderr is not one (logs, CI).
+
+  The evaluators log each part's duration when it ends, so a log file still tells where the
+  time went.
+  """
+  show = sys.stderr.isatty() and jax.process_index() == 0
+  return tqdm.tqdm(
+    iterable, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True, **kwargs
+  )
 
 
 def encoder_features(apply_fn: Callable) -> Callable:
@@ -51,8 +66,19 @@ def eval_batches(
   )
 
 
+def num_batches(config: ml_collections.ConfigDict, source: Any) -> int:
+  """How many batches ``eval_batches`` yields for ``source`` (one process)."""
+  return max(1, -(-len(source) // config.evals.batch_size))
+
+
 def extract(
-  fn: Callable, variables: Any, batches: Iterable[dict], mesh: Mesh
+  fn: Callable,
+  variables: Any,
+  batches: Iterable[dict],
+  mesh: Mesh,
+  *,
+  desc: str = "features",
+  total: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``fn(variables, uint8 images)`` of every real (unpadded) example in ``batches``.
 
@@ -62,7 +88,7 @@ def extract(
 
   Returns:
     ``(outputs, labels, indices)``: float32 (n, ...) outputs, the labels and the source
-    indices of the examples.
+    indices of the examples (``desc`` and ``total``: the progress bar's label and length).
   """
   jitted = jax.jit(
     lambda v, x: fn(v, x).astype(jnp.float32),
@@ -71,7 +97,7 @@ def extract(
   )
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
   outputs, labels, indices = [], [], []
-  for batch in batches:
+  for batch in progress(batches, desc=desc, total=total, unit="batch"):
     images = sharding.host_to_global({"image": batch["image"]}, mesh)["image"]
     keep = gather(np.asarray(batch["mask"], bool))
     outputs.append(gather(jitted(variables, images))[keep])
@@ -103,9 +129,19 @@ def split_features(
       return x, y
     logging.info("Ignoring %s: features of another network than the %s.", cache_path,
                  method.eval_network)  # fmt: skip
-  batches = eval_batches(config, split, num_workers=num_workers)
+  source = sources.create_source(config.data, split)
+  batches = eval_batches(config, split, source=source, num_workers=num_workers)
   variables = method.eval_variables(state)
-  x, y, _ = extract(encoder_features(state.apply_fn), variables, batches, mesh)
+  t0 = time.perf_counter()
+  x, y, _ = extract(
+    encoder_features(state.apply_fn),
+    variables,
+    batches,
+    mesh,
+    desc=f"{split} features",
+    total=num_batches(config, source),
+  )
+  logging.info("Encoded %d %s images in %.1fs.", len(y), split, time.perf_counter() - t0)
   if cache_path and jax.process_index() == 0:
     save_features(cache_path, x, y, step=int(state.step), network=method.eval_network)
   return x, y

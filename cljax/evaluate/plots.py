@@ -43,22 +43,25 @@ def _save(fig: Any, path: str | os.PathLike) -> str:
   return path
 
 
-def plot_curves(
+# Suffixes of metrics that are a baseline of another (``knn_top1_random_init`` of ``knn_top1``):
+# drawn as horizontal lines in that metric's panel, with these labels, not as panels.
+BASELINE_SUFFIXES = {"_random_init": "random-init encoder", "_pixels": "raw pixels"}
+
+
+def curve_panels(
   records: Sequence[Mapping[str, Any]],
-  path: str | os.PathLike,
   keys: Sequence[str] | None = None,
-) -> str:
-  """One panel per metric against the step, from ``metrics.read_jsonl`` records.
+  baselines: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, dict[str, Any]]:
+  """What ``plot_curves`` draws: per metric, its ``(step, value)`` points and baselines.
 
-  A resumed run may log a step twice; the last record of a step wins.
-
-  Args:
-    records: dicts with a ``"step"`` key and scalar metrics.
-    path: the PNG to write.
-    keys: metrics to draw; default: those of ``DEFAULT_CURVES`` present in ``records``.
+  A resumed run may log a step twice; the last record of a step wins. The latest value of
+  ``<metric>_random_init`` and ``<metric>_pixels`` (as the final kNN logs them) becomes a
+  baseline of ``<metric>``; ``baselines`` adds more (``{"knn_top1": {"raw pixels": 0.7}}``).
 
   Returns:
-    ``path``.
+    ``{metric: {"points": [(step, value), ...], "baselines": {label: value}}}`` in the
+    order drawn.
 
   Raises:
     ValueError: if no record holds any of the metrics.
@@ -70,19 +73,67 @@ def plot_curves(
   keys = [k for k in (keys or DEFAULT_CURVES) if k in present]
   if not keys:
     raise ValueError(f"no metric to plot: records hold {sorted(present)}.")
-  plt = _pyplot()
-  cols = min(3, len(keys))
-  rows = -(-len(keys) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-  for ax, key in zip(axes.flat, keys, strict=False):
+  panels = {}
+  for key in keys:
     points = sorted((s, float(r[key])) for s, r in by_step.items() if key in r)
-    steps, values = zip(*points, strict=True)
-    ax.plot(steps, values, marker="." if len(points) < 30 else None)
+    lines = {}
+    for suffix, label in BASELINE_SUFFIXES.items():
+      logged = [(s, r[key + suffix]) for s, r in sorted(by_step.items()) if key + suffix in r]
+      if logged:
+        lines[label] = float(logged[-1][1])
+    lines.update((baselines or {}).get(key, {}))
+    panels[key] = {"points": points, "baselines": lines}
+  return panels
+
+
+def plot_curves(
+  records: Sequence[Mapping[str, Any]],
+  path: str | os.PathLike,
+  keys: Sequence[str] | None = None,
+  *,
+  baselines: Mapping[str, Mapping[str, float]] | None = None,
+  title: str | None = None,
+) -> str:
+  """One panel per metric against the step, from ``metrics.read_jsonl`` records.
+
+  Baselines (``curve_panels``) are dashed horizontal lines in their metric's panel, so the
+  final kNN accuracy is drawn against the random-init encoder and raw pixels.
+
+  Args:
+    records: dicts with a ``"step"`` key and scalar metrics.
+    path: the PNG to write.
+    keys: metrics to draw; default: those of ``DEFAULT_CURVES`` present in ``records``.
+    baselines: more horizontal lines, ``{metric: {label: value}}``.
+    title: the figure's title (e.g. the run and the evaluated step).
+
+  Returns:
+    ``path``.
+
+  Raises:
+    ValueError: if no record holds any of the metrics.
+  """
+  panels = curve_panels(records, keys, baselines)
+  plt = _pyplot()
+  cols = min(3, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+  for ax, (key, panel) in zip(axes.flat, panels.items(), strict=False):
+    steps, values = zip(*panel["points"], strict=True)
+    few = len(steps) < 30
+    ax.plot(
+      steps, values, marker="o" if few else None, label="learned" if panel["baselines"] else None
+    )
+    for i, (label, value) in enumerate(panel["baselines"].items()):
+      ax.axhline(value, color=f"C{i + 1}", linestyle="--", label=f"{label} {value:.3g}")
+    if panel["baselines"]:
+      ax.legend(fontsize=7, loc="best")
     ax.set_title(key)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(keys) :]:
+  for ax in list(axes.flat)[len(panels) :]:
     ax.axis("off")
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   return _save(fig, path)
 

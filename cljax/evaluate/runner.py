@@ -5,9 +5,11 @@ which writes into ``DIR/eval/``::
 
     step_<N>.json                 every result below, for checkpoint step N
     features_step<N>_<split>.npz  cached encoder features (reused by the next evaluation)
-    curves.png                    loss and accuracy curves from DIR/metrics.jsonl
-    tsne_step<N>.png              t-SNE of eval-split features, coloured by class
-    similarity_step<N>.png        positive- vs negative-pair cosine similarity
+    curves_step<N>.png            loss and accuracy curves from DIR/metrics.jsonl, the kNN
+                                  accuracy against the random-init and raw-pixel baselines
+    tsne_step<N>.png              t-SNE of eval-split encoder features, coloured by class
+    similarity_step<N>.png        positive- vs negative-pair cosine similarity of the head's
+                                  embeddings
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def frozen_feature_evals(
   linear_probe: bool = True,
   l2_grid: Sequence[float] = linear.DEFAULT_L2_GRID,
   max_steps: int = 1000,
+  name: str = "encoder",
 ) -> dict[str, Any]:
   """kNN (``evals.knn_k``, ``evals.knn_temperature``) and optionally the L-BFGS linear probe
   on cached ``(features, labels)`` of the train and the test split.
@@ -202,7 +205,14 @@ def frozen_feature_evals(
   )
   out = {"knn": {"top1": top1, "k": k, "temperature": temperature}}
   out["knn"]["seconds"] = time.time() - t0
+  logging.info("kNN of %s features: %.4f (%.1fs).", name, top1, out["knn"]["seconds"])
   if linear_probe:
+    logging.info(
+      "Linear probe of %s features (%d x %d): L-BFGS at %d L2 strengths, then a refit...",
+      name,
+      *train_x.shape,
+      len(l2_grid),
+    )
     t0 = time.time()
     out["linear_probe"] = linear.linear_probe(
       train_x,
@@ -214,6 +224,12 @@ def frozen_feature_evals(
       max_steps=max_steps,
     )
     out["linear_probe"]["seconds"] = time.time() - t0
+    logging.info(
+      "Linear probe of %s features: top-1 %.4f (%.0fs).",
+      name,
+      out["linear_probe"]["top1"],
+      out["linear_probe"]["seconds"],
+    )
   return out
 
 
@@ -240,6 +256,7 @@ def evaluate_state(
   *,
   out_dir: str | None = None,
   tag: str = "",
+  title: str = "",
   linear_probe: bool = True,
   linear_max_steps: int = 1000,
   plot: bool = True,
@@ -255,6 +272,7 @@ def evaluate_state(
     mesh: devices to run on.
     out_dir: where to cache features and write plots; None: nothing is written.
     tag: suffix of the cached-feature and plot file names (e.g. ``"step100"``).
+    title: what the plots' titles say was evaluated (e.g. ``"step 100"``).
     linear_probe: run the L-BFGS linear probe.
     linear_max_steps: L-BFGS iterations per fit at most.
     plot: write the t-SNE and similarity-histogram PNGs (needs ``out_dir``).
@@ -287,6 +305,7 @@ def evaluate_state(
     (test_x, test_y),
     linear_probe=linear_probe,
     max_steps=linear_max_steps,
+    name=title or "encoder",
   )
   result.update(evals)
   eval_source = sources.create_source(config.data, "eval")
@@ -295,20 +314,39 @@ def evaluate_state(
   for warning in result["collapse"]["warnings"]:
     logging.warning("Collapse diagnostic: %s", warning)
   result["plots"] = {}
+  where = f", {title}" if title else ""
   if plot and out_dir and jax.process_index() == 0:
     positive, negative = collapse.pair_similarities(pairs["z_a"], pairs["z_b"])
     result["plots"]["similarity"] = plots.plot_similarity_histogram(
-      positive, negative, os.path.join(out_dir, f"similarity_{tag}.png")
+      positive,
+      negative,
+      os.path.join(out_dir, f"similarity_{tag}.png"),
+      title=f"projection-head embeddings of two views, cosine similarity{where}",
     )
     if evals:  # Labelled.
+      t0 = time.perf_counter()
+      logging.info("t-SNE map of %d eval features...", min(tsne_points, len(test_y)))
       result["plots"]["tsne"] = plots.plot_tsne(
         test_x,
         test_y,
         os.path.join(out_dir, f"tsne_{tag}.png"),
         class_names=getattr(eval_source, "class_names", None),
         max_points=tsne_points,
+        title=f"t-SNE of encoder features ({method.eval_network} network, before the head)" + where,
       )
+      logging.info("t-SNE map: %.0fs.", time.perf_counter() - t0)
   return result
+
+
+def _knn_lines(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """This evaluation's kNN accuracies, as horizontal lines of the curves' kNN panel."""
+  lines = {}
+  if "knn" in result:
+    lines[f"learned, step {result['step']}"] = result["knn"]["top1"]
+  labels = {"random_init": "random-init encoder", "pixels": "raw pixels"}
+  for name, base in result.get("baselines", {}).items():
+    lines[labels.get(name, name)] = base["knn"]["top1"]
+  return {"knn_top1": lines} if lines else {}
 
 
 def _json_ready(tree: Any) -> Any:
@@ -367,18 +405,25 @@ def evaluate_checkpoint(
   out_dir = os.path.join(os.path.abspath(workdir), "eval")
   logging.info("Evaluating %s at step %d into %s.", workdir, step, out_dir)
   result = {"step": step, "workdir": os.path.abspath(workdir)}
-  result.update(evaluate_state(method, state, mesh, out_dir=out_dir, tag=f"step{step}", **kwargs))
-  curves = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(curves) and jax.process_index() == 0:
-    result["plots"]["curves"] = plots.plot_curves(
-      metrics.read_jsonl(curves), os.path.join(out_dir, "curves.png")
+  result.update(
+    evaluate_state(
+      method, state, mesh, out_dir=out_dir, tag=f"step{step}", title=f"step {step}", **kwargs
     )
+  )
   if baselines:
     result["baselines"] = evaluate_baselines(
       config,
       mesh,
       linear_probe=kwargs.get("linear_probe", True),
       linear_max_steps=kwargs.get("linear_max_steps", 1000),
+    )
+  curves = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(curves) and jax.process_index() == 0:
+    result["plots"]["curves"] = plots.plot_curves(
+      metrics.read_jsonl(curves),
+      os.path.join(out_dir, f"curves_step{step}.png"),
+      baselines=_knn_lines(result),
+      title=f"{os.path.basename(os.path.abspath(workdir))}, evaluated at step {step}",
     )
   if method.zero_shot if zero_shot is None else zero_shot:
     from cljax.evaluate import zero_shot as zero_shot_lib  # Needs `tokenizers`: CLIP only.
@@ -400,6 +445,41 @@ def evaluate_checkpoint(
   return result
 
 
+def pixel_features(
+  config: ml_collections.ConfigDict, mesh: Mesh
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Raw pixels of the train and eval splits' centre crops: the no-learning baseline.
+
+  Flattened, in [0, 1]. Where every image of both splits is grey (R = G = B, as Fashion-MNIST
+  is stored), one channel is kept: the kNN's cosine similarities are exactly those of the
+  three copies, and a linear probe on three copies is one on a single copy with a third of
+  its L2 penalty (the grid's choice absorbs that), at a third of the cost.
+
+  Returns:
+    ``{"train": (x, y), "eval": (x, y)}``.
+  """
+  out, grey = {}, True
+  for split in ("train", "eval"):
+    batches = features.eval_batches(config, split)
+    x, y, _ = features.extract(features.pixels, None, batches, mesh, desc=f"{split} pixels")
+    x = x.reshape(len(x), -1, 3)
+    grey = grey and bool(np.all(x[..., :1] == x[..., 1:]))
+    out[split] = (x, y)
+  return {k: (x[..., 0] if grey else x.reshape(len(x), -1), y) for k, (x, y) in out.items()}
+
+
+def pixel_knn(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, float]:
+  """``{"knn_top1_pixels": ...}``: the kNN of raw pixels, as the final kNN of training runs it;
+  ``{}`` for unlabelled data."""
+  t0 = time.perf_counter()
+  data = pixel_features(config, mesh)
+  result = frozen_feature_evals(config, data["train"], data["eval"], linear_probe=False)
+  if not result:
+    return {}
+  logging.info("kNN of raw pixels: %.4f (%.0fs).", result["knn"]["top1"], time.perf_counter() - t0)
+  return {"knn_top1_pixels": result["knn"]["top1"]}
+
+
 def evaluate_baselines(
   config: ml_collections.ConfigDict,
   mesh: Mesh,
@@ -407,25 +487,26 @@ def evaluate_baselines(
   linear_probe: bool = True,
   linear_max_steps: int = 1000,
 ) -> dict[str, Any]:
-  """kNN and linear probe of the randomly initialised encoder and of raw pixels.
+  """kNN and linear probe of the randomly initialised encoder and of raw pixels
+  (``pixel_features``).
 
   The encoder is the run's own initial state (``run.create_run``: same seed, same key).
   """
   r = run.create_run(config, mesh=mesh, with_iterator=False)
   init = r.initial_state(with_probe=False)
-  out, data = {}, {}
-  for split in ("train", "eval"):
-    data[("random_init", split)] = features.split_features(config, r.method, init, split, mesh)
-    x, y, _ = features.extract(features.pixels, None, features.eval_batches(config, split), mesh)
-    data[("pixels", split)] = (x, y)
-  for name in ("random_init", "pixels"):
+  data = {
+    "random_init": [
+      features.split_features(config, r.method, init, split, mesh) for split in ("train", "eval")
+    ],
+    "pixels": list(pixel_features(config, mesh).values()),
+  }
+  out = {}
+  for name, (train, test) in data.items():
+    t0 = time.perf_counter()
     evals = frozen_feature_evals(
-      config,
-      data[(name, "train")],
-      data[(name, "eval")],
-      linear_probe=linear_probe,
-      max_steps=linear_max_steps,
+      config, train, test, linear_probe=linear_probe, max_steps=linear_max_steps, name=name
     )
+    logging.info("Baseline %s: %.0fs.", name, time.perf_counter() - t0)
     if evals:
       out[name] = evals
   return out
