@@ -312,7 +312,7 @@ def test_knn_evaluation_of_a_run_uses_the_teacher(vit_runs, monkeypatch):
   final = vit_runs[1][0][-1]
   seen = []
 
-  def fake_extract(fn, variables, it, mesh):
+  def fake_extract(fn, variables, it, mesh, **kwargs):
     seen.append(variables)
     return np.zeros((8, 4), np.float32), np.arange(8) % 2, np.arange(8)
 
@@ -335,7 +335,7 @@ def test_cached_student_features_are_not_reused_for_the_teacher(vit_runs, monkey
   features_lib.save_features(cache, np.ones((8, 4), np.float32), np.zeros(8, np.int64), step=3)
   calls = []
 
-  def fake_extract(fn, variables, it, mesh):
+  def fake_extract(fn, variables, it, mesh, **kwargs):
     calls.append(variables)
     return np.zeros((8, 4), np.float32), np.arange(8) % 2, np.arange(8)
 
