@@ -22,6 +22,11 @@ _UNADAPTED_NAMES = ("bias", "scale", "cls_token", "pos_embedding", "logit_scale"
 _FROZEN_PREFIX = "frozen_"
 
 
+# The values of optim.lr_scaling and optim.name (cljax.validate checks them up front).
+LR_SCALINGS = ("linear", "sqrt", "none")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+
 def scaled_learning_rate(base_lr: float, global_batch_size: int, scaling: str) -> float:
   """The peak learning rate: ``base_lr * B / 256`` (linear) or ``base_lr * sqrt(B)``."""
   if scaling == "linear":
@@ -30,7 +35,7 @@ def scaled_learning_rate(base_lr: float, global_batch_size: int, scaling: str) -
     return base_lr * math.sqrt(global_batch_size)
   if scaling == "none":
     return base_lr
-  raise ValueError(f"optim.lr_scaling must be 'linear', 'sqrt' or 'none', got {scaling!r}.")
+  raise ValueError(f"optim.lr_scaling must be one of {LR_SCALINGS}, got {scaling!r}.")
 
 
 def create_learning_rate_fn(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
@@ -208,7 +213,7 @@ def _create_optimizer(
       add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate_fn),
     )
-  raise ValueError(f"optim.name must be 'lars', 'sgd' or 'adamw', got {name!r}.")
+  raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}.")
 
 
 def freeze_for_steps(

@@ -57,21 +57,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ) from e
   # Zero is left to the command line's --allow_zero_lr; a negative rate is always refused.
   validate.check_config(config, allow_zero_lr=True)
-  if not config.loss.temperature > 0:
-    raise ValueError(f"loss.temperature must be > 0, got {config.loss.temperature}.")
-  if config.data.device_resident and config.data.crop_on_device:
-    raise ValueError(
-      "data.device_resident and data.crop_on_device both crop on the device, from the whole "
-      "decoded data set or from the host's decoded images: set one of them False."
-    )
-  if config.data.crop_on_device and config.data.canvas_size < config.data.image_size:
-    raise ValueError(
-      f"data.canvas_size ({config.data.canvas_size}) must be at least data.image_size "
-      f"({config.data.image_size}): images are shrunk to fit the canvas before cropping."
-    )
-  for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
-    if config.train[key] < 1:
-      raise ValueError(f"train.{key} must be >= 1, got {config.train[key]}.")
 
 
 def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:

@@ -100,7 +100,7 @@ def test_projection_head_without_batchnorm_is_moco_v2s_mlp():
   hidden = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
   expected = hidden @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
   np.testing.assert_allclose(head.apply(variables, x, train=True), expected, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="hidden_norm must be 'bn' or 'none'"):
+  with pytest.raises(ValueError, match=r"hidden_norm must be one of \('bn', 'none'\)"):
     heads.ProjectionHead(hidden_norm="ln").init(jax.random.key(0), x, train=False)
 
 
@@ -126,7 +126,9 @@ def test_projection_head_without_affine_output_norm_is_moco_v3s_last_batchnorm()
   expected = standardise(hidden @ p64["Dense_1"]["kernel"])
   # Float32 matmuls of width 32 and a batch standardisation: ~1e-6 relative.
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-  with pytest.raises(ValueError, match="output_norm must be 'bn', 'bn_no_affine' or 'none'"):
+  with pytest.raises(
+    ValueError, match=r"output_norm must be one of \('bn', 'bn_no_affine', 'none'\)"
+  ):
     heads.ProjectionHead(output_norm="ln").init(jax.random.key(0), x, train=False)
 
 

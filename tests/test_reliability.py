@@ -163,7 +163,7 @@ def test_a_workdir_that_cannot_be_written_fails_before_anything_runs(tmp_path):
 def test_temperature_must_be_positive_before_compiling(tmp_path):
   config = _config()
   config.loss.temperature = 0.0
-  with pytest.raises(ValueError, match="loss.temperature must be > 0"):
+  with pytest.raises(ValueError, match=r"loss.temperature=0.0: must be > 0"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
 

@@ -81,6 +81,7 @@ CORPUS_CLASSES = (
 )
 # Size of the shipped BPE vocabulary (tokenizer.BUILTIN), trained by `train_builtin_vocab`.
 BUILTIN_VOCAB_SIZE = 1024
+CAPTION_SOURCES = ("templates", "file")  # The values of clip.captions.
 
 
 def display_name(class_name: str) -> str:
@@ -315,7 +316,7 @@ def create_caption_source(config: ml_collections.ConfigDict, split: str, images:
         f"clip.captions='file' needs clip.{'eval_' * (split != 'train')}caption_file."
       )
     return CaptionFileSource(images, os.path.expanduser(path))
-  raise ValueError(f"clip.captions must be 'templates' or 'file', got {kind!r}.")
+  raise ValueError(f"clip.captions must be one of {CAPTION_SOURCES}, got {kind!r}.")
 
 
 class CaptionedView(grain.transforms.RandomMap):

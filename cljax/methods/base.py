@@ -147,6 +147,9 @@ def ema_config() -> ml_collections.ConfigDict:
   return c
 
 
+EMA_SCHEDULES = ("cosine", "constant")  # The values of ema.schedule.
+
+
 def ema_decay(config: ml_collections.ConfigDict, step: jax.Array, num_steps: int) -> jax.Array:
   """The momentum of a target network at ``step``: ``ema.base``, ramped to ``ema.final``.
 
@@ -159,7 +162,7 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array, num_steps: int
     return jnp.asarray(config.ema.base, jnp.float32)
   if config.ema.schedule == "cosine":
     return schedules.cosine_ramp(step, num_steps, config.ema.base, config.ema.final)
-  raise ValueError(f"ema.schedule must be 'cosine' or 'constant', got {config.ema.schedule!r}.")
+  raise ValueError(f"ema.schedule must be one of {EMA_SCHEDULES}, got {config.ema.schedule!r}.")
 
 
 def copy_tree(tree: Any) -> Any:

@@ -32,6 +32,7 @@ from cljax import losses
 from cljax.methods.base import Method, StepOutput
 
 LOSS_NAMES = ("nt_xent", "debiased", "hard_negative", "decoupled")
+LOSS_IMPLEMENTATIONS = ("plain", "blockwise")
 
 
 def make_loss_fn(loss_config: ml_collections.ConfigDict):
@@ -43,8 +44,10 @@ def make_loss_fn(loss_config: ml_collections.ConfigDict):
   """
   name = loss_config.get("name", "nt_xent")
   implementation = loss_config.implementation
-  if implementation not in ("plain", "blockwise"):
-    raise ValueError(f"loss.implementation must be 'plain' or 'blockwise', got {implementation!r}.")
+  if implementation not in LOSS_IMPLEMENTATIONS:
+    raise ValueError(
+      f"loss.implementation must be one of {LOSS_IMPLEMENTATIONS}, got {implementation!r}."
+    )
   if name not in LOSS_NAMES:
     raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}.")
   if name != "nt_xent" and implementation == "blockwise":

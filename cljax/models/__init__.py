@@ -11,6 +11,7 @@ import ml_collections
 
 from cljax.models import heads, resnet, vit
 
+ENCODERS = ("resnet", "vit")  # The values of model.name.
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -60,7 +61,7 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
       dtype=dtype_from_name(model_config.dtype),
     )
   if model_config.name != "resnet":
-    raise ValueError(f"Unknown model.name {model_config.name!r}; available: 'resnet', 'vit'.")
+    raise ValueError(f"Unknown model.name {model_config.name!r}; available: {ENCODERS}.")
   kwargs = dict(
     width_multiplier=model_config.width_multiplier,
     num_filters=model_config.num_filters,

@@ -7,6 +7,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+# The values of head.output_norm (and predictor.output_norm) and head.hidden_norm.
+OUTPUT_NORMS = ("bn", "bn_no_affine", "none")
+HIDDEN_NORMS = ("bn", "none")
+
 
 class ProjectionHead(nn.Module):
   """The projection (or prediction) MLP between the encoder and the loss.
@@ -35,12 +39,10 @@ class ProjectionHead(nn.Module):
   def __call__(self, x, train: bool = True):
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
-    if self.output_norm not in ("bn", "bn_no_affine", "none"):
-      raise ValueError(
-        f"output_norm must be 'bn', 'bn_no_affine' or 'none', got {self.output_norm!r}."
-      )
-    if self.hidden_norm not in ("bn", "none"):
-      raise ValueError(f"hidden_norm must be 'bn' or 'none', got {self.hidden_norm!r}.")
+    if self.output_norm not in OUTPUT_NORMS:
+      raise ValueError(f"output_norm must be one of {OUTPUT_NORMS}, got {self.output_norm!r}.")
+    if self.hidden_norm not in HIDDEN_NORMS:
+      raise ValueError(f"hidden_norm must be one of {HIDDEN_NORMS}, got {self.hidden_norm!r}.")
 
     def norm(**kwargs):
       return nn.BatchNorm(

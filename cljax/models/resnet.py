@@ -13,6 +13,7 @@ ModuleDef = Any
 
 # Blocks per stage for each depth, as in He et al. 2016 (and ResNet-200 of
 # He et al. "Identity Mappings", used by SimCLR's largest models).
+STEMS = ("imagenet", "cifar")  # The values of model.stem.
 STAGE_SIZES = {
   18: (2, 2, 2, 2),
   34: (3, 4, 6, 3),
@@ -112,7 +113,7 @@ class ResNet(nn.Module):
       x = conv(width, (3, 3), (1, 1), name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
     else:
-      raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+      raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}.")
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)

@@ -40,6 +40,7 @@ _CUSTOM_KEYS = {
 
 # Prefix of modules whose parameters never train; the optimiser leaves them alone.
 FROZEN_PREFIX = "frozen_"
+POSEMBS = ("sincos2d", "learn")  # The values of model.posemb.
 
 
 def posemb_sincos_2d(
@@ -214,7 +215,7 @@ class ViT(nn.Module):
           )
       init = nn.initializers.normal(stddev=1 / np.sqrt(self.hidden_dim))
       return self.param("pos_embedding", init, shape, jnp.float32)
-    raise ValueError(f"posemb must be 'sincos2d' or 'learn', got {self.posemb!r}.")
+    raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}.")
 
 
 def parse_variant(variant: str) -> dict[str, int]:
