@@ -102,7 +102,8 @@ class ImageFolderSource:
       first = self.skipped[0]
       raise ValueError(
         f"{len(self.skipped)} unreadable image(s) in {self.root}; the first: {first.path} "
-        f"({first.reason}). Remove them, or pass strict=False to skip them."
+        f"({first.reason}). Remove them, or skip them with --config.data.strict=False "
+        "(ImageFolderSource(..., strict=False))."
       )
     for item in self.skipped:
       logging.warning("ImageFolderSource: skipping %s (%s)", item.path, item.reason)
