@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cljax import integrity
+from cljax import integrity, validate
 from cljax import step as step_lib
 
 # Keys that may change between a run and its resumption without changing
@@ -60,7 +60,13 @@ ADDED_KEYS = {
 
 
 def check_workdir(workdir: str) -> None:
-  """Fails early, with the path, when ``workdir`` cannot be created or written."""
+  """Fails early, with the path, when ``workdir`` cannot be created or written.
+
+  Raises:
+    NotADirectoryError: ``workdir`` (or a folder above it) is a file.
+    PermissionError: it cannot be created or written.
+  """
+  validate.check_workdir_path(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write-test-{os.getpid()}")

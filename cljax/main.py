@@ -73,7 +73,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     validate.check_config(_CONFIG.value, allow_zero_lr=_ALLOW_ZERO_LR.value)
-  except ValueError as e:
+    validate.check_workdir_path(_WORKDIR.value)
+  except (ValueError, NotADirectoryError) as e:
     _exit_with(e)
   import jax
 
@@ -86,7 +87,12 @@ def main(argv):
     result = train.train_and_evaluate(
       _CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value
     )
-  except (checkpoint.IncompatibleCheckpointError, checkpoint.UnusableCheckpointError) as e:
+  except (
+    checkpoint.IncompatibleCheckpointError,
+    checkpoint.UnusableCheckpointError,
+    PermissionError,
+    NotADirectoryError,
+  ) as e:
     _exit_with(e)
   if jax.process_index() == 0:
     if "knn_top1" in result:

@@ -7,6 +7,7 @@ Each failure is one ``ValueError`` line naming the key, its value and the valid 
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -225,3 +226,20 @@ def _range_problems(config: Any) -> list[str]:
         f"{', x2 with moco.symmetric' if keys != batch else ''})."
       )
   return out
+
+
+def check_workdir_path(workdir: str) -> None:
+  """Raises ``NotADirectoryError`` when ``workdir``, or a folder it would be made in, is a file.
+
+  Without this, ``os.makedirs`` fails with "Not a directory", which reads as a permission
+  problem; the check touches nothing on disk.
+  """
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if os.path.exists(existing) and not os.path.isdir(existing):
+    where = "is a file" if existing == path else f"is inside {existing!r}, which is a file"
+    raise NotADirectoryError(
+      f"The workdir {path!r} {where}, not a folder: pass a directory as --workdir."
+    )

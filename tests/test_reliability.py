@@ -5,6 +5,8 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import chex
 import grain
@@ -153,11 +155,34 @@ def test_a_full_disk_while_checkpointing_fails_clearly_and_keeps_earlier_checkpo
   assert int(_state(tmp_path, 6)["step"]) == 6
 
 
-def test_a_workdir_that_cannot_be_written_fails_before_anything_runs(tmp_path):
+def test_a_workdir_that_cannot_be_written_fails_before_anything_runs(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):  # The tests may run as root, who may write anywhere.
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+  monkeypatch.setattr(os, "makedirs", refuse)
+  with pytest.raises(PermissionError, match="cannot be created or written"):
+    train.train_and_evaluate(_config(), str(tmp_path / "run"))
+
+
+def test_a_workdir_that_is_a_file_is_reported_as_a_file_not_a_permission_problem(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
-  with pytest.raises(PermissionError, match="cannot be created or written"):
-    train.train_and_evaluate(_config(), str(blocker / "run"))
+  for workdir, where in (
+    (blocker, "is a file"),
+    (blocker / "run", "is inside .*a_file', which is a file"),
+  ):
+    with pytest.raises(NotADirectoryError, match=f"{where}, not a folder: pass a directory"):
+      train.train_and_evaluate(_config(), str(workdir))
+  assert blocker.read_text() == "not a folder"
+  # The command line: one line, exit 1, before JAX is imported.
+  cmd = [
+    sys.executable, "-m", "cljax.main", "--config=configs/quickstart.py", f"--workdir={blocker}",
+  ]  # fmt: skip
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [
+    f"Error: The workdir {str(blocker)!r} is a file, not a folder: pass a directory as --workdir."
+  ]
 
 
 def test_temperature_must_be_positive_before_compiling(tmp_path):
