@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 # JAX, Flax and the data libraries are imported in main(), after the flags and the config
 # are checked: --help and a bad value answer in about a second, not half a minute.
-from cljax import validate
+from cljax import cli, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -75,7 +75,7 @@ def main(argv):
     validate.check_config(_CONFIG.value, allow_zero_lr=_ALLOW_ZERO_LR.value)
     validate.check_workdir_path(_WORKDIR.value)
   except (ValueError, NotADirectoryError) as e:
-    _exit_with(e)
+    cli.exit_with(e)
   import jax
 
   from cljax import checkpoint, compile_cache, metrics, train
@@ -93,7 +93,7 @@ def main(argv):
     PermissionError,
     NotADirectoryError,
   ) as e:
-    _exit_with(e)
+    cli.exit_with(e)
   if jax.process_index() == 0:
     if "knn_top1" in result:
       line = f"kNN top-1 of the learned encoder on the eval split: {result['knn_top1']:.1%}"
@@ -111,15 +111,9 @@ def main(argv):
     print(json.dumps({"final": result}, sort_keys=True))
 
 
-def _exit_with(error: Exception) -> None:
-  """A user error: its message alone on stderr, exit status 1 (no traceback to read past)."""
-  print(f"Error: {error}", file=sys.stderr)
-  sys.exit(1)
-
-
 if __name__ == "__main__":
   if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
     # absl's --help exits with status 1; asking for help is not an error.
     print(flags.FLAGS.main_module_help())
     sys.exit(0)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -82,8 +82,33 @@ def test_unknown_config_key_is_an_error(tmp_path):
     "--config.train.num_stepz=3",
   ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0
-  assert "num_stepz" in out.stderr
+  assert out.returncode == 1
+  # One line that names the argument and the key it meant, not three chained tracebacks.
+  assert out.stderr.strip().splitlines() == [
+    "Error: --config.train.num_stepz=3: train has no key 'num_stepz'. Did you mean "
+    "'train.num_steps'?"
+  ]
+  out = subprocess.run(
+    [*cmd[:-1], "--config.data.bogus=1"], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+    "Error: --config.data.bogus=1: data has no key 'bogus'."
+  ]
+
+
+def test_a_missing_config_file_is_one_line_and_exit_1(tmp_path):
+  for overrides in ([], ["--config.train.num_steps=3"]):
+    cmd = [
+      sys.executable, "-m", "cljax.main", "--config=configs/nope.py", f"--workdir={tmp_path}",
+      *overrides,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+      "Error: --config=configs/nope.py cannot be loaded: [Errno 2] No such file or directory: "
+      "'configs/nope.py'"
+    ]
 
 
 def test_resume_is_exact(tmp_path):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import checkpoint, compile_cache, metrics
+from cljax import checkpoint, cli, compile_cache, metrics
 from cljax.evaluate import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -100,9 +99,8 @@ def main(argv):
     FileNotFoundError,
     checkpoint.IncompatibleCheckpointError,
     checkpoint.UnusableCheckpointError,
-  ) as e:  # A user error: its message alone, exit status 1.
-    print(f"Error: {e}", file=sys.stderr)
-    sys.exit(1)
+  ) as e:
+    cli.exit_with(e)
   if jax.process_index() == 0:
     print("\n".join(_summary(result)))
     print(json.dumps({"eval": result}, sort_keys=True))
@@ -129,4 +127,4 @@ def _evaluate() -> dict:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
