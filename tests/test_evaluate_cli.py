@@ -97,6 +97,24 @@ def test_cli_evaluates_the_latest_checkpoint(run):
   assert saved["plots"]["curves"].endswith("curves_step2.png")  # One file per evaluated step.
 
 
+def test_cli_on_a_mistyped_workdir_creates_nothing_and_says_no_checkpoint_was_found(tmp_path):
+  (tmp_path / "not_a_run").mkdir()
+  for workdir, why in (("typo", "it does not exist"), ("not_a_run", "it has no checkpoints/")):
+    cmd = [
+      sys.executable, "-m", "cljax.evaluate", "--config=configs/quickstart.py",
+      f"--workdir={tmp_path / workdir}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("Error")]
+    assert errors == [
+      f"Error: no checkpoint found in the workdir {tmp_path / workdir} ({why}"
+      f"{' folder' if workdir == 'not_a_run' else ''}): is --workdir={tmp_path / workdir} a "
+      "training workdir? Train first with python -m cljax.main."
+    ]
+  assert [p.name for p in tmp_path.rglob("*")] == ["not_a_run"]  # Nothing was created.
+
+
 def test_restore_matches_plain_orbax(run):
   workdir, _ = run
   mesh = sharding.create_mesh()

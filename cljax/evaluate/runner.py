@@ -76,11 +76,13 @@ def restore_checkpoint(
     IncompatibleCheckpointError: the checkpoint is intact but does not fit the config.
     UnusableCheckpointError: the checkpoint at ``step``, or every one, cannot be used.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  path = os.path.abspath(workdir)
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):  # Checked here: the manager would create the folder.
+    why = "it has no checkpoints/ folder" if os.path.isdir(path) else "it does not exist"
     raise FileNotFoundError(
-      f"{directory} does not exist: is --workdir={workdir} a training workdir? Train first "
-      "with python -m cljax.main."
+      f"no checkpoint found in the workdir {path} ({why}): is --workdir={workdir} a training "
+      "workdir? Train first with python -m cljax.main."
     )
   manager = checkpoint.create_manager(workdir, method.config, read_only=True)
   try:
