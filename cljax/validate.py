@@ -217,14 +217,6 @@ def _range_problems(config: Any) -> list[str]:
       f"data.canvas_size={canvas!r}: must be at least data.image_size ({size}) with "
       "data.crop_on_device: images are shrunk to fit the canvas before cropping."
     )
-  queue, batch = _get(config, "moco.queue_size"), _get(config, "data.global_batch_size")
-  if _get(config, "method") == "moco_v2" and queue is not None and batch is not None:
-    keys = batch * (2 if _get(config, "moco.symmetric") else 1)
-    if queue < max(keys, 1):
-      out.append(
-        f"moco.queue_size={queue!r}: must be >= one step's {keys} keys (data.global_batch_size"
-        f"{', x2 with moco.symmetric' if keys != batch else ''})."
-      )
   return out
 
 

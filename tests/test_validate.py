@@ -105,16 +105,3 @@ def test_an_invalid_number_is_one_line_naming_key_value_and_range(key, value, me
   assert problems == [problems[0]] and problems[0].startswith(message), problems
   assert "\n" not in problems[0]
   validate.check_config(tiny_config())  # The unchanged config passes.
-
-
-def test_moco_v2s_queue_must_hold_one_steps_keys():
-  config = _set(tiny_config(), "method", "moco_v2")
-  config.moco.queue_size = 8  # The batch is 16.
-  with pytest.raises(ValueError, match=r"moco.queue_size=8: must be >= one step's 16 keys"):
-    validate.check_config(config)
-  config.moco.symmetric = True
-  config.moco.queue_size = 16
-  with pytest.raises(ValueError, match=r"one step's 32 keys .*x2 with moco.symmetric"):
-    validate.check_config(config)
-  config.moco.queue_size = 32
-  validate.check_config(config)
