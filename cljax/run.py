@@ -60,12 +60,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
-  """``(steps_per_epoch, total_steps)``; ``train.num_steps > 0`` overrides the epochs."""
+  """``(steps_per_epoch, total_steps)``; ``train.num_steps > 0`` overrides the epochs.
+
+  Raises:
+    ValueError: the training split is smaller than one global batch (the pipeline drops
+      the last partial batch, so it would yield none), with or without ``train.num_steps``.
+  """
   steps_per_epoch = num_examples // config.data.global_batch_size
-  if steps_per_epoch == 0 and config.train.num_steps <= 0:
+  if steps_per_epoch == 0:
     raise ValueError(
-      f"The training set has {num_examples} examples, fewer than one global batch "
-      f"({config.data.global_batch_size}); lower data.global_batch_size."
+      f"data.global_batch_size={config.data.global_batch_size} is larger than the training "
+      f"split data.train_split={config.data.train_split!r} ({num_examples} examples): lower "
+      f"data.global_batch_size to at most {num_examples}."
     )
   if config.train.num_steps > 0:
     return steps_per_epoch, config.train.num_steps

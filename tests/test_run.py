@@ -220,6 +220,21 @@ def test_a_method_registered_from_a_test_trains(tmp_path):
   assert "toy" not in defaults.base_config()
 
 
+def test_a_batch_larger_than_the_data_fails_before_the_model_is_built(monkeypatch):
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model was built before the batch was checked")
+
+  monkeypatch.setattr(methods, "create_method", no_model)
+  for steps in (0, 3):  # An epoch count, and train.num_steps, which once skipped the check.
+    config = _synthetic(tiny_config(), batch=128, steps=steps)
+    with pytest.raises(
+      ValueError,
+      match=r"data.global_batch_size=128 is larger than the training split "
+      r"data.train_split='train' \(64 examples\): lower data.global_batch_size to at most 64",
+    ):
+      run_lib.create_run(config)
+
+
 def test_a_run_is_built_once_with_the_length_and_views_of_its_config():
   config = _dino()
   r = run_lib.create_run(config)
