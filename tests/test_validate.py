@@ -1,5 +1,9 @@
 """cljax.validate: names checked against the registries they copy, ranges, one line each."""
 
+import pathlib
+import subprocess
+import sys
+
 import pytest
 from helpers import tiny_config
 
@@ -8,6 +12,8 @@ from cljax.data import captions, sources
 from cljax.methods import base, simclr
 from cljax.methods import clip as clip_method
 from cljax.models import heads, resnet, vit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_names_equal_the_registries_and_branches_of_the_dispatching_code():
@@ -105,3 +111,17 @@ def test_an_invalid_number_is_one_line_naming_key_value_and_range(key, value, me
   assert problems == [problems[0]] and problems[0].startswith(message), problems
   assert "\n" not in problems[0]
   validate.check_config(tiny_config())  # The unchanged config passes.
+
+
+def test_the_command_line_refuses_a_mistyped_method_in_one_line_before_making_anything(tmp_path):
+  cmd = [
+    sys.executable, "-m", "cljax.main", "--config=configs/quickstart.py",
+    f"--workdir={tmp_path / 'run'}", "--config.method=simclrr",
+  ]  # fmt: skip
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+    "Error: method='simclrr': must be one of simclr, moco_v2, moco_v3, byol, simsiam, dino, "
+    "swav, barlow_twins, supcon, clip, supervised (did you mean 'simclr'?)."
+  ]
+  assert not (tmp_path / "run").exists()
