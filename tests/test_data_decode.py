@@ -188,7 +188,9 @@ def test_settings_that_cannot_work_are_refused_before_compiling():
     run.check_config(config)
   config.data.device_resident = False
   config.data.canvas_size = config.data.image_size - 1
-  with pytest.raises(ValueError, match="canvas_size .* must be at least data.image_size"):
+  with pytest.raises(
+    ValueError, match=r"data.canvas_size=15: must be at least data.image_size \(16\)"
+  ):
     run.check_config(config)
   config.data.canvas_size = config.data.image_size
   run.check_config(config)
