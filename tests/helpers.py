@@ -45,14 +45,16 @@ def state_and_step(
   return step.place_state(state, mesh, method), step.make_train_step(method, mesh, lr_fn)
 
 
-def initial_state(config, lr_fn, *, image_size=None, rng=0):
-  """The initial state of ``config``'s method on the default device (no probe)."""
+def initial_state(config, lr_fn, *, image_size=None, rng=0, num_steps=0, steps_per_epoch=0):
+  """The initial state of ``config``'s method on the default device (no probe), for a run
+  of ``num_steps`` steps of which ``steps_per_epoch`` make an epoch (a freeze counted in
+  epochs gives the optimiser state a frozen group)."""
   import jax
 
   from cljax import methods, step
 
   size = image_size or config.data.image_size
-  method = methods.create_method(config)
+  method = methods.create_method(config, num_steps, steps_per_epoch)
   return step.create_train_state(method, jax.random.key(rng), lr_fn, (size, size, 3))
 
 

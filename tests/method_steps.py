@@ -51,11 +51,14 @@ def _config(method, **overrides):
   return c
 
 
-def _initial_state(config, lr):
-  """The initial train state on the host. No online probe (num_classes=0):
+def _initial_state(config, lr, num_steps=0, steps_per_epoch=0):
+  """The initial train state on the host, its optimiser state that of the method's run of
+  ``num_steps`` (a SwAV freeze adds a group). No online probe (num_classes=0):
   test_methods_momentum.py covers it; here it would only add compile time."""
   lr_fn = optax.constant_schedule(lr)
-  return jax.device_get(initial_state(config, lr_fn))
+  return jax.device_get(
+    initial_state(config, lr_fn, num_steps=num_steps, steps_per_epoch=steps_per_epoch)
+  )
 
 
 def _run(config, devices, batches, *, steps_per_epoch=0, lr=0.1, keep_going=False, init=None):
@@ -64,7 +67,7 @@ def _run(config, devices, batches, *, steps_per_epoch=0, lr=0.1, keep_going=Fals
   function that runs one more step on a batch."""
   mesh = sharding.create_mesh(devices)
   lr_fn = optax.constant_schedule(lr)
-  state = _initial_state(config, lr) if init is None else init
+  state = _initial_state(config, lr, len(batches), steps_per_epoch) if init is None else init
   method = methods.create_method(config, len(batches), steps_per_epoch)
   state = step.place_state(state, mesh, method)  # From host arrays: fresh device buffers.
   step_fn = step.make_train_step(method, mesh, lr_fn)
@@ -100,7 +103,9 @@ def _queue_in_batch_order(method_state, num_devices):
 
 def _assert_8_devices_equal_1(config, batches, **kwargs):
   """Runs on 8 devices and on 1 and asserts they agree; returns the 8-device ``_run``."""
-  init = _initial_state(config, kwargs.get("lr", 0.1))
+  init = _initial_state(
+    config, kwargs.get("lr", 0.1), len(batches), kwargs.get("steps_per_epoch", 0)
+  )
   states8, hist8, *more = _run(config, jax.devices(), batches, init=init, **kwargs)
   kwargs.pop("keep_going", None)
   states1, hist1 = _run(config, jax.devices()[:1], batches, init=init, **kwargs)

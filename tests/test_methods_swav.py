@@ -5,6 +5,7 @@ One multi-crop run with a frozen start and a queue, on 8 devices and on 1.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,13 +57,15 @@ def _swav_loss(config, scores, **kwargs):
 @pytest.fixture(scope="module")
 def swav_run():
   """Four multi-crop steps, one step per epoch: prototypes frozen for steps 0 and 1; the
-  queue (4 rows per device = 2 batches) filled from step 1, full after step 2, used at 3."""
+  queue (4 rows per device = 2 batches) filled from step 1, full after step 2, used at 3.
+  SGD with momentum and weight decay on every parameter (SwAV's ``decay_mask="all"``), so
+  a freeze by zero gradients would still move the prototypes."""
   config = _config(
     "swav",
     swav__freeze_prototypes_epochs=2.0,
     swav__queue_size=4,
     swav__queue_start_epoch=1.0,
-    optim__weight_decay=0.0,
+    optim__weight_decay=0.05,
   )
   config.data.augment.num_local_crops = LOCAL_CROPS
   config.data.augment.local_crop_size = LOCAL_SIZE
@@ -82,17 +85,34 @@ def test_swav_multicrop_predicts_the_global_crops_codes_from_every_crop(swav_run
   assert abs(_swav_loss(config, scores[:2], assign_views=(0, 1)) - expected) > 1e-4
 
 
-def test_swav_prototypes_get_no_gradient_while_frozen(swav_run):
-  _, _, states, hist = swav_run
+def _frozen_group_state(opt_state):
+  """The prototypes' optimiser state (``optim.freeze_for_steps``'s frozen group)."""
+  return opt_state.inner_states["frozen"].inner_state.inner_state
+
+
+def test_swav_prototypes_are_skipped_by_the_optimiser_while_frozen(swav_run):
+  # The official code sets the prototypes' grad to None: no update, no weight decay, no
+  # momentum while frozen, and their optimiser starts afresh when the freeze ends.
+  config, _, states, hist = swav_run
+  assert config.optim.weight_decay > 0 and config.optim.momentum > 0
   assert [m["prototypes_frozen"] for m in hist] == [1.0, 1.0, 0.0, 0.0]
   kernels = [s.params["prototypes"]["kernel"] for s in states]
-  # SGD without weight decay: a zero gradient (and zero momentum) leaves them bit for bit.
   np.testing.assert_array_equal(kernels[1], kernels[0])
   np.testing.assert_array_equal(kernels[2], kernels[0])
   assert np.abs(kernels[3] - kernels[2]).max() > 1e-6
+  group = [_frozen_group_state(s.opt_state) for s in states]
+  chex.assert_trees_all_equal(group[1], group[0])
+  chex.assert_trees_all_equal(group[2], group[0])
+  assert np.abs(jax.tree.leaves(group[3])[-1]).max() > 0  # Momentum, from the first update.
   # The rest of the network trains meanwhile.
   head = [s.params["head"]["Dense_1"]["kernel"] for s in states]
   assert np.abs(head[1] - head[0]).max() > 1e-6
+
+
+def test_swav_prototypes_mask_selects_the_prototypes_only(swav_run):
+  mask = methods.swav.prototypes_mask(swav_run[2][0].params)
+  assert all(jax.tree.leaves(mask["prototypes"]))
+  assert not any(jax.tree.leaves({k: v for k, v in mask.items() if k != "prototypes"}))
 
 
 def test_swav_scores_do_not_depend_on_the_prototypes_norm():

@@ -35,12 +35,14 @@ an ordinary pytree the train step updates. The raw kernel's norm may drift
 with LARS the relative step of the prototypes does not depend on that norm.
 
 Freezing. For the first ``ceil(swav.freeze_prototypes_epochs *
-steps_per_epoch)`` steps (the official 313 iterations, one epoch at batch
-4096) the forward passes the prototypes through ``jnp.where(step < freeze,
-stop_gradient(w), w)``, so their gradient is exactly zero. The official code
-drops the gradient instead; here the optimiser still sees a zero gradient,
-so masked weight decay keeps shrinking the kernel, which changes no score.
-With ``steps_per_epoch=0`` (unknown) nothing is frozen.
+steps_per_epoch)`` updates (the official 313 iterations, one epoch at batch
+4096) the prototypes are frozen in the optimiser, as the official code's
+``p.grad = None`` does it (:meth:`SwAV.create_optimizer`,
+``optim.freeze_for_steps``): they have an optimiser state of their own
+(LARS's momentum), left untouched while frozen, with no weight decay and no
+update; after the freeze it starts from its initial state at the run's
+learning rate of that step. With ``steps_per_epoch=0`` (unknown) nothing is
+frozen.
 
 The queue (``swav.queue_size > 0`` rows per device, for small batches; the
 official code uses it from ``swav.queue_start_epoch``). The method state
@@ -69,32 +71,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from jax.sharding import PartitionSpec
 
-from cljax import losses, models
+from cljax import losses, models, optim
 from cljax.methods.base import Method, StepOutput
 
 ASSIGN_VIEWS = (0, 1)  # The two global crops give the codes.
 
 
+def prototypes_mask(params: Any) -> Any:
+  """True for the prototypes' kernel (``params["prototypes"]``), False elsewhere."""
+  return {k: jax.tree.map(lambda _, k=k: k == "prototypes", v) for k, v in params.items()}
+
+
 class Prototypes(nn.Module):
   """Scores against K unit prototypes: ``z @ (v / ||v||)`` per column of the (d, K) kernel.
 
-  ``frozen`` (a bool or a traced bool scalar) passes the kernel through
-  ``stop_gradient``: the scores are unchanged and the kernel's gradient is
-  zero. The kernel is float32 and the product is computed at full float32
+  The kernel is float32 and the product is computed at full float32
   precision (scores are divided by Sinkhorn's epsilon = 0.05).
   """
 
   num_prototypes: int
 
   @nn.compact
-  def __call__(self, z: jax.Array, frozen: bool | jax.Array = False) -> jax.Array:
+  def __call__(self, z: jax.Array) -> jax.Array:
     # Unit-variance columns (norm about 1); only their direction matters.
     init = nn.initializers.lecun_normal()
     kernel = self.param("kernel", init, (z.shape[-1], self.num_prototypes), jnp.float32)
-    if frozen is not False:
-      kernel = jnp.where(frozen, jax.lax.stop_gradient(kernel), kernel)
     return jnp.einsum(
       "nd,dk->nk",
       z.astype(jnp.float32),
@@ -107,12 +111,12 @@ def unit_prototypes(kernel: jax.Array) -> jax.Array:
   """The (d, K) kernel with each column (prototype) scaled to unit norm, whatever its norm.
 
   The floor under the squared norm is float32's smallest normal number, not
-  ``l2_normalize``'s 1e-12: frozen prototypes still get the optimiser's weight decay (with
-  LARS, a step of ``lr * trust_coefficient`` of the kernel, accumulated by momentum), so
-  their norm shrinks geometrically while frozen, to 1e-4 in the one-epoch freeze of
-  ``configs/swav_cifar10.py:cpu`` and below 1e-6 within 120 steps at peak rate without
-  warm-up; under the 1e-12 floor the scores would shrink with it to 0 and the codes become
-  uniform (the ln K plateau).
+  ``l2_normalize``'s 1e-12: nothing but the direction of a prototype is meant to matter.
+  Weight decay shrinks the kernel (with LARS, a step of ``lr * trust_coefficient`` of its
+  norm, accumulated by momentum) and only tangent updates grow it back; under the 1e-12
+  floor a shrunken kernel would shrink the scores with it to 0 and make the codes uniform
+  (the ln K plateau). Before the prototypes were frozen in the optimiser, decay during the
+  freeze took their norm to 1e-4 within one epoch of ``configs/swav_cifar10.py:cpu``.
   """
   return losses.l2_normalize(kernel, axis=0, eps=float(jnp.finfo(jnp.float32).tiny))
 
@@ -124,8 +128,7 @@ class SwAVModel(nn.Module):
   head's outputs, as every cljax model, for evaluation); with
   ``scores=True`` it returns ``(features, embeddings, scores)``, the scores
   being the (m, K) cosines of the l2-normalised embeddings with the unit
-  prototypes. ``freeze_prototypes`` (a bool or traced bool) stops the
-  prototypes' gradient. The parameters are ``{"encoder", "head",
+  prototypes. The parameters are ``{"encoder", "head",
   "prototypes"}``: the encoder where evaluation looks for it.
   """
 
@@ -139,14 +142,13 @@ class SwAVModel(nn.Module):
     x: jax.Array,
     train: bool = True,
     scores: bool = False,
-    freeze_prototypes: bool | jax.Array = False,
   ):
     features = self.encoder(x, train=train)
     z = self.head(features, train=train)
     if not scores:
       return features, z
     prototypes = Prototypes(self.num_prototypes, name="prototypes")
-    return features, z, prototypes(losses.l2_normalize(z), frozen=freeze_prototypes)
+    return features, z, prototypes(losses.l2_normalize(z))
 
 
 class SwAV(Method):
@@ -238,7 +240,22 @@ class SwAV(Method):
     return self._epochs_to_steps(self.config.swav.queue_start_epoch)
 
   def prototypes_frozen(self, step: jax.Array) -> bool | jax.Array:
+    """Whether step ``step`` is in the freeze (the ``prototypes_frozen`` metric). The
+    optimiser does the freezing (:meth:`create_optimizer`), by its own count of applied
+    updates, which a skipped non-finite step does not advance."""
     return step < self.freeze_steps if self.freeze_steps > 0 else False
+
+  def create_optimizer(self, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """The config's optimiser, with the prototypes frozen for ``freeze_steps`` updates as if
+    they had no gradient (the official ``p.grad = None`` while ``iteration <
+    freeze_prototypes_niters``)."""
+    return optim.create_optimizer(
+      self.config.optim,
+      learning_rate_fn,
+      self.num_steps,
+      freeze_mask=prototypes_mask,
+      freeze_steps=self.freeze_steps,
+    )
 
   # ---- One step.
 
@@ -246,9 +263,7 @@ class SwAV(Method):
     x = views["global"]
     n = x.shape[0] // 2
     frozen = self.prototypes_frozen(state.step)
-    forward = functools.partial(
-      self.forward, state.apply_fn, params, scores=True, freeze_prototypes=frozen
-    )
+    forward = functools.partial(self.forward, state.apply_fn, params, scores=True)
     h, z, global_scores, stats = forward(state.batch_stats, x)
     scores = [global_scores.reshape(2, n, -1)]
     if "local" in views:
