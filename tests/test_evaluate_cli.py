@@ -115,6 +115,18 @@ def test_cli_on_a_mistyped_workdir_creates_nothing_and_says_no_checkpoint_was_fo
   assert [p.name for p in tmp_path.rglob("*")] == ["not_a_run"]  # Nothing was created.
 
 
+def test_cli_refuses_an_invalid_config_in_one_line_before_looking_for_checkpoints(tmp_path):
+  cmd = [
+    sys.executable, "-m", "cljax.evaluate", "--config=configs/quickstart.py",
+    f"--workdir={tmp_path}", "--config.model.name=resnet5",
+  ]  # fmt: skip
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  errors = [line for line in out.stderr.splitlines() if line.startswith("Error")]
+  assert len(errors) == 1 and errors[0].startswith("Error: model.name='resnet5': must be one of")
+  assert not any(tmp_path.iterdir())
+
+
 def test_restore_matches_plain_orbax(run):
   workdir, _ = run
   mesh = sharding.create_mesh()

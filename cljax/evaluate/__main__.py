@@ -8,7 +8,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import checkpoint, cli, compile_cache, metrics
+from cljax import checkpoint, cli, compile_cache, metrics, validate
 from cljax.evaluate import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -91,6 +91,11 @@ def _summary(result: dict) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    # The same checks as training (a run is evaluated with its own config; no rate is used).
+    validate.check_config(_CONFIG.value, allow_zero_lr=True)
+  except ValueError as e:
+    cli.exit_with(e)
   metrics.setup_logging()
   compile_cache.setup()
   try:
