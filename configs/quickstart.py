@@ -4,8 +4,8 @@
     # = python -m cljax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
 Hardware: any machine; sized for a 2-core CPU, where it takes about 8 minutes
-(install excluded; measured on an idle 2-core AMD EPYC). Needs no network and no data download: 10,000 training
-and 2,000 held-out images ship with the package.
+(install excluded; measured on an idle 2-core AMD EPYC). Needs no network and no data
+download: 10,000 training and 2,000 held-out images ship with the package.
 
 Expected result: the final line reports the kNN top-1 (k=200, T=0.07) on the 2,000
 held-out images of the trained encoder, of the same encoder at random initialisation and
