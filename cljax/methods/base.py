@@ -235,7 +235,8 @@ class Method:
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
   def create_optimizer(self, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-    """The optimiser of the online parameters: the ``optim`` section's (DINO adds a freeze)."""
+    """The optimiser of the online parameters: the ``optim`` section's (DINO and SwAV add a
+    freeze)."""
     return optim.create_optimizer(self.config.optim, learning_rate_fn, self.num_steps)
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:
