@@ -55,6 +55,28 @@ def test_silently_changed_arrays_in_the_latest_checkpoint_fall_back_to_the_previ
   assert _steps(tmp_path) == [2, 4]  # Step 4 trained again and saved.
 
 
+def test_64_flipped_bytes_in_the_latest_checkpoints_data_fall_back_to_the_previous_one(
+  tmp_path, caplog
+):
+  # The case: 64 consecutive bytes inverted in the middle of the newest state's data
+  # files. Whether the storage layer notices (a decode error) or not (a changed
+  # value, once restored as a NaN leaf), the checkpoint must not be resumed.
+  train.train_and_evaluate(_config(), str(tmp_path))
+  # Which data file holds the arrays depends on how OCDBT merged the writes: flip them all.
+  state = tmp_path / "checkpoints" / "4" / "state"
+  for path in [*state.glob("d/*"), *state.glob("ocdbt.process_*/d/*")]:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(_config(), str(tmp_path))
+  assert "step 4 cannot be restored" in caplog.text
+  assert "at step 2." in caplog.text  # Resumed from the previous checkpoint.
+  assert list((tmp_path / "checkpoints_unreadable").iterdir())  # Kept, not deleted.
+  assert _steps(tmp_path) == [2, 4]
+
+
 def test_a_checkpoint_without_digests_restores_with_a_warning(tmp_path, caplog):
   config = _config()
   config.train.stop_at_step = 2
