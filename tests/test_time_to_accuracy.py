@@ -9,23 +9,13 @@ import time
 
 import pytest
 from conftest import REPO
-from helpers import tiny_config
+from tta_tiny_config import get_config as _config
 
 _spec = importlib.util.spec_from_file_location("tta", REPO / "benchmarks" / "time_to_accuracy.py")
 tta = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tta)
 
 _SLEEP = 1.0  # Seconds added to every evaluation: far more than the few tiny steps between.
-
-
-def _config():
-  c = tiny_config()
-  c.data.source = "synthetic"
-  c.data.num_examples = 64
-  c.data.num_classes = 4
-  c.data.num_workers = 0
-  c.evals.batch_size = 32
-  return c
 
 
 def test_eval_steps_every_interval_and_the_end():
