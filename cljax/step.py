@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cljax import collapse, models, optim, probe, sharding
+from cljax import collapse, models, optim, probe, sharding, xla_options
 from cljax.data import decode
 from cljax.data import views as views_lib
 from cljax.methods import Method, StepOutput
@@ -294,4 +294,4 @@ def make_train_step(method: Method, mesh: Mesh, learning_rate_fn: optax.Schedule
 
   # Input shardings come from the arguments (``place_state`` and the
   # batch-sharded iterators); outputs from shard_map's out_specs.
-  return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,), compiler_options=xla_options.for_mesh(mesh))

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from cljax import sharding
+from cljax import sharding, xla_options
 from cljax.data import crops, pipeline
 from cljax.data import views as views_lib
 
@@ -319,7 +319,11 @@ def make_batch_fn(
     local, mesh=data.mesh, in_specs=(rep, rep, rep, rep), out_specs=data_spec, check_vma=True
   )
   # The data set is an argument, not a closed-over constant that jit would embed.
-  jitted = jax.jit(mapped, out_shardings=sharding.batch_sharded(data.mesh))
+  jitted = jax.jit(
+    mapped,
+    out_shardings=sharding.batch_sharded(data.mesh),
+    compiler_options=xla_options.for_mesh(data.mesh),
+  )
   key = jax.random.fold_in(jax.random.key(seed), _DATA_TAG)
 
   def batch_fn(step: Any) -> Batch:

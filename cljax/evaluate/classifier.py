@@ -33,7 +33,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from cljax import methods, models, sharding
+from cljax import methods, models, sharding, xla_options
 from cljax.data import augment, pipeline, sources
 from cljax.data import views as views_lib
 from cljax.evaluate import features, linear
@@ -174,7 +174,7 @@ def _variables(state: Any, method: methods.Method) -> dict[str, Any]:
   return method.eval_variables(state)
 
 
-def _make_step(model: Classifier, tx: optax.GradientTransformation):
+def _make_step(model: Classifier, tx: optax.GradientTransformation, mesh: Mesh):
   """The jitted SGD step: gradients for ``trainable`` only; ``fixed`` parameters stay as given."""
 
   def loss_fn(trainable, fixed, batch_stats, images, labels):
@@ -185,7 +185,7 @@ def _make_step(model: Classifier, tx: optax.GradientTransformation):
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
     return loss, (updates["batch_stats"], accuracy)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=xla_options.for_mesh(mesh))
   def step(trainable, opt_state, fixed, batch_stats, images, labels):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (batch_stats, accuracy)), grads = grad_fn(trainable, fixed, batch_stats, images, labels)
@@ -260,7 +260,7 @@ def train_classifier(
   rep = sharding.replicated(mesh)
   trainable, fixed, batch_stats = jax.device_put((trainable, fixed, batch_stats), rep)
   opt_state = jax.device_put(tx.init(trainable), rep)
-  step_fn = _make_step(model, tx)
+  step_fn = _make_step(model, tx, mesh)
   # SimCLR's augmentation for these protocols: random resized crop and flip, nothing else.
   views = views_lib.ViewSpec(config.data.image_size, crop_area=crop_area, flip=True)
   it = create_train_iterator(

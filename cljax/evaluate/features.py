@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import sharding
+from cljax import sharding, xla_options
 from cljax.data import augment, pipeline, sources
 
 
@@ -94,6 +94,7 @@ def extract(
     lambda v, x: fn(v, x).astype(jnp.float32),
     in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
     out_shardings=sharding.batch_sharded(mesh),
+    compiler_options=xla_options.for_mesh(mesh),
   )
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
   outputs, labels, indices = [], [], []

@@ -30,7 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import checkpoint, collapse, methods, metrics, run, sharding, step
+from cljax import checkpoint, collapse, methods, metrics, run, sharding, step, xla_options
 from cljax.data import augment, pipeline, sources
 from cljax.data import views as views_lib
 from cljax.evaluate import classifier, features, knn, linear, plots
@@ -160,7 +160,7 @@ def two_view_embeddings(
   host = next(it)
   views = sharding.host_to_global({k: host[k] for k in ("view_a", "view_b")}, mesh)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_options.for_mesh(mesh))
   def embed(variables, view, key):
     x = view.astype(jnp.float32) / 255.0
     if aug.photometric:
