@@ -129,3 +129,39 @@ def test_rejects_bad_inputs():
     linear.fit_logistic_regression(x, y, num_classes=4, l2=-1.0)
   with pytest.raises(ValueError, match="val_fraction"):
     linear.linear_probe(x, y, x, y, num_classes=4, val_fraction=1.0)
+
+
+def test_the_sweep_stops_after_patience_strengths_without_a_better_held_out_score(monkeypatch):
+  # Held-out scores scripted per strength (largest first): best at 0.1, then two no better.
+  scores = {1.0: 0.5, 0.1: 0.7, 0.01: 0.6, 1e-3: 0.7, 1e-4: 0.9}
+  fitted = []
+  fit = linear.fit_logistic_regression
+
+  def recording_fit(*args, l2, **kwargs):
+    fitted.append(l2)
+    return fit(*args, l2=l2, **kwargs)
+
+  monkeypatch.setattr(linear, "fit_logistic_regression", recording_fit)
+  monkeypatch.setattr(linear, "_weighted_accuracy", lambda c, x, y, w: scores[fitted[-1]])
+  (train_x, train_y), (test_x, test_y) = _separable(4, 200), _separable(5, 100)
+  kwargs = dict(num_classes=10, l2_grid=tuple(scores), max_steps=5)
+
+  result = linear.linear_probe(train_x, train_y, test_x, test_y, **kwargs)
+  # 0.01 and 1e-3 (a tie is not better) after the best: 1e-4 is never fitted; refit at 0.1.
+  assert fitted == [1.0, 0.1, 0.01, 1e-3, 0.1]
+  assert result["l2"] == 0.1 and result["skipped_l2"] == [1e-4]
+  assert set(result["val_top1"]) == {1.0, 0.1, 0.01, 1e-3}
+
+  fitted.clear()
+  result = linear.linear_probe(train_x, train_y, test_x, test_y, patience=None, **kwargs)
+  assert fitted == [1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-4]  # The whole grid; 1e-4 wins.
+  assert result["l2"] == 1e-4 and result["skipped_l2"] == []
+  with pytest.raises(ValueError, match="patience"):
+    linear.linear_probe(train_x, train_y, test_x, test_y, patience=0, **kwargs)
+
+
+def test_the_early_stop_keeps_the_full_sweeps_choice_where_accuracy_rises_to_the_end():
+  (train_x, train_y), (test_x, test_y) = _separable(2, 2000), _separable(2, 2000)
+  early = linear.linear_probe(train_x, train_y, test_x, test_y, num_classes=10)
+  full = linear.linear_probe(train_x, train_y, test_x, test_y, num_classes=10, patience=None)
+  assert early["l2"] == full["l2"] and early["top1"] == full["top1"]

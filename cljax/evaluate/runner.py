@@ -210,7 +210,7 @@ def frozen_feature_evals(
   logging.info("kNN of %s features: %.4f (%.1fs).", name, top1, out["knn"]["seconds"])
   if linear_probe:
     logging.info(
-      "Linear probe of %s features (%d x %d): L-BFGS at %d L2 strengths, then a refit...",
+      "Linear probe of %s features (%d x %d): L-BFGS at up to %d L2 strengths, then a refit...",
       name,
       *train_x.shape,
       len(l2_grid),
@@ -224,13 +224,17 @@ def frozen_feature_evals(
       num_classes=num_classes,
       l2_grid=l2_grid,
       max_steps=max_steps,
+      progress=features.progress,
     )
     out["linear_probe"]["seconds"] = time.time() - t0
+    probe, skipped = out["linear_probe"], out["linear_probe"]["skipped_l2"]
     logging.info(
-      "Linear probe of %s features: top-1 %.4f (%.0fs).",
+      "Linear probe of %s features: top-1 %.4f at L2 %g (%.0fs%s).",
       name,
-      out["linear_probe"]["top1"],
-      out["linear_probe"]["seconds"],
+      probe["top1"],
+      probe["l2"],
+      probe["seconds"],
+      f"; not fitted, the held-out score having stopped improving: L2 {skipped}" if skipped else "",
     )
   return out
 
