@@ -3,16 +3,17 @@
     make quickstart
     # = python -m cljax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
-Hardware: any machine; sized for a 2-core CPU, where it takes about 8 minutes
+Hardware: any machine; sized for a 2-core CPU, where it takes about 4 minutes
 (install excluded; measured on an idle 2-core AMD EPYC). Needs no network and no data
 download: 10,000 training and 2,000 held-out images ship with the package.
 
 Expected result: the final line reports the kNN top-1 (k=200, T=0.07) on the 2,000
 held-out images of the trained encoder, of the same encoder at random initialisation and
-of raw pixels. Measured on a 2-core CPU (issue 18): learned 72.0%, random-init 53.0%, raw
-pixels 73.35%. Pretraining gains 19 points over the random encoder but does not yet beat
-raw pixels on these small, centred, grey images at this budget (the linear probe neither:
-80.65% against 82.50%); on CIFAR-10 it beats pixels by 16 points (docs/results.md).
+of raw pixels. Measured on a 2-core CPU (issue 18): learned 69.8%, random-init 53.0%, raw
+pixels 73.35%. Pretraining gains 17 points over the random encoder but does not beat raw
+pixels on these small, centred, grey images at this budget (the linear probe neither:
+79.65% against 82.50%), and more epochs plateau near 70% (docs/benchmarks.md); on CIFAR-10
+it beats pixels by 16 points (docs/results.md).
 """
 
 from cljax import defaults
