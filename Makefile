@@ -26,7 +26,7 @@ quickstart: install
 	$(BIN)/python -m cljax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
 # Throughput of the CIFAR recipe at a CPU-sized batch on the embedded data, with windows
-# sized for a CPU step of seconds (3 windows of 2 steps, one warm-up step): 16 steps of
+# sized for a CPU step of seconds (3 windows of 2 steps, one warm-up step): 16 steps
 # of about 6 s on 2 cores, about 4 min in all with compiling, input and JPEG timing.
 # On an accelerator pass BENCH_ARGS (e.g. the recipe's own batch and data, and --windows=5
 # --config.train.log_every_steps=100 as docs/benchmarks.md does).

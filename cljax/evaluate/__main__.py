@@ -23,6 +23,13 @@ _LINEAR = flags.DEFINE_bool("linear_probe", True, "L-BFGS linear probe on cached
 _LINEAR_MAX_STEPS = flags.DEFINE_integer(
   "linear_max_steps", 1000, "L-BFGS iterations per linear-probe fit at most."
 )
+_LINEAR_PATIENCE = flags.DEFINE_integer(
+  "linear_patience",
+  2,
+  "The linear probe's L2 sweep (strongest first) stops after this many strengths without a "
+  "better held-out score; 0 fits every strength of the grid.",
+  lower_bound=0,
+)
 _PLOTS = flags.DEFINE_bool("plots", True, "Write the t-SNE and similarity PNGs.")
 _TSNE_POINTS = flags.DEFINE_integer("tsne_points", 2000, "Eval-split points in the t-SNE map.")
 _PAIRS = flags.DEFINE_integer(
@@ -118,6 +125,7 @@ def _evaluate() -> dict:
     step=_STEP.value,
     linear_probe=_LINEAR.value,
     linear_max_steps=_LINEAR_MAX_STEPS.value,
+    linear_patience=_LINEAR_PATIENCE.value or None,
     plot=_PLOTS.value,
     tsne_points=_TSNE_POINTS.value,
     pair_examples=_PAIRS.value,

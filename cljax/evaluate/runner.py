@@ -187,10 +187,12 @@ def frozen_feature_evals(
   linear_probe: bool = True,
   l2_grid: Sequence[float] = linear.DEFAULT_L2_GRID,
   max_steps: int = 1000,
+  patience: int | None = 2,
   name: str = "encoder",
 ) -> dict[str, Any]:
   """kNN (``evals.knn_k``, ``evals.knn_temperature``) and optionally the L-BFGS linear probe
-  on cached ``(features, labels)`` of the train and the test split.
+  on cached ``(features, labels)`` of the train and the test split (``patience``: the L2
+  sweep's early stop, ``linear.linear_probe``; None sweeps the whole grid).
 
   Returns:
     ``{"knn": {"top1", "k", "temperature", "seconds"}, "linear_probe": {...}}``, or ``{}``
@@ -224,6 +226,7 @@ def frozen_feature_evals(
       num_classes=num_classes,
       l2_grid=l2_grid,
       max_steps=max_steps,
+      patience=patience,
       progress=features.progress,
     )
     out["linear_probe"]["seconds"] = time.time() - t0
@@ -265,6 +268,7 @@ def evaluate_state(
   title: str = "",
   linear_probe: bool = True,
   linear_max_steps: int = 1000,
+  linear_patience: int | None = 2,
   plot: bool = True,
   tsne_points: int = 2000,
   pair_examples: int = 512,
@@ -281,6 +285,8 @@ def evaluate_state(
     title: what the plots' titles say was evaluated (e.g. ``"step 100"``).
     linear_probe: run the L-BFGS linear probe.
     linear_max_steps: L-BFGS iterations per fit at most.
+    linear_patience: L2 strengths without a better held-out score before the probe's sweep
+      stops (``linear.linear_probe``); None: the whole grid.
     plot: write the t-SNE and similarity-histogram PNGs (needs ``out_dir``).
     tsne_points: eval-split points in the t-SNE map.
     pair_examples: eval-split images whose two views give the pair statistics.
@@ -311,6 +317,7 @@ def evaluate_state(
     (test_x, test_y),
     linear_probe=linear_probe,
     max_steps=linear_max_steps,
+    patience=linear_patience,
     name=title or "encoder",
   )
   result.update(evals)
@@ -422,6 +429,7 @@ def evaluate_checkpoint(
       mesh,
       linear_probe=kwargs.get("linear_probe", True),
       linear_max_steps=kwargs.get("linear_max_steps", 1000),
+      linear_patience=kwargs.get("linear_patience", 2),
     )
   curves = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(curves) and jax.process_index() == 0:
@@ -492,6 +500,7 @@ def evaluate_baselines(
   *,
   linear_probe: bool = True,
   linear_max_steps: int = 1000,
+  linear_patience: int | None = 2,
 ) -> dict[str, Any]:
   """kNN and linear probe of the randomly initialised encoder and of raw pixels
   (``pixel_features``).
@@ -510,7 +519,13 @@ def evaluate_baselines(
   for name, (train, test) in data.items():
     t0 = time.perf_counter()
     evals = frozen_feature_evals(
-      config, train, test, linear_probe=linear_probe, max_steps=linear_max_steps, name=name
+      config,
+      train,
+      test,
+      linear_probe=linear_probe,
+      max_steps=linear_max_steps,
+      patience=linear_patience,
+      name=name,
     )
     logging.info("Baseline %s: %.0fs.", name, time.perf_counter() - t0)
     if evals:
