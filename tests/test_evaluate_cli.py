@@ -71,7 +71,7 @@ def test_cli_evaluates_the_latest_checkpoint(run):
   workdir, config_file = run
   cmd = [
     sys.executable, "-m", "cljax.evaluate", f"--config={config_file}", f"--workdir={workdir}",
-    "--tsne_points=100", "--pair_examples=64",
+    "--tsne_points=100", "--pair_examples=64", "--linear_patience=0",
   ]  # fmt: skip
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -88,6 +88,7 @@ def test_cli_evaluates_the_latest_checkpoint(run):
   assert saved["knn"]["top1"] == pytest.approx(want)
   probe = saved["linear_probe"]
   assert 0 <= probe["top1"] <= probe["top5"] <= 1 and probe["l2"] > 0
+  assert probe["skipped_l2"] == [] and len(probe["val_top1"]) == 7  # 0: the whole L2 grid.
   projection = saved["collapse"]["projection"]
   assert set(projection) >= {"embedding_std", "effective_rank", "alignment", "uniformity"}
   assert all(np.isfinite(v) for v in projection.values())
