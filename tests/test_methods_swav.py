@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from method_steps import N, _assert_8_devices_equal_1, _batch, _config
+from method_steps import N, _batch, _config, _initial_state, _queue_in_batch_order, _run
 
-from cljax import losses, methods
+from cljax import losses, methods, models
 
 LOCAL_CROPS, LOCAL_SIZE = 2, 8
 
@@ -54,12 +54,11 @@ def _swav_loss(config, scores, **kwargs):
   )
 
 
-@pytest.fixture(scope="module")
-def swav_run():
-  """Four multi-crop steps, one step per epoch: prototypes frozen for steps 0 and 1; the
-  queue (4 rows per device = 2 batches) filled from step 1, full after step 2, used at 3.
-  SGD with momentum and weight decay on every parameter (SwAV's ``decay_mask="all"``), so
-  a freeze by zero gradients would still move the prototypes."""
+def _swav_multicrop_config():
+  """Prototypes frozen for steps 0 and 1; the queue (4 rows per device = 2 batches) filled
+  from step 1, full after step 2, used at 3. SGD with momentum and weight decay on every
+  parameter (SwAV's ``decay_mask="all"``), so a freeze by zero gradients would still move
+  the prototypes."""
   config = _config(
     "swav",
     swav__freeze_prototypes_epochs=2.0,
@@ -69,9 +68,40 @@ def swav_run():
   )
   config.data.augment.num_local_crops = LOCAL_CROPS
   config.data.augment.local_crop_size = LOCAL_SIZE
+  return config
+
+
+@pytest.fixture(scope="module")
+def swav_run():
+  """Four multi-crop steps on 8 devices, one step per epoch (``_swav_multicrop_config``)."""
+  config = _swav_multicrop_config()
   batches = [_multicrop_batch(seed=s) for s in range(4)]
-  states, hist, *_ = _assert_8_devices_equal_1(config, batches, steps_per_epoch=1)
+  states, hist = _run(config, jax.devices(), batches, steps_per_epoch=1)
+  assert all(np.isfinite(m["loss"]) for m in hist)
   return config, batches, states, hist
+
+
+def test_swav_multicrop_step_on_8_devices_equals_1_device(monkeypatch):
+  # In float64, as the momentum methods' test: in float32 the sharded and the one-device
+  # step differ by summation order alone, but BatchNorm of near-constant features amplifies
+  # that past any bound from float32's eps (a BatchNorm bias 1.7e-4 apart after 4 steps with
+  # XLA's own CPU kernels). In float64 the same function leaves only float64 rounding,
+  # amplified alike; a real asymmetry (per-device statistics, codes or queue) is O(1e-2).
+  monkeypatch.setitem(models._DTYPES, "float64", jnp.float64)
+  config = _swav_multicrop_config()
+  config.model.dtype = "float64"
+  batches = [_multicrop_batch(seed=s) for s in range(4)]
+  to64 = lambda t: jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, t)
+  with jax.enable_x64(True):
+    init = to64(_initial_state(config, 0.1, len(batches), 1))
+    states8, hist8 = _run(config, jax.devices(), batches, steps_per_epoch=1, init=init)
+    states1, hist1 = _run(config, jax.devices()[:1], batches, steps_per_epoch=1, init=init)
+  assert jax.tree.leaves(states8[-1].params)[0].dtype == np.float64
+  for m8, m1 in zip(hist8, hist1, strict=True):
+    chex.assert_trees_all_close(m8, m1, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(states8[-1].params, states1[-1].params, rtol=1e-7, atol=1e-7)
+  queue8 = _queue_in_batch_order(states8[-1].method_state, 8)
+  chex.assert_trees_all_close(queue8, states1[-1].method_state, rtol=1e-7, atol=1e-7)
 
 
 def test_swav_multicrop_predicts_the_global_crops_codes_from_every_crop(swav_run):

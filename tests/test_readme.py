@@ -80,7 +80,7 @@ def test_the_config_printing_command():
   assert f'python -c "{cmd}"' in " ".join(README.split())  # As the README shows it.
   out = subprocess.run([sys.executable, "-c", cmd], cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "temperature" in out.stdout and "global_batch_size: 256" in out.stdout
+  assert "temperature" in out.stdout and "global_batch_size: 128" in out.stdout
 
 
 def test_the_terminal_config_lists_only_what_differs_from_the_defaults():
