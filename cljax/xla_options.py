@@ -4,8 +4,9 @@ On CPU, XLA hands convolutions to the YNNPACK library by default (the flag
 ``--xla_cpu_experimental_ynn_fusion_type``). That path computes a convolution's weight
 gradient as a convolution with a window the size of the image, about 12x slower than XLA's
 own kernels: on a 2-core CPU the backward pass of the quickstart's ResNet took 10x its
-forward pass, and the whole train step ran 2.4x slower, 3.34 s against 1.40 s
-(``CLJAX_XLA_CPU_DEFAULTS=1`` compiles with XLA's defaults, to compare). So the
+forward pass. ``python benchmarks/cpu_convolutions.py`` compares both compilations (idle
+2-core CPU: weight gradient 7.6x, quickstart train step 1.8x faster without YNNPACK;
+``CLJAX_XLA_CPU_DEFAULTS=1`` compiles with XLA's defaults). So the
 convolution-heavy programs (the train step, feature extraction, fine-tuning, on-device
 augmentation) are compiled on CPU without YNNPACK fusions.
 

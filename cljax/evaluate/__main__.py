@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cljax import checkpoint, cli, compile_cache, metrics, validate
-from cljax.evaluate import runner
+from cljax.evaluate import linear, runner
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -25,7 +25,7 @@ _LINEAR_MAX_STEPS = flags.DEFINE_integer(
 )
 _LINEAR_PATIENCE = flags.DEFINE_integer(
   "linear_patience",
-  2,
+  linear.DEFAULT_PATIENCE,
   "The linear probe's L2 sweep (strongest first) stops after this many strengths without a "
   "better held-out score; 0 fits every strength of the grid.",
   lower_bound=0,

@@ -30,6 +30,7 @@ from cljax import sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-6, 1))  # 1e-6 ... 1.
+DEFAULT_PATIENCE = 2  # Strengths without a better held-out score before the sweep stops.
 
 
 class LinearClassifier(NamedTuple):
@@ -253,7 +254,7 @@ def linear_probe(
   max_steps: int = 1000,
   tol: float = 1e-5,
   mesh: Mesh | None = None,
-  patience: int | None = 2,
+  patience: int | None = DEFAULT_PATIENCE,
   progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
   """The standard linear-probe protocol on frozen features; reports test top-1 and top-5.

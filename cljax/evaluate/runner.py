@@ -187,7 +187,7 @@ def frozen_feature_evals(
   linear_probe: bool = True,
   l2_grid: Sequence[float] = linear.DEFAULT_L2_GRID,
   max_steps: int = 1000,
-  patience: int | None = 2,
+  patience: int | None = linear.DEFAULT_PATIENCE,
   name: str = "encoder",
 ) -> dict[str, Any]:
   """kNN (``evals.knn_k``, ``evals.knn_temperature``) and optionally the L-BFGS linear probe
@@ -268,7 +268,7 @@ def evaluate_state(
   title: str = "",
   linear_probe: bool = True,
   linear_max_steps: int = 1000,
-  linear_patience: int | None = 2,
+  linear_patience: int | None = linear.DEFAULT_PATIENCE,
   plot: bool = True,
   tsne_points: int = 2000,
   pair_examples: int = 512,
@@ -429,7 +429,7 @@ def evaluate_checkpoint(
       mesh,
       linear_probe=kwargs.get("linear_probe", True),
       linear_max_steps=kwargs.get("linear_max_steps", 1000),
-      linear_patience=kwargs.get("linear_patience", 2),
+      linear_patience=kwargs.get("linear_patience", linear.DEFAULT_PATIENCE),
     )
   curves = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(curves) and jax.process_index() == 0:
@@ -500,7 +500,7 @@ def evaluate_baselines(
   *,
   linear_probe: bool = True,
   linear_max_steps: int = 1000,
-  linear_patience: int | None = 2,
+  linear_patience: int | None = linear.DEFAULT_PATIENCE,
 ) -> dict[str, Any]:
   """kNN and linear probe of the randomly initialised encoder and of raw pixels
   (``pixel_features``).
