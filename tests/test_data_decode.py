@@ -200,40 +200,79 @@ def test_settings_that_cannot_work_are_refused_before_compiling():
     clip.create_train_iterator(None, None, None, device_resident=False)
 
 
-def test_worker_batches_are_made_in_shared_memory_and_freed_on_errors(monkeypatch):
+def _shm_blocks() -> set[str]:
+  return set(os.listdir("/dev/shm"))
+
+
+def _wait_until_unlinked(names) -> set[str]:
+  """The names still in /dev/shm after unlinking had time (grain's deletion threads)."""
+  for _ in range(100):
+    gc.collect()
+    if not set(names) & _shm_blocks():
+      break
+    time.sleep(0.05)
+  return set(names) & _shm_blocks()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="shared memory is not in /dev/shm")
+def test_worker_batches_are_made_in_shared_memory_owned_by_the_worker_until_handed_over(
+  monkeypatch,
+):
   # With workers, each batch's canvas is made in shared memory (the main process maps it;
-  # grain would otherwise copy it there); a batch that fails frees its block. The blocks are
-  # followed by name: other processes (grain workers of earlier tests) make blocks too.
+  # grain would otherwise copy it there). The worker unlinks a block it never hands over (a
+  # batch that fails, or one still buffered when the iterator closes); grain hands a block
+  # over by sending its metadata, and the receiver unlinks it. The blocks are followed by
+  # name: other processes (grain workers of earlier tests) make blocks too.
   import grain
 
   made = []
 
-  class Recorded(grain.multiprocessing.SharedMemoryArray):
+  class Recorded(decode._WorkerCanvas):
     def __new__(cls, shape, dtype=float):
       array = super().__new__(cls, shape, dtype)
       made.append(array.shm.name.lstrip("/"))
       return array
 
-  monkeypatch.setattr(grain.multiprocessing, "SharedMemoryArray", Recorded)
+  monkeypatch.setattr(decode, "_WorkerCanvas", Recorded)
   records = [
     {"image": np.full((3, 2, 3), 7, np.uint8), "image_hw": np.array([3, 2], np.int32)},
     {"encoded": _jpeg(photo_crops([(5, 4)])[0]), "what": "r1", "image_hw": np.array([5, 4])},
   ]
-  batch = decode.CanvasBatch(8, shared_memory=True)(records)
+  make = decode.CanvasBatch(8, shared_memory=True)
+  batch = make(records)
   assert isinstance(batch["canvas"], grain.multiprocessing.SharedMemoryArray)
   flat = batch["canvas"].reshape(2, -1)
   assert (flat[0, :18] == 7).all() and not flat[0, 18:].any() and not flat[1, 60:].any()
-  batch["canvas"].unlink_on_del()
-  del batch, flat
+  del batch, flat  # Never handed over: the worker frees it.
+  assert len(made) == 1 and not _wait_until_unlinked(made), "an unsent batch's block outlived it"
+
+  sent = make(records)["canvas"]
+  metadata = sent.metadata  # What grain sends to the main process.
+  del sent
+  gc.collect()
+  assert made[1] in _shm_blocks(), "the worker freed a block it had handed over"
+  received = grain.multiprocessing.SharedMemoryArray.from_metadata(metadata)
+  received.unlink_on_del()  # What grain's receiving side does.
+  np.testing.assert_array_equal(received.reshape(2, -1)[0, :18], 7)
+  del received
+  assert not _wait_until_unlinked(made[1:]), "the received block outlived its use"
+
   records[1] = dict(records[1], encoded=b"\xff\xd8 not a jpeg")
   with pytest.raises(ValueError, match="r1"):
-    decode.CanvasBatch(8, shared_memory=True)(records)
-  assert len(made) == 2
-  if not os.path.isdir("/dev/shm"):
-    return
-  for _ in range(100):  # Unlinking may be asynchronous (grain's deletion threads).
-    gc.collect()
-    if not set(made) & set(os.listdir("/dev/shm")):
-      break
-    time.sleep(0.05)
-  assert not set(made) & set(os.listdir("/dev/shm")), "a batch's shared memory outlived it"
+    make(records)
+  assert len(made) == 3 and not _wait_until_unlinked(made), "a failed batch's block outlived it"
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="shared memory is not in /dev/shm")
+def test_closing_a_worker_iterator_mid_stream_leaves_no_shared_memory():
+  # The workers have batches buffered, made but not sent, when the iterator closes; before
+  # the workers owned them these blocks outlived the run (4 here) and Python's resource
+  # tracker warned of "leaked shared_memory objects" at exit.
+  spec = views_lib.ViewSpec(16)
+  before = _shm_blocks()
+  it = decode.create_canvas_iterator(
+    _views(spec), spec, canvas=64, num_workers=2, seed=0, global_batch_size=8
+  )
+  next(it)
+  it.close()
+  assert not _wait_until_unlinked(_shm_blocks() - before), "blocks outlived the closed iterator"

@@ -165,6 +165,22 @@ def decode_into(data: bytes | np.ndarray, out: np.ndarray, size: tuple[int, int]
   target[:] = image.reshape(-1)
 
 
+class _WorkerCanvas(grain.multiprocessing.SharedMemoryArray):
+  """A batch's canvas in shared memory, made in a grain worker: the worker owns (unlinks) the
+  block until grain hands it to the main process, which then owns it.
+
+  grain sends a shared-memory leaf as its ``metadata`` (the block's name) and the receiver
+  unlinks it once used, or when it clears its queue. A batch the worker made but never sent
+  (its prefetch buffer, when the iterator closes) had no owner: its block outlived the run
+  and Python's resource tracker warned of it at exit. Asking for the metadata is the hand-over.
+  """
+
+  @property
+  def metadata(self):
+    self._unlink_on_del = False  # The receiver unlinks it from now on.
+    return super().metadata
+
+
 class CanvasBatch:
   """grain's batch function for this path: every image written once, packed, into its slot of
   one zeroed ``(b, canvas, canvas, 3)`` array; the other entries stacked.
@@ -188,19 +204,15 @@ class CanvasBatch:
     # Both come from the OS as zero pages (a new shared memory block is zero-filled): only
     # what is written costs.
     if self.shared_memory:
-      canvas = grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
+      canvas = _WorkerCanvas(shape, np.uint8)
+      canvas.unlink_on_del()  # Until handed over (_WorkerCanvas).
     else:
       canvas = np.zeros(shape, np.uint8)
-    try:
-      for slot, record in zip(canvas.reshape(len(records), -1), records, strict=True):
-        if "encoded" in record:
-          decode_into(record["encoded"], slot, tuple(record["image_hw"]), record["what"])
-        else:
-          slot[: record["image"].size] = record["image"].reshape(-1)
-    except BaseException:
-      if self.shared_memory:  # The block would outlive the error: free it.
-        canvas.unlink_on_del()
-      raise
+    for slot, record in zip(canvas.reshape(len(records), -1), records, strict=True):
+      if "encoded" in record:
+        decode_into(record["encoded"], slot, tuple(record["image_hw"]), record["what"])
+      else:
+        slot[: record["image"].size] = record["image"].reshape(-1)
     batch = {"canvas": canvas}
     for key in records[0]:
       if key not in _RECORD_ONLY:
