@@ -12,9 +12,9 @@ held-out images of the trained encoder, of the same encoder at random initialisa
 of raw pixels. Measured on a 2-core CPU (issue 18): learned 72.3%, random-init 53.0%, raw
 pixels 73.35%. Pretraining gains 19 points over the random encoder but does not beat raw
 pixels on these small, centred, grey images at this budget (the linear probe neither:
-80.40% against 82.50%). Batch, epochs, temperature, crop scale, width and head were
-searched, each variant ending 0.3 to 2.6 points below pixels (docs/benchmarks.md); on CIFAR-10
-it beats pixels by 16 points (docs/results.md).
+80.40% against 82.50%). Batch, epochs, temperature, crop scale, width, head and learning
+rate were searched, each variant ending 0.3 to 2.6 points below pixels (docs/benchmarks.md);
+on CIFAR-10 it beats pixels by 16 points (docs/results.md).
 """
 
 from cljax import defaults
