@@ -1,11 +1,14 @@
 """Shared test fixtures: a tiny config that runs the real code path."""
 
+import contextlib
 import functools
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cljax import defaults
+from cljax import defaults, models
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -26,6 +29,27 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.data.global_batch_size = 16
   c.data.augment.photometric = False
   return c
+
+
+@contextlib.contextmanager
+def float64_model(config: ml_collections.ConfigDict):
+  """Inside: JAX with float64 enabled and ``config.model.dtype = "float64"`` accepted (cljax
+  itself offers float32 and narrower). For step-equality checks where float32 summation-order
+  noise, amplified by BatchNorm or LARS, would pass no bound derived from float32's eps."""
+  saved = dict(models._DTYPES)
+  models._DTYPES["float64"] = jnp.float64
+  config.model.dtype = "float64"
+  try:
+    with jax.enable_x64(True):
+      yield
+  finally:
+    models._DTYPES.clear()
+    models._DTYPES.update(saved)
+
+
+def to_float64(tree):
+  """``tree`` with its float32 leaves cast to float64 (inside ``float64_model``)."""
+  return jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, tree)
 
 
 def state_and_step(

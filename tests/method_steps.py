@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import initial_state, tiny_config
+from helpers import float64_model, initial_state, tiny_config, to_float64
 from jax.sharding import PartitionSpec as P
 from test_step import _batch
 
-from cljax import methods, models, sharding, step
+from cljax import methods, sharding, step
 
 N = 16
 
@@ -101,10 +101,6 @@ def _queue_in_batch_order(method_state, num_devices):
   return dict(method_state, queue=queue.reshape(views, rows, dim))
 
 
-def _in_float64(tree):
-  return jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, tree)
-
-
 def _assert_8_devices_equal_1(config, batches, **kwargs):
   """Runs on 8 devices and on 1, in float64, and asserts they agree; returns the 8-device
   ``_run`` (its ``one_more_step`` runs in float64 too).
@@ -119,22 +115,13 @@ def _assert_8_devices_equal_1(config, batches, **kwargs):
   real asymmetry (per-device statistics, positives or queue) is O(1e-2).
   """
   config = config.copy_and_resolve_references()
-  config.model.dtype = "float64"
-  saved = models._DTYPES.copy()
-  models._DTYPES["float64"] = jnp.float64
-  try:
-    with jax.enable_x64(True):
-      init = _in_float64(
-        _initial_state(
-          config, kwargs.get("lr", 0.1), len(batches), kwargs.get("steps_per_epoch", 0)
-        )
-      )
-      states8, hist8, *more = _run(config, jax.devices(), batches, init=init, **kwargs)
-      kwargs.pop("keep_going", None)
-      states1, hist1 = _run(config, jax.devices()[:1], batches, init=init, **kwargs)
-  finally:
-    models._DTYPES.clear()
-    models._DTYPES.update(saved)
+  with float64_model(config):
+    init = to_float64(
+      _initial_state(config, kwargs.get("lr", 0.1), len(batches), kwargs.get("steps_per_epoch", 0))
+    )
+    states8, hist8, *more = _run(config, jax.devices(), batches, init=init, **kwargs)
+    kwargs.pop("keep_going", None)
+    states1, hist1 = _run(config, jax.devices()[:1], batches, init=init, **kwargs)
   assert jax.tree.leaves(states8[-1].params)[0].dtype == np.float64
   # 40x and 60x the differences measured, 1e3 and 1e4 below a real asymmetry's.
   for m8, m1 in zip(hist8, hist1, strict=True):

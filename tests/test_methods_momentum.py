@@ -12,11 +12,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import initial_state, state_and_step, tiny_config
+from helpers import float64_model, initial_state, state_and_step, tiny_config, to_float64
 from jax.sharding import PartitionSpec as P
 from test_step import _batch
 
-from cljax import collapse, losses, methods, metrics, models, sharding, step, train
+from cljax import collapse, losses, methods, metrics, sharding, step, train
 from cljax.methods import base, momentum
 
 MOMENTUM = ("moco_v2", "moco_v3", "byol")
@@ -50,12 +50,8 @@ def _run(config, devices, batches, num_steps=10, lr=0.1, prepare=lambda state: s
   return jax.device_get(state), history
 
 
-def _in_float64(state):
-  return jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
-
-
 @pytest.mark.parametrize("method", ["moco_v2", "moco_v3", "byol", "simsiam"])
-def test_method_step_on_8_devices_equals_1_device(method, monkeypatch):
+def test_method_step_on_8_devices_equals_1_device(method):
   # In float64. In float32 the sharded and the single-device step differ by summation order
   # alone, but BatchNorm of near-constant features and LARS's trust ratios of near-zero
   # biases amplify that past any bound derived from float32's eps (BYOL's BatchNorm scales
@@ -63,13 +59,11 @@ def test_method_step_on_8_devices_equals_1_device(method, monkeypatch):
   # In float64 the same amplification leaves at most 2e-9 (MoCo v2 with LARS; 1e-14 for
   # BYOL): the two steps compute one function, with no asymmetry in the target network's
   # statistics. A real one (per-device BatchNorm, negatives or queue) is O(1e-2).
-  monkeypatch.setitem(models._DTYPES, "float64", jnp.float64)
   config = _config(method)
-  config.model.dtype = "float64"
   batches = [_batch(seed=0), _batch(seed=1)]
-  with jax.enable_x64(True):
-    state8, hist8 = _run(config, jax.devices(), batches, prepare=_in_float64)
-    state1, hist1 = _run(config, jax.devices()[:1], batches, prepare=_in_float64)
+  with float64_model(config):
+    state8, hist8 = _run(config, jax.devices(), batches, prepare=to_float64)
+    state1, hist1 = _run(config, jax.devices()[:1], batches, prepare=to_float64)
   assert jax.tree.leaves(state8.params)[0].dtype == np.float64
   # Metrics are cast to float32 at the end: a few of its ulps (eps 1.2e-7).
   for m8, m1 in zip(hist8, hist1, strict=True):

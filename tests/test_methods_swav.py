@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import float64_model, to_float64
 from method_steps import N, _batch, _config, _initial_state, _queue_in_batch_order, _run
 
-from cljax import losses, methods, models
+from cljax import losses, methods
 
 LOCAL_CROPS, LOCAL_SIZE = 2, 8
 
@@ -81,19 +82,16 @@ def swav_run():
   return config, batches, states, hist
 
 
-def test_swav_multicrop_step_on_8_devices_equals_1_device(monkeypatch):
+def test_swav_multicrop_step_on_8_devices_equals_1_device():
   # In float64, as the momentum methods' test: in float32 the sharded and the one-device
   # step differ by summation order alone, but BatchNorm of near-constant features amplifies
   # that past any bound from float32's eps (a BatchNorm bias 1.7e-4 apart after 4 steps with
   # XLA's own CPU kernels). In float64 the same function leaves only float64 rounding,
   # amplified alike; a real asymmetry (per-device statistics, codes or queue) is O(1e-2).
-  monkeypatch.setitem(models._DTYPES, "float64", jnp.float64)
   config = _swav_multicrop_config()
-  config.model.dtype = "float64"
   batches = [_multicrop_batch(seed=s) for s in range(4)]
-  to64 = lambda t: jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, t)
-  with jax.enable_x64(True):
-    init = to64(_initial_state(config, 0.1, len(batches), 1))
+  with float64_model(config):
+    init = to_float64(_initial_state(config, 0.1, len(batches), 1))
     states8, hist8 = _run(config, jax.devices(), batches, steps_per_epoch=1, init=init)
     states1, hist1 = _run(config, jax.devices()[:1], batches, steps_per_epoch=1, init=init)
   assert jax.tree.leaves(states8[-1].params)[0].dtype == np.float64
