@@ -11,11 +11,12 @@ Expected result: the final line reports the kNN top-1 (k=200, T=0.07) on the 2,0
 held-out images of the trained encoder, of the same encoder at random initialisation and
 of raw pixels. Measured on a 2-core AVX2 CPU (issue 18): learned 72.3%, random-init 53.0%,
 raw pixels 73.35% (on a 2-core AVX-512 CPU, whose kernels round each step differently:
-70.9%, 53.1%, 73.35%, in about 2 minutes). Pretraining gains 19 points over the random encoder but does not beat raw
-pixels on these small, centred, grey images at this budget (the linear probe neither:
-80.40% against 82.50%). Batch, epochs, temperature, crop scale, width, head and learning
-rate were searched, each variant ending 0.3 to 2.6 points below pixels (docs/benchmarks.md);
-on CIFAR-10 it beats pixels by 16 points (docs/results.md).
+70.9%, 53.1%, 73.35%, in about 2 minutes). Pretraining gains 18 to 19 points over the
+random encoder but does not beat raw pixels on these small, centred, grey images at this
+budget (the linear probe neither: 80.40% against 82.50%). Batch, epochs, temperature,
+crop scale, width, head and learning rate were searched, each variant ending 0.3 to 2.6
+points below pixels (docs/benchmarks.md); on CIFAR-10 it beats pixels by 16 points
+(docs/results.md).
 """
 
 from cljax import defaults
