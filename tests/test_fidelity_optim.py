@@ -139,7 +139,12 @@ def test_each_recipe_decays_and_trust_scales_what_its_official_code_does(recipe,
     expected = _expected_update(name, g, p, lr, wd, decayed, trusted, config)
     # One step of a few float32 operations (and norms of <= 36 elements): relative error
     # ~1e-6; the absolute floor is far below every update here (>= lr * wd^2 ~ 1e-12 LARS).
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-14, err_msg=f"{recipe} {path}")
+    # AdamW's has a systematic part too: optax's bias correction divides (1 - b2) g^2 by
+    # 1 - float32(b2), 1.3e-5 below 1 - b2 for b2 = 0.999, so the normalised gradient comes
+    # out 6.4e-6 small, and up to 1.7x that relative to an update whose decay term has the
+    # opposite sign (wd |p| <= 0.4 here): measured 9.6e-6. Either choice below moves > 1e-3.
+    rtol = 5e-5 if name == "adamw" else 1e-5
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=1e-14, err_msg=f"{recipe} {path}")
     # The other choice would be told apart: decay on or off, trust ratio on or off.
     other = _expected_update(name, g, p, lr, wd, not decayed, trusted, config)
     assert not np.allclose(got, other, rtol=1e-3, atol=0), f"{recipe} {path}: decay undetected"

@@ -422,9 +422,14 @@ def test_last_layer_after_the_freeze_updates_like_a_fresh_adamw_and_not_before()
   for expected_update, k in zip(expected, after, strict=True):
     got = np.asarray(last(history[k + 1]) - last(history[k]))
     # A handful of float32 roundings per element (moments, bias corrections, sqrt, the
-    # division, the parameter update's subtraction): relative error ~1e-6, and the absolute
-    # floor covers the subtraction's rounding of parameters of size ~1.
-    np.testing.assert_allclose(got, expected_update, rtol=1e-5, atol=1e-7)
+    # division): relative error ~1e-6, plus optax's systematic one: its bias correction
+    # divides (1 - b2) g^2 by 1 - float32(b2), 1.3e-5 below 1 - b2, so the normalised
+    # gradient comes out 6.4e-6 small, more relative to an update whose decay term has the
+    # opposite sign (1.1e-5 measured). The stored parameter p + u is rounded to float32, so
+    # the update read back is off by up to half an ulp of the parameter: the absolute floor
+    # is 2 ulps of the largest. The old freeze's first update is 0.58x (below).
+    atol = 2 * np.finfo(np.float32).eps * float(np.abs(last(history[k + 1])).max())
+    np.testing.assert_allclose(got, expected_update, rtol=5e-5, atol=atol)
 
   # The old freeze (stop_gradient: zero gradients, one optimiser whose count runs on, the
   # kernel decaying) fails the same comparison: its first update is 0.58x a fresh Adam's.

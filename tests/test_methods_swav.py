@@ -98,8 +98,10 @@ def test_swav_multicrop_step_on_8_devices_equals_1_device():
   for m8, m1 in zip(hist8, hist1, strict=True):
     chex.assert_trees_all_close(m8, m1, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(states8[-1].params, states1[-1].params, rtol=1e-7, atol=1e-7)
+  # The queued embeddings pass through float32 (2^-24 apart measured, half an ulp of 1):
+  # 1e-6 is 8 ulps of 1, and 1e4 below a misplaced row.
   queue8 = _queue_in_batch_order(states8[-1].method_state, 8)
-  chex.assert_trees_all_close(queue8, states1[-1].method_state, rtol=1e-7, atol=1e-7)
+  chex.assert_trees_all_close(queue8, states1[-1].method_state, rtol=1e-6, atol=1e-6)
 
 
 def test_swav_multicrop_predicts_the_global_crops_codes_from_every_crop(swav_run):

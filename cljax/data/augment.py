@@ -275,7 +275,7 @@ def sample_params(
   Returns:
     The example's ``AugmentParams``.
   """
-  u = jax.random.uniform(key, (_NUM_DRAWS,))
+  u = jax.random.uniform(key, (_NUM_DRAWS,), jnp.float32)  # float32 under x64 too.
   order, factors = _jitter_from_uniforms(u[:_JITTER_DRAWS], color_strength)
   coins = u[_JITTER_DRAWS : _JITTER_DRAWS + _COIN_DRAWS]
   low, high = BLUR_SIGMA_RANGE
