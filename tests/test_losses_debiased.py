@@ -157,4 +157,6 @@ def test_sharded_debiased_variants_equal_single_device(fn):
   sharded = _sharded(lambda a, b: fn(a, b, DATA), mesh, (P(DATA), P(DATA)))
   got = _value_and_grads(sharded, z_a, z_b)
   np.testing.assert_allclose(float(got[0]), float(expected[0]), rtol=1e-5)
-  chex.assert_trees_all_close(got[1], expected[1], rtol=1e-5, atol=1e-7)
+  # Sums in another order: an element that cancels to near 0 keeps the error of its summed
+  # terms, so the floor scales with the largest element (an atol of 1e-7 held by 2.6x).
+  assert_grads_close(got[1], expected[1], rtol=1e-5)

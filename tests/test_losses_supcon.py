@@ -94,7 +94,9 @@ def test_sharded_supcon_equals_single_device():
     jax.value_and_grad(lambda e: sharded(e, labels), has_aux=True)
   )(emb)
   np.testing.assert_allclose(float(s_value), float(value), rtol=1e-5)
-  chex.assert_trees_all_close(s_grad, grad, rtol=1e-5, atol=1e-7)
+  # Sums in another order: an element that cancels to near 0 keeps the error of its summed
+  # terms, so the floor scales with the largest element (an atol of 1e-7 held by 2.4x).
+  assert_grads_close((s_grad,), (grad,), rtol=1e-5)
   chex.assert_trees_all_close(s_metrics, metrics, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(value), np_supcon(emb, labels, 0.1), rtol=RTOL)
   np.testing.assert_allclose(float(metrics["anchor_fraction"]), 31 / 32)
