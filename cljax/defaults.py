@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.hidden_dim = 2048
   c.head.output_dim = 128
   # After the last Dense: "bn", BatchNorm with a scale (SimCLR v2); "bn_no_affine", without
-  # scale or bias (MoCo v3, SimSiam's projector); "none", a bias instead.
+  # scale or bias (MoCo v3, SimSiam's projector); "none", a bias instead; "none_no_bias",
+  # neither (MoCo v3's ResNet predictor).
   c.head.output_norm = "bn"
   c.head.hidden_norm = "bn"  # "bn": BatchNorm in the hidden layers; "none" (MoCo v2): bias.
 
@@ -62,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.predictor = ml_collections.ConfigDict()
   c.predictor.num_layers = 0
   c.predictor.hidden_dim = 4096
-  c.predictor.output_norm = "none"  # As head.output_norm (MoCo v3: "bn_no_affine").
+  c.predictor.output_norm = "none"  # As head.output_norm (MoCo v3 ViT: "bn_no_affine").
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.1
@@ -88,12 +89,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay_end = -1.0
   c.optim.momentum = 0.9
   c.optim.trust_coefficient = 1e-3
+  # Where LARS applies the learning rate, which matters while it changes: "lr_then_momentum",
+  # to each step's update before the momentum sums it (optax.lars, SimCLR's LARS);
+  # "momentum_then_lr", to the sum (PyTorch's SGD rule: BYOL, Barlow Twins, MoCo v3, SwAV).
+  c.optim.lars_order = "lr_then_momentum"
   # Which parameters weight decay (and LARS's trust ratio) applies to, as each recipe's
   # official code does (tests/test_fidelity_optim.py): "kernels": not biases, norm scales and
   # offsets, a ViT's class token and position embeddings or CLIP's logit scale (SimCLR, BYOL:
-  # on a ResNet the same as "matrices"); "matrices": parameters of 2+ dimensions that are not
-  # biases, PyTorch's ``p.ndim >= 2`` (DINO, Barlow Twins, MoCo v3's LARS, CLIP); "all"
-  # (MoCo v2, SimSiam, SupCon, MoCo v3's AdamW, SwAV's LARC). Never a ``frozen_*`` module.
+  # on a ResNet the same as "matrices"; CLIP: open_clip's 1-D and no_weight_decay() rule);
+  # "matrices": parameters of 2+ dimensions that are not biases, PyTorch's ``p.ndim >= 2``
+  # (DINO, Barlow Twins, MoCo v3's LARS); "all" (MoCo v2, SimSiam, SupCon, MoCo v3's AdamW,
+  # SwAV's LARC). Never a ``frozen_*`` module.
   c.optim.decay_mask = "kernels"
   c.optim.b2 = 0.999  # AdamW's second-moment decay (CLIP: 0.98).
   c.optim.eps = 1e-8  # AdamW's epsilon (CLIP: 1e-6).

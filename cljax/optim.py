@@ -13,8 +13,8 @@ import optax
 
 # Parameter names that ``lars_mask`` leaves alone: biases and BatchNorm/LayerNorm
 # scales/offsets (SimCLR, You et al. 2017), a ViT's class token and learned position
-# embeddings, and CLIP's logit scale and bias. No official recipe excludes the tokens (DINO
-# and MoCo v3 decay them); ``optim.decay_mask`` picks each recipe's own rule.
+# embeddings, and CLIP's logit scale and bias. Of the official recipes only open_clip exempts
+# the tokens (DINO and MoCo v3 decay them); ``optim.decay_mask`` picks each recipe's own rule.
 _UNADAPTED_NAMES = ("bias", "scale", "cls_token", "pos_embedding", "logit_scale", "logit_bias")
 # Modules whose parameters never train (a ViT's frozen patch projection, ``models.vit``):
 # their gradients are zero, and without weight decay every optimiser here leaves them as
@@ -25,6 +25,8 @@ _FROZEN_PREFIX = "frozen_"
 # The values of optim.lr_scaling and optim.name (cljax.validate checks them up front).
 LR_SCALINGS = ("linear", "sqrt", "none")
 OPTIMIZERS = ("lars", "sgd", "adamw")
+# The values of optim.lars_order: where LARS applies the learning rate (:func:`create_lars`).
+LARS_ORDERS = ("lr_then_momentum", "momentum_then_lr")
 
 
 def scaled_learning_rate(base_lr: float, global_batch_size: int, scaling: str) -> float:
@@ -62,7 +64,9 @@ def lars_mask(params) -> object:
   """True for the parameters LARS adapts and weight decay shrinks: the kernels.
 
   False for biases, normalisation scales and offsets, a ViT's class token and
-  position embeddings, and anything under a ``frozen_*`` module.
+  position embeddings, and anything under a ``frozen_*`` module. On CLIP's models this is
+  open_clip's rule: ``ndim <= 1`` (biases, norm gains, ``logit_scale``) and its models'
+  ``no_weight_decay()`` (``class_embedding``, ``positional_embedding`` of both towers).
   """
 
   def adapted(path, _) -> bool:
@@ -81,8 +85,8 @@ def matrix_mask(params) -> object:
   ``in_proj_bias``); False for biases, normalisation scales, scalars and ``frozen_*``.
 
   The official rule of DINO (``get_params_groups``: ``.bias`` or 1-D), Barlow Twins and MoCo
-  v3's LARS (``p.ndim == 1`` / ``p.ndim > 1``) and open_clip (``ndim < 2``, ``bias``,
-  ``logit_scale``); on a ResNet, the same parameters as :func:`lars_mask`.
+  v3's LARS (``p.ndim == 1`` / ``p.ndim > 1``); on a ResNet, the same parameters as
+  :func:`lars_mask`, which differs on a ViT's class token and position embeddings.
   """
 
   def decayed(path, p) -> bool:
@@ -157,14 +161,16 @@ def create_optimizer(
   (:func:`decay_mask`). ``num_steps`` (the run's length) sizes the weight-decay schedule of
   SGD and AdamW when ``optim.weight_decay_end >= 0`` (:func:`weight_decay_schedule`).
 
-  With ``freeze_mask`` and ``freeze_steps > 0``, the parameters where ``freeze_mask(params)``
-  is True are frozen for the first ``freeze_steps`` updates as if they had no gradient
-  (PyTorch's ``p.grad = None``, DINO's last layer): :func:`freeze_for_steps`.
+  With ``freeze_mask``, the parameters where ``freeze_mask(params)`` is True are frozen for
+  the first ``freeze_steps`` updates as if they had no gradient (PyTorch's ``p.grad = None``,
+  DINO's last layer): :func:`freeze_for_steps`. Their optimiser group exists whatever
+  ``freeze_steps`` is (0: never frozen), so the state's tree, and what a checkpoint must
+  hold, depend on the config alone, never on a run length that evaluation cannot know.
   """
   make = lambda offset: _create_optimizer(optim_config, learning_rate_fn, num_steps, offset)
-  if freeze_mask is None or freeze_steps <= 0:
+  if freeze_mask is None:
     return make(0)
-  return freeze_for_steps(make, freeze_mask, freeze_steps)
+  return freeze_for_steps(make, freeze_mask, max(freeze_steps, 0))
 
 
 def _shifted(schedule, offset: int):
@@ -188,16 +194,7 @@ def _create_optimizer(
       "'adamw'; LARS takes a constant optim.weight_decay: set optim.weight_decay_end=-1."
     )
   if name == "lars":
-    return optax.lars(
-      learning_rate=learning_rate_fn,
-      weight_decay=optim_config.weight_decay,
-      weight_decay_mask=mask,
-      trust_coefficient=optim_config.trust_coefficient,
-      eps=0.0,
-      trust_ratio_mask=mask,
-      momentum=optim_config.momentum,
-      nesterov=False,
-    )
+    return create_lars(optim_config, learning_rate_fn, mask)
   if name == "sgd":
     return optax.chain(
       add_decayed_weights(weight_decay, mask),
@@ -214,6 +211,37 @@ def _create_optimizer(
       optax.scale_by_learning_rate(learning_rate_fn),
     )
   raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}.")
+
+
+def create_lars(
+  optim_config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, mask
+) -> optax.GradientTransformation:
+  """LARS: weight decay and trust ratio on the parameters ``mask`` selects, then momentum and
+  the learning rate in the order ``optim.lars_order`` names.
+
+  The orders differ whenever the rate changes (warm-up, cosine). "lr_then_momentum" scales
+  each step's update u before the momentum sums it, ``v <- m v + lr_t u; p <- p - v``
+  (``optax.lars``; SimCLR's TF ``LARSOptimizer``: ``next_v = m v + scaled_lr * grad``).
+  "momentum_then_lr" scales the sum, ``v <- m v + u; p <- p - lr_t v``: PyTorch's SGD rule,
+  in Barlow Twins' and MoCo v3's ``LARS.step`` and under SwAV's ``LARC``, and BYOL's
+  ``scale_by_lars`` followed by ``optax.scale(-lr)``. Both chain ``optax.lars``'s own
+  transforms, so the first is ``optax.lars`` exactly, its state included.
+
+  Raises:
+    ValueError: if ``optim.lars_order`` is not one of :data:`LARS_ORDERS`.
+  """
+  order = optim_config.get("lars_order", LARS_ORDERS[0])
+  if order not in LARS_ORDERS:
+    raise ValueError(f"optim.lars_order must be one of {LARS_ORDERS}, got {order!r}.")
+  momentum = optax.trace(decay=optim_config.momentum, nesterov=False)
+  learning_rate = optax.scale_by_learning_rate(learning_rate_fn)
+  last = (learning_rate, momentum) if order == "lr_then_momentum" else (momentum, learning_rate)
+  trust_ratio = optax.scale_by_trust_ratio(trust_coefficient=optim_config.trust_coefficient)
+  return optax.chain(
+    optax.add_decayed_weights(optim_config.weight_decay, mask=mask),
+    optax.masked(trust_ratio, mask),
+    *last,
+  )
 
 
 def freeze_for_steps(

@@ -26,14 +26,15 @@ NAMES: dict[str, tuple[str, ...]] = {
   "model.posemb": ("sincos2d", "learn"),  # cljax.models.vit.POSEMBS
   # Which of them a method offers is checked when it is built (Method.bn_views_choices).
   "model.bn_views": ("default", "per_view", "pooled"),
-  "head.output_norm": ("bn", "bn_no_affine", "none"),  # cljax.models.heads.OUTPUT_NORMS
+  "head.output_norm": ("bn", "bn_no_affine", "none", "none_no_bias"),  # heads.OUTPUT_NORMS
   "head.hidden_norm": ("bn", "none"),  # cljax.models.heads.HIDDEN_NORMS
-  "predictor.output_norm": ("bn", "bn_no_affine", "none"),
+  "predictor.output_norm": ("bn", "bn_no_affine", "none", "none_no_bias"),
   "loss.name": ("nt_xent", "debiased", "hard_negative", "decoupled"),  # methods.simclr
   "loss.implementation": ("plain", "blockwise"),  # methods.simclr.LOSS_IMPLEMENTATIONS
   "optim.name": ("lars", "sgd", "adamw"),  # cljax.optim.OPTIMIZERS
   "optim.lr_scaling": ("linear", "sqrt", "none"),  # cljax.optim.LR_SCALINGS
   "optim.decay_mask": ("kernels", "matrices", "all"),  # cljax.optim.DECAY_MASKS
+  "optim.lars_order": ("lr_then_momentum", "momentum_then_lr"),  # cljax.optim.LARS_ORDERS
   "data.source": (
     *("tfds", "folder", "npz", "encoded_npz", "idx", "synthetic", "embedded", "prepared"),
   ),  # cljax.data.sources._FACTORIES

@@ -40,6 +40,7 @@ def get_config(preset: str = "gpu"):
   c.optim.base_lr = 0.3
   c.optim.lr_scaling = "linear"
   c.optim.decay_mask = "matrices"  # Official LARS: no decay or adaptation for 1-D params.
+  c.optim.lars_order = "momentum_then_lr"  # Official LARS.step: mu = m mu + dp; p -= lr mu.
   c.optim.weight_decay = 1e-3  # solo-learn's 1e-4 with its loss scaled by 0.1.
   c.optim.trust_coefficient = 0.02
   c.data.global_batch_size = 256

@@ -45,6 +45,7 @@ def get_config():
   c.optim.base_lr = 0.2  # x 2048 / 256 = 1.6 (weights; biases and BatchNorm x 0.024)
   c.optim.lr_scaling = "linear"
   c.optim.decay_mask = "matrices"  # Official LARS: no decay or adaptation for 1-D params.
+  c.optim.lars_order = "momentum_then_lr"  # Official LARS.step: mu = m mu + dp; p -= lr mu.
   c.optim.weight_decay = 1.5e-6
 
   augment.byol_views(c)

@@ -32,6 +32,7 @@ def get_config(preset: str = "gpu"):
   c.ema.base = 0.99
   c.optim.base_lr = 1.0
   c.optim.lr_scaling = "linear"
+  c.optim.lars_order = "momentum_then_lr"  # BYOL's scale_by_lars, then scale(-lr).
   c.optim.weight_decay = 1e-5
   c.data.global_batch_size = 256
   augment.byol_views(c, blur=False)  # 32 px: no blur, as in the CIFAR recipes.

@@ -34,6 +34,7 @@ def get_config():
 
   c.optim.base_lr = 0.2
   c.optim.lr_scaling = "linear"
+  c.optim.lars_order = "momentum_then_lr"  # BYOL's scale_by_lars, then scale(-lr).
   c.optim.weight_decay = 1.5e-6
 
   augment.byol_views(c)

@@ -51,7 +51,9 @@ def get_config():
   c.optim.name = "adamw"
   c.optim.base_lr = 1e-3
   c.optim.lr_scaling = "none"
-  c.optim.decay_mask = "matrices"  # open_clip: no decay on biases, norms, logit scale.
+  # open_clip: no decay on 1-D parameters (biases, norms, logit scale) or the class and
+  # position embeddings (its models' no_weight_decay()); matrices and token embedding decay.
+  c.optim.decay_mask = "kernels"
   c.optim.weight_decay = 0.1
   c.optim.warmup_epochs = 0.2
   c.optim.b2 = 0.98

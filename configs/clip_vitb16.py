@@ -52,7 +52,9 @@ def get_config():
   c.optim.name = "adamw"
   c.optim.base_lr = 5e-4
   c.optim.lr_scaling = "none"
-  c.optim.decay_mask = "matrices"  # open_clip: no decay on biases, norms, logit scale.
+  # open_clip: no decay on 1-D parameters (biases, norms, logit scale) or the class and
+  # position embeddings (its models' no_weight_decay()); matrices and token embedding decay.
+  c.optim.decay_mask = "kernels"
   c.optim.weight_decay = 0.2
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6

@@ -7,11 +7,11 @@ Hardware: one host of 8 GPUs (batch 512, as in the paper).
 
 Recipe (Chen & He 2021, "Exploring Simple Siamese Representation Learning",
 https://arxiv.org/abs/2011.10566, Sec. 4): 3-layer projector 2048-2048-2048 ending in
-BatchNorm, predictor 2048-512-2048 (bottleneck, no BatchNorm at its output), symmetric
-negative cosine with stop-gradient, SGD lr 0.05 x B/256, momentum 0.9, weight decay 1e-4,
-cosine schedule, no warm-up; MoCo v2's augmentation. Departures: the predictor's learning
-rate decays with the rest (the paper keeps it fixed), and the projector's last BatchNorm
-keeps its scale.
+BatchNorm without scale or bias (the official ``BatchNorm1d(dim, affine=False)``), predictor
+2048-512-2048 (bottleneck, no BatchNorm at its output), symmetric negative cosine with
+stop-gradient, SGD lr 0.05 x B/256, momentum 0.9, weight decay 1e-4 on every parameter,
+cosine schedule, no warm-up; MoCo v2's augmentation. Departure: the predictor's learning
+rate decays with the rest (the paper keeps it fixed).
 
 Expected result: 68.1% ImageNet linear-probe top-1 after 100 epochs (71.3% after 800),
 Table 4 of the paper.

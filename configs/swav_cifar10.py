@@ -45,6 +45,7 @@ def get_config(preset: str = "gpu"):
   c.optim.base_lr = 0.6
   c.optim.lr_scaling = "linear"
   c.optim.decay_mask = "all"  # LARC(SGD): every parameter decayed and trust-scaled.
+  c.optim.lars_order = "momentum_then_lr"  # LARC scales the gradient; SGD: p -= lr buf.
   c.optim.trust_coefficient = 0.02
   c.data.global_batch_size = 256
   c.data.augment.crop_area_min = 0.14

@@ -20,8 +20,8 @@ epoch 15: ``--config.swav.queue_size=3840/D`` (rows per device) with
 ``--config.data.global_batch_size=256``.
 
 Departures: the cosine decays to 0 (the official to 0.0048) and the warm-up starts at 0
-(official 0.3); LARS and weight decay also apply to the prototypes' kernel while frozen
-(scores are unaffected: the prototypes are normalised in the forward pass).
+(official 0.3); optax's trust ratio ``eta ||w|| / ||g + wd w||`` stands for LARC's
+``eta ||w|| / (||g|| + wd ||w||)`` (docs/fidelity.md).
 
 Expected result: 75.3% ImageNet linear-probe top-1 after 800 epochs (paper Table 1; 72.1%
 after 100 epochs).
@@ -40,6 +40,7 @@ def get_config():
   c.optim.base_lr = 0.3  # x 4096 / 256 = 4.8
   c.optim.lr_scaling = "linear"
   c.optim.decay_mask = "all"  # LARC(SGD): every parameter decayed and trust-scaled.
+  c.optim.lars_order = "momentum_then_lr"  # LARC scales the gradient; SGD: p -= lr buf.
 
   c.data.augment.crop_area_min = 0.14
   c.data.augment.num_local_crops = 6

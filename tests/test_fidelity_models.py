@@ -1,8 +1,10 @@
 """Recipes as the official code runs them: per-view BatchNorm (BYOL, MoCo v2/v3, SimSiam,
-Barlow Twins), against a reference that calls the network once per view; and the online
-probe's full float32 products (``dot_precisions``, shared with the evaluation tests)."""
+Barlow Twins), against a reference that calls the network once per view; MoCo v3's heads
+against its ``_build_mlp``; and the full float32 products of the online probe and the SGD
+linear protocol (``dot_precisions``, shared with the evaluation tests)."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,9 @@ from helpers import initial_state, tiny_config
 from test_step import _batch
 
 from cljax import methods, models, probe, sharding, step
+from cljax.evaluate import classifier
 from cljax.methods import base
+from cljax.models import heads
 
 HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
 
@@ -199,3 +203,63 @@ def test_the_online_probe_multiplies_at_full_float32_precision():
 
   precisions = dot_precisions(loss_and_grad, params)
   assert len(precisions) >= 2 and all(p == HIGHEST for p in precisions), precisions
+
+
+class _Identity(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    return x
+
+
+def test_the_sgd_linear_protocol_multiplies_at_full_float32_precision():
+  model = classifier.Classifier(_Identity(), num_classes=3, frozen=True)
+  features, labels = jnp.ones((4, 8)), jnp.arange(4) % 3
+  params = model.init(jax.random.key(0), features)["params"]
+
+  def loss_and_grad(p):
+    logits = lambda q: model.apply({"params": q}, features)
+    loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(logits(q), labels).mean()
+    return jax.value_and_grad(loss)(p)
+
+  precisions = dot_precisions(loss_and_grad, params)
+  assert len(precisions) >= 2 and all(p == HIGHEST for p in precisions), precisions
+
+
+def _build_mlp_reference(x, params, last_bn, eps=1e-5):
+  """MoCo v3's ``_build_mlp(2, ...)`` in training mode, in float64: Linear(bias=False) ->
+  BatchNorm1d (batch statistics, biased variance) -> ReLU -> Linear(bias=False), and
+  BatchNorm1d(affine=False) after it if ``last_bn``."""
+  w = lambda module, name: np.asarray(params[module][name], np.float64)
+
+  def norm(y, scale=1.0, bias=0.0):
+    return scale * (y - y.mean(0)) / np.sqrt(y.var(0) + eps) + bias
+
+  hidden = norm(x @ w("Dense_0", "kernel"), w("BatchNorm_0", "scale"), w("BatchNorm_0", "bias"))
+  y = np.maximum(hidden, 0.0) @ w("Dense_1", "kernel")  # (n, mlp) @ (mlp, out) -> (n, out)
+  return norm(y) if last_bn else y
+
+
+@pytest.mark.parametrize(
+  "output_norm,last_bn",
+  [("bn_no_affine", True), ("none_no_bias", False)],  # Projector; ResNet predictor.
+)
+def test_moco_v3_heads_are_the_official_build_mlp(output_norm, last_bn):
+  head = heads.ProjectionHead(num_layers=2, hidden_dim=8, output_dim=4, output_norm=output_norm)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  variables = head.init(jax.random.key(0), x)
+  # _build_mlp's parameters, no more: two bias-free Linear weights and the hidden BatchNorm's
+  # affine pair (BatchNorm1d(affine=False) has none).
+  assert jax.tree.map(np.shape, variables["params"]) == {
+    "Dense_0": {"kernel": (6, 8)},
+    "BatchNorm_0": {"scale": (8,), "bias": (8,)},
+    "Dense_1": {"kernel": (8, 4)},
+  }
+  # Random values everywhere (BatchNorm's affine pair included), so each one shows.
+  params = jax.tree.map(
+    lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), variables["params"]
+  )
+  got, _ = head.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+  want = _build_mlp_reference(np.asarray(x, np.float64), params, last_bn)
+  # Two float32 matmuls and normalisations over 16 rows: errors ~1e-6 on outputs of ~1-10.
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -211,13 +211,15 @@ def test_global_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
 
 
 def test_every_config_builds_its_model_and_optimizer():
+  """And its state's tree (what a checkpoint holds) does not depend on the run's length:
+  evaluation builds the method without it (DINO's and SwAV's freeze groups once did)."""
   import importlib.util
   import inspect
 
   import optax
   from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 
-  from cljax import methods, optim
+  from cljax import methods, optim, step
 
   for path in sorted((REPO / "configs").glob("*.py")):
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -238,6 +240,18 @@ def test_every_config_builds_its_model_and_optimizer():
       )
       tx = optim.create_optimizer(config.optim, optax.constant_schedule(0.1))
       jax.eval_shape(tx.init, shapes["params"])
+      trees = []
+      for num_steps, steps_per_epoch in ((0, 0), (1000, 50)):
+        run_method = methods.create_method(config, num_steps, steps_per_epoch)
+        state = jax.eval_shape(
+          lambda k, m=run_method, s=size: step.create_train_state(
+            m, k, optax.constant_schedule(0.1), (s, s, 3)
+          ),
+          jax.random.key(0),
+        )
+        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+        trees.append([(jax.tree_util.keystr(k), x.shape, x.dtype) for k, x in leaves])
+      assert trees[0] == trees[1], (path.name, preset)
 
 
 def test_sigterm_saves_exits_cleanly_and_the_next_start_resumes(tmp_path):

@@ -127,13 +127,13 @@ def test_projection_head_without_affine_output_norm_is_moco_v3s_last_batchnorm()
   # Float32 matmuls of width 32 and a batch standardisation: ~1e-6 relative.
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
   with pytest.raises(
-    ValueError, match=r"output_norm must be one of \('bn', 'bn_no_affine', 'none'\)"
+    ValueError, match=r"output_norm must be one of \('bn', 'bn_no_affine', 'none', 'none_no_bias'\)"
   ):
     heads.ProjectionHead(output_norm="ln").init(jax.random.key(0), x, train=False)
 
 
 @pytest.mark.parametrize("recipe", ["mocov3_cifar10", "mocov3_vits16", "simsiam_cifar10"])
-def test_moco_v3_and_simsiam_recipes_end_in_batchnorm_without_affine(recipe):
+def test_moco_v3_and_simsiam_recipes_end_as_the_official_heads(recipe):
   import importlib.util
   import pathlib
 
@@ -143,8 +143,10 @@ def test_moco_v3_and_simsiam_recipes_end_in_batchnorm_without_affine(recipe):
   spec.loader.exec_module(module)
   config = module.get_config()
   assert config.head.output_norm == "bn_no_affine"
-  # SimSiam's predictor ends in a Linear with bias; MoCo v3's in BatchNorm1d(affine=False).
-  want = "none" if config.method == "simsiam" else "bn_no_affine"
+  # SimSiam's predictor ends in a Linear with bias; MoCo v3's ViT predictor in
+  # BatchNorm1d(affine=False), its ResNet predictor in a bias-free Linear (_build_mlp's
+  # last_bn=False).
+  want = {"simsiam_cifar10": "none", "mocov3_vits16": "bn_no_affine"}.get(recipe, "none_no_bias")
   assert config.predictor.output_norm == want
 
 

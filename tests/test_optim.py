@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,8 +154,8 @@ def _vit_like_params():
 
 def test_decay_masks_follow_pytorchs_ndim_rule_or_everything():
   params = _vit_like_params()
-  # PyTorch's ndim >= 2 (DINO, Barlow Twins, MoCo v3's LARS, open_clip): the tokens and
-  # kernels; a Flax attention bias of shape (heads, head_dim) is PyTorch's 1-D bias.
+  # PyTorch's ndim >= 2 (DINO, Barlow Twins, MoCo v3's LARS): the tokens and kernels; a Flax
+  # attention bias of shape (heads, head_dim) is PyTorch's 1-D bias.
   assert optim.matrix_mask(params) == {
     "cls_token": True,
     "pos_embedding": True,
@@ -167,8 +168,95 @@ def test_decay_masks_follow_pytorchs_ndim_rule_or_everything():
   assert everything["frozen_embedding"] == {"kernel": False, "bias": False}  # Never trains.
   del everything["frozen_embedding"]
   assert all(jax.tree.leaves(everything))
-  # The default keeps the tokens out too (on a ResNet, the same as "matrices").
+  # The default keeps the tokens out too (on a ResNet, the same as "matrices"; open_clip's
+  # rule on CLIP's models).
   assert not optim.lars_mask(params)["cls_token"] and not optim.lars_mask(params)["pos_embedding"]
+
+
+def lars_reference(order, p, grads, lrs, *, weight_decay, eta, momentum, decayed, trusted):
+  """Each step's update of one parameter under LARS, in float64: ``u = g + wd p`` (if
+  ``decayed``), ``u *= eta |p| / |u|`` (if ``trusted``), then ``v <- m v + lr u; p -= v``
+  ("lr_then_momentum", SimCLR's TF LARS) or ``v <- m v + u; p -= lr v`` ("momentum_then_lr",
+  PyTorch's SGD rule)."""
+  p, v, updates = np.asarray(p, np.float64), 0.0, []
+  for g, lr in zip(grads, lrs, strict=True):
+    u = np.asarray(g, np.float64) + (weight_decay * p if decayed else 0.0)
+    if trusted:
+      u = u * eta * np.linalg.norm(p) / np.linalg.norm(u)
+    v = momentum * v + (lr * u if order == "lr_then_momentum" else u)
+    update = -v if order == "lr_then_momentum" else -lr * v
+    p = p + update
+    updates.append(update)
+  return updates
+
+
+def run_optimizer(tx, params, grads):
+  """Each step's updates of ``tx`` applied to ``params``, and its final state."""
+  state, updates = tx.init(params), []
+  for g in grads:
+    update, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, update)
+    updates.append(update)
+  return updates, state
+
+
+def assert_lars_order(got, order, p, grads, lrs, label, **hyper):
+  """``got``, one parameter's update at each step of a schedule that starts at 0, is LARS of
+  ``order`` (:func:`lars_reference`, ``hyper`` its keywords) and far from the other order."""
+  (other,) = set(optim.LARS_ORDERS) - {order}
+  want, wrong = (np.stack(lars_reference(o, p, grads, lrs, **hyper)) for o in (order, other))
+  for t, step in enumerate(got):
+    # A few float32 operations a step (norms of <= 72 elements): ~1e-6 of the step's size;
+    # where the momentum sum cancels, an element's error is relative to its terms, so the
+    # absolute floor is the step's largest element's.
+    atol = 1e-6 * np.abs(want[t]).max()
+    np.testing.assert_allclose(step, want[t], rtol=1e-5, atol=atol, err_msg=f"{label} {t}")
+    # From the second step on (the first has lr 0), the other order is far off.
+    if t > 0:
+      assert np.linalg.norm(step - wrong[t]) > 0.05 * np.linalg.norm(want[t]), (label, t)
+
+
+@pytest.mark.parametrize("order", optim.LARS_ORDERS)
+def test_lars_applies_the_learning_rate_before_or_after_momentum_as_lars_order_says(order):
+  # Warm-up then cosine: the rate changes at every step, where the two orders differ.
+  lr_fn = optim.create_learning_rate_fn(peak_lr=2.0, warmup_steps=3, total_steps=8)
+  lrs = [float(lr_fn(t)) for t in range(6)]
+  config = _optim_config("lars", weight_decay=0.1)
+  config.lars_order = order
+  rng = np.random.default_rng(0)
+  params = {
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+    "bn": {"scale": jnp.asarray(rng.normal(size=4), jnp.float32)},
+  }
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    for _ in range(len(lrs))
+  ]
+  updates, state = run_optimizer(optim.create_optimizer(config, lr_fn), params, grads)
+  assert int(optim.applied_count(state)) == len(grads)
+  hyper = dict(weight_decay=0.1, eta=config.trust_coefficient, momentum=config.momentum)
+  for (module, name), kernel in ((("conv", "kernel"), True), (("bn", "scale"), False)):
+    got = [u[module][name] for u in updates]
+    g = [x[module][name] for x in grads]
+    flags = dict(decayed=kernel, trusted=kernel)
+    assert_lars_order(got, order, params[module][name], g, lrs, module, **hyper, **flags)
+
+
+def test_lr_then_momentum_is_optax_lars_state_included_and_a_bad_order_is_refused():
+  params = {"conv": {"kernel": jnp.ones((3, 2))}, "bn": {"bias": jnp.ones(2)}}
+  grads = [jax.tree.map(lambda p, k=k: (k + 1.0) * jnp.sin(p + k), params) for k in range(3)]
+  lr_fn = lambda count: 0.1 * (count + 1.0)
+  config = _optim_config("lars", weight_decay=0.1)
+  reference = optax.lars(
+    lr_fn, 0.1, optim.lars_mask, config.trust_coefficient, 0.0, optim.lars_mask, config.momentum
+  )
+  got, state = run_optimizer(optim.create_optimizer(config, lr_fn), params, grads)
+  want, reference_state = run_optimizer(reference, params, grads)
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+  chex.assert_trees_all_equal_structs(state, reference_state)  # Checkpoints restore.
+  config.lars_order = "nesterov"
+  with pytest.raises(ValueError, match="optim.lars_order must be one of"):
+    optim.create_optimizer(config, lr_fn)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ def test_names_equal_the_registries_and_branches_of_the_dispatching_code():
     "optim.name": optim.OPTIMIZERS,
     "optim.lr_scaling": optim.LR_SCALINGS,
     "optim.decay_mask": optim.DECAY_MASKS,
+    "optim.lars_order": optim.LARS_ORDERS,
     "data.source": sources._FACTORIES,
     "ema.schedule": base.EMA_SCHEDULES,
     "clip.loss": clip_method.DEFAULT_INIT_LOGIT_SCALE,

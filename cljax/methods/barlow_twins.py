@@ -17,15 +17,16 @@ batch mean, so that bias changes nothing and gets a zero gradient. With
 that the loss's standardisation cancels too; "none" is the faithful choice.
 
 Learning rates. The paper's LARS uses two learning rates: 0.2 x B/256 for
-weights and 0.0048 x B/256 for biases and BatchNorm parameters (which get no
-weight decay and no trust-ratio adaptation). cljax's optimisers have one
-learning rate, so this method scales the gradient of those parameters (the
-ones ``optim.lars_mask`` leaves unadapted) by ``barlow_twins.bias_lr_ratio``
-(the paper's 0.0048 / 0.2 = 0.024) in the forward, by
-``p_sg + r * (p - p_sg)``: the value is ``p`` exactly, the gradient ``r``
-times. With LARS and SGD these parameters' update is the learning rate times
-the momentum-accumulated gradient, so scaling the gradient is exactly a
-smaller learning rate; with AdamW (scale-invariant) it has no effect.
+weights and 0.0048 x B/256 for biases and BatchNorm parameters (``p.ndim == 1``,
+which also get no weight decay and no trust-ratio adaptation: one rule,
+``exclude_bias_and_norm``, for the three). cljax's optimisers have one learning
+rate, so this method scales the gradient of the parameters ``optim.decay_mask``
+leaves out of weight decay and adaptation by ``barlow_twins.bias_lr_ratio``
+(the paper's 0.0048 / 0.2 = 0.024) in the forward, by ``p_sg + r * (p - p_sg)``:
+the value is ``p`` exactly, the gradient ``r`` times. With LARS and SGD these
+parameters' updates are linear in their gradients (no trust ratio, no decay),
+so scaling the gradient is exactly a smaller learning rate; with AdamW
+(scale-invariant) it has no effect.
 """
 
 from __future__ import annotations
@@ -80,11 +81,17 @@ class BarlowTwins(Method):
   def bias_lr_ratio(self) -> float:
     return float(self.config.barlow_twins.get("bias_lr_ratio", PAPER_BIAS_LR_RATIO))
 
-  def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
+  def scale_unadapted_gradients(self, params: Any) -> Any:
+    """``params``, with the gradient of those the optimiser neither decays nor adapts
+    (``optim.decay_mask``: biases and BatchNorm parameters) scaled by ``bias_lr_ratio``."""
     ratio = self.bias_lr_ratio
-    if ratio != 1.0:
-      adapted = optim.lars_mask(params)
-      params = jax.tree.map(lambda p, a: p if a else scale_gradient(p, ratio), params, adapted)
+    if ratio == 1.0:
+      return params
+    adapted = optim.decay_mask(self.config.optim)(params)
+    return jax.tree.map(lambda p, a: p if a else scale_gradient(p, ratio), params, adapted)
+
+  def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
+    params = self.scale_unadapted_gradients(params)
     x = views["global"]
     n = x.shape[0] // 2
     h, z, batch_stats = self.forward(state.apply_fn, params, state.batch_stats, x, num_views=2)

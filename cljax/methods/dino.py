@@ -277,11 +277,12 @@ class DINO(Method):
   def create_optimizer(self, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
     """The config's optimiser, with the head's last layer frozen for ``freeze_steps`` updates
     as if it had no gradient (the official ``cancel_gradients_last_layer``)."""
+    frozen = self.config.dino.freeze_last_layer_epochs > 0
     return optim.create_optimizer(
       self.config.optim,
       learning_rate_fn,
       self.num_steps,
-      freeze_mask=last_layer_mask,
+      freeze_mask=last_layer_mask if frozen else None,
       freeze_steps=self.freeze_steps,
     )
 

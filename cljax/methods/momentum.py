@@ -113,10 +113,12 @@ class MoCoV3(MomentumMethod):
 
   ``ctr(p_a, k_b) + ctr(p_b, k_a)`` where ``ctr`` is InfoNCE over the keys of
   the whole global batch (gathered across devices), scaled by ``2 T``; no
-  queue. Momentum 0.99 cosine-ramped to 1; 3-layer projector and 2-layer
-  predictor with BatchNorm, each ending in BatchNorm without affine parameters
-  (``output_norm="bn_no_affine"`` in the recipes, the official ``_build_mlp``);
-  AdamW for ViTs (LARS for ResNets).
+  queue. Momentum 0.99 cosine-ramped to 1. The official heads (``_build_mlp``,
+  BatchNorm in the hidden layers): for a ViT (AdamW), a 3-layer projector and a
+  2-layer predictor, both ending in BatchNorm without affine parameters
+  (``output_norm="bn_no_affine"``); for a ResNet (LARS), a 2-layer projector
+  ending in that BatchNorm and a 2-layer predictor ending in a bias-free Linear
+  (``predictor.output_norm="none_no_bias"``, ``last_bn=False``).
 
   References:
     Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision

@@ -239,21 +239,23 @@ class SwAV(Method):
     """The first step whose embeddings enter the queue (0 without ``steps_per_epoch``)."""
     return self._epochs_to_steps(self.config.swav.queue_start_epoch)
 
-  def prototypes_frozen(self, step: jax.Array) -> bool | jax.Array:
-    """Whether step ``step`` is in the freeze (the ``prototypes_frozen`` metric). The
-    optimiser does the freezing (:meth:`create_optimizer`), by its own count of applied
-    updates, which a skipped non-finite step does not advance."""
-    return step < self.freeze_steps if self.freeze_steps > 0 else False
+  def prototypes_frozen(self, count: jax.Array) -> bool | jax.Array:
+    """Whether the optimiser holds the prototypes after ``count`` applied updates (the
+    ``prototypes_frozen`` metric): the optimiser freezes by its own count
+    (:meth:`create_optimizer`, ``optim.applied_count``), which a skipped non-finite step does
+    not advance, so the metric reads that count, not ``state.step``."""
+    return count < self.freeze_steps if self.freeze_steps > 0 else False
 
   def create_optimizer(self, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
     """The config's optimiser, with the prototypes frozen for ``freeze_steps`` updates as if
     they had no gradient (the official ``p.grad = None`` while ``iteration <
     freeze_prototypes_niters``)."""
+    frozen = self.config.swav.freeze_prototypes_epochs > 0
     return optim.create_optimizer(
       self.config.optim,
       learning_rate_fn,
       self.num_steps,
-      freeze_mask=prototypes_mask,
+      freeze_mask=prototypes_mask if frozen else None,
       freeze_steps=self.freeze_steps,
     )
 
@@ -262,7 +264,7 @@ class SwAV(Method):
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     x = views["global"]
     n = x.shape[0] // 2
-    frozen = self.prototypes_frozen(state.step)
+    frozen = self.prototypes_frozen(optim.applied_count(state.opt_state))
     forward = functools.partial(self.forward, state.apply_fn, params, scores=True)
     h, z, global_scores, stats = forward(state.batch_stats, x)
     scores = [global_scores.reshape(2, n, -1)]

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 # The values of head.output_norm (and predictor.output_norm) and head.hidden_norm.
-OUTPUT_NORMS = ("bn", "bn_no_affine", "none")
+OUTPUT_NORMS = ("bn", "bn_no_affine", "none", "none_no_bias")
 HIDDEN_NORMS = ("bn", "none")
 
 
@@ -21,7 +21,8 @@ class ProjectionHead(nn.Module):
   code); with ``"bn_no_affine"`` by BatchNorm with neither (PyTorch's
   ``BatchNorm1d(affine=False)``: MoCo v3's projector and predictor, SimSiam's
   projector); with ``"none"`` the last Dense has a bias and nothing follows
-  (BYOL's projector and predictor, SimSiam's predictor).
+  (BYOL's projector and predictor, SimSiam's predictor); with ``"none_no_bias"`` it has
+  neither (MoCo v3's ResNet predictor, the official ``_build_mlp(..., last_bn=False)``).
   ``num_layers=2`` is SimCLR v1, 3 is v2. ``hidden_norm="none"`` drops the
   hidden layers' BatchNorm (their Dense then has a bias): MoCo v2's head.
   """
@@ -32,7 +33,7 @@ class ProjectionHead(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
-  output_norm: str = "bn"  # "bn" | "bn_no_affine" | "none"
+  output_norm: str = "bn"  # "bn" | "bn_no_affine" | "none" | "none_no_bias"
   hidden_norm: str = "bn"  # "bn" | "none"
 
   @nn.compact
@@ -60,8 +61,7 @@ class ProjectionHead(nn.Module):
         continue
       x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype)(x)
       x = nn.relu(norm()(x))
-    if self.output_norm == "none":
-      return nn.Dense(self.output_dim, dtype=self.dtype)(x).astype(jnp.float32)
-    x = nn.Dense(self.output_dim, use_bias=False, dtype=self.dtype)(x)
-    x = norm(use_bias=False, use_scale=self.output_norm == "bn")(x)
+    x = nn.Dense(self.output_dim, use_bias=self.output_norm == "none", dtype=self.dtype)(x)
+    if self.output_norm in ("bn", "bn_no_affine"):
+      x = norm(use_bias=False, use_scale=self.output_norm == "bn")(x)
     return x.astype(jnp.float32)

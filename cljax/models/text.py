@@ -11,7 +11,8 @@ same thing in its vocabulary, where EOT has the highest id. Under the causal mas
 after the EOT (padding) reaches its feature.
 
 Parameter names: ``token_embedding``, ``pos_embedding``, ``block_{i}`` and ``ln_final``.
-``cljax.optim`` exempts ``pos_embedding``, biases and LayerNorm scales from weight decay.
+CLIP's ``optim.decay_mask="kernels"`` (``cljax.optim.lars_mask``) exempts ``pos_embedding``,
+biases and LayerNorm scales from weight decay, as open_clip does; ``token_embedding`` decays.
 """
 
 from __future__ import annotations

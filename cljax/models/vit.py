@@ -8,7 +8,9 @@ Parameter names: ``embedding`` (the patch projection; ``frozen_embedding``
 when ``freeze_patch_embed``), ``cls_token``, ``pos_embedding`` (learned
 position embeddings only), ``Transformer/encoderblock_{i}`` and
 ``Transformer/encoder_norm``. ``cljax.optim`` keys its weight-decay and LARS
-masks on these names.
+masks on these names: ``cls_token`` and ``pos_embedding`` are decayed under
+``optim.decay_mask="matrices"`` (DINO: its 3-D ``cls_token`` and ``pos_embed``) and
+"all", not under "kernels" (CLIP: open_clip's ``no_weight_decay()``).
 """
 
 from __future__ import annotations
