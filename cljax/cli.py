@@ -6,18 +6,32 @@ or a mistyped ``--config.a.b=v`` is answered before JAX is imported.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from absl import app, flags
+
+from cljax import errors
 
 
 def exit_with(error: Exception | str) -> NoReturn:
   """A user error: its message alone on stderr, exit status 1 (no traceback to read past)."""
   print(f"Error: {error}", file=sys.stderr)
   sys.exit(1)
+
+
+@contextlib.contextmanager
+def user_errors(*also: type[Exception]) -> Iterator[None]:
+  """Errors the user's input caused (``errors.UserInputError``, and the types in ``also``)
+  leave as one ``Error:`` line and exit status 1; anything else keeps its traceback."""
+  try:
+    yield
+  except (errors.UserInputError, *also) as e:
+    exit_with(e)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -25,8 +25,10 @@ import os
 import tempfile
 from collections.abc import Mapping
 
-import jax
 from absl import flags, logging
+
+# JAX is imported in setup(): the entry points import this module before parsing their
+# flags (so that --compilation_cache_dir is known), and --help must not wait for JAX.
 
 OFF = ("none", "off", "false", "0")
 
@@ -68,6 +70,8 @@ def setup(path: str | None = None) -> str | None:
   Returns:
     The directory in use, or None when the cache is off.
   """
+  import jax
+
   if path is None and flags.FLAGS.is_parsed():
     path = _DIR.value
   if path is None:

@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 # JAX, Flax and the data libraries are imported in main(), after the flags and the config
 # are checked: --help and a bad value answer in about a second, not half a minute.
-from cljax import cli, validate
+from cljax import cli, compile_cache, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -78,22 +78,16 @@ def main(argv):
     cli.exit_with(e)
   import jax
 
-  from cljax import checkpoint, compile_cache, metrics, train
+  from cljax import metrics, train
 
   metrics.setup_logging()
   initialize_distributed()
   compile_cache.setup()
-  try:
+  # A workdir that cannot be written is the user's to fix too.
+  with cli.user_errors(PermissionError, NotADirectoryError):
     result = train.train_and_evaluate(
       _CONFIG.value, _WORKDIR.value, force_resume=_FORCE_RESUME.value
     )
-  except (
-    checkpoint.IncompatibleCheckpointError,
-    checkpoint.UnusableCheckpointError,
-    PermissionError,
-    NotADirectoryError,
-  ) as e:
-    cli.exit_with(e)
   if jax.process_index() == 0:
     if "knn_top1" in result:
       line = f"kNN top-1 of the learned encoder on the eval split: {result['knn_top1']:.1%}"

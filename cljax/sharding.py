@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cljax import errors
+
 DATA_AXIS = "data"
 
 
@@ -38,7 +40,7 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
   num_processes = jax.process_count()
   for count, what in ((num_devices, "devices"), (num_processes, "processes")):
     if global_batch_size % count:
-      raise ValueError(
+      raise errors.DataError(
         f"data.global_batch_size={global_batch_size} is not divisible by the number of "
         f"{what} ({count}). Choose a multiple of {count}, e.g. "
         f"--config.data.global_batch_size={max(count, global_batch_size // count * count)}."

@@ -39,7 +39,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import compile_cache
+from cljax import cli, compile_cache
 from cljax.bench import run
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,16 +78,17 @@ def main(argv: Sequence[str]) -> None:
       with open(_OUTPUT.value, "a") as f:
         f.write(line + "\n")
 
-  run.run_benchmark(
-    _CONFIG.value,
-    windows=_WINDOWS.value,
-    steps_per_window=_STEPS.value,
-    warmup_steps=_WARMUP.value,
-    parts=_PARTS.value,
-    modes=_MODES.value,
-    jpeg_workers=[int(w) for w in _JPEG_WORKERS.value],
-    emit=emit,
-  )
+  with cli.user_errors():
+    run.run_benchmark(
+      _CONFIG.value,
+      windows=_WINDOWS.value,
+      steps_per_window=_STEPS.value,
+      warmup_steps=_WARMUP.value,
+      parts=_PARTS.value,
+      modes=_MODES.value,
+      jpeg_workers=[int(w) for w in _JPEG_WORKERS.value],
+      emit=emit,
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from cljax import errors
 from cljax.data.images import Example, _example, decode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -80,7 +81,7 @@ class ImageFolderSource:
     """
     self.root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(self.root):
-      raise FileNotFoundError(f"image folder {self.root} does not exist")
+      raise errors.DataNotFoundError(f"image folder {self.root} does not exist")
     exts = tuple(e.lower() for e in extensions)
     subdirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
     self.class_names = tuple(subdirs) if subdirs else None
@@ -100,7 +101,7 @@ class ImageFolderSource:
     ]
     if strict and self.skipped:
       first = self.skipped[0]
-      raise ValueError(
+      raise errors.DataError(
         f"{len(self.skipped)} unreadable image(s) in {self.root}; the first: {first.path} "
         f"({first.reason}). Remove them, or skip them with --config.data.strict=False "
         "(ImageFolderSource(..., strict=False))."
@@ -111,7 +112,7 @@ class ImageFolderSource:
       logging.warning("ImageFolderSource: skipped %d unreadable files", len(self.skipped))
     good = [c for c, why in zip(candidates, problems, strict=True) if not why]
     if not good:
-      raise ValueError(
+      raise errors.DataError(
         f"no readable images ({', '.join(exts)}) in {self.root} "
         f"({len(self.skipped)} unreadable); expected one subfolder of images per class"
       )

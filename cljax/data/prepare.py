@@ -471,15 +471,18 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
   values = {name: holder.value for name, holder in flag_values.items()}
   if values["config"] is None or not values["out_dir"]:
     raise app.UsageError("--config and --out_dir are required")
-  prepare_split(
-    values["config"].data,
-    values["out_dir"],
-    values["split"],
-    short_side=values["short_side"],
-    quality=values["quality"],
-    records_per_shard=values["records_per_shard"],
-    workers=values["workers"],
-  )
+  from cljax import cli
+
+  with cli.user_errors():
+    prepare_split(
+      values["config"].data,
+      values["out_dir"],
+      values["split"],
+      short_side=values["short_side"],
+      quality=values["quality"],
+      records_per_shard=values["records_per_shard"],
+      workers=values["workers"],
+    )
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ import gzip
 import importlib.resources
 import json
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from cljax import errors
 from cljax.data.folder import IMAGE_EXTENSIONS, ImageFolderSource, SkippedFile  # noqa: F401
 from cljax.data.images import Example, _example, array_to_rgb, decode_image, pil_to_rgb  # noqa: F401
 
@@ -74,14 +77,14 @@ class TfdsSource:
     self.data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir or _default_tfds_dir())))
     self.image_key, self.label_key = image_key, label_key
     if not os.path.isdir(self.data_dir):
-      raise FileNotFoundError(
+      raise errors.DataNotFoundError(
         f"tfds data_dir {self.data_dir} does not exist; {_prepare_hint(name, self.data_dir)}"
       )
     try:
       builder = tfds.builder(name, data_dir=self.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
       # tfds's own message lists every registered data set; this one stays readable.
-      raise ValueError(
+      raise errors.DataError(
         f"unknown tfds data set {name!r} (searched the tfds registry and {self.data_dir}); "
         "see https://www.tensorflow.org/datasets/catalog for names"
       ) from None
@@ -90,11 +93,11 @@ class TfdsSource:
       self._ds = tfds.data_source(name, split=split, data_dir=self.data_dir, download=False)
     except Exception as e:
       if not builder.is_prepared():
-        raise FileNotFoundError(
+        raise errors.DataNotFoundError(
           f"tfds data set {name!r} is not prepared in {builder.data_dir}; "
           f"{_prepare_hint(name, self.data_dir)}"
         ) from e
-      raise ValueError(
+      raise errors.DataError(
         f"cannot open split {split!r} of tfds data set {name!r} in {builder.data_dir} "
         f"(grain needs file_format=array_record): {e}"
       ) from e
@@ -156,12 +159,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
     raw = f.read()
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+    raise errors.DataError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
   ndim = raw[3]
   shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
   array = np.frombuffer(raw, _IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: header says {shape}, file holds {array.size} values")
+    raise errors.DataError(f"{path}: header says {shape}, file holds {array.size} values")
   return array.reshape(shape)
 
 
@@ -180,7 +183,9 @@ def _pick(arrays: Any, keys: Sequence[str], path: str, required: bool = True) ->
     if key in arrays:
       return arrays[key]
   if required:
-    raise ValueError(f"{path} has none of the keys {list(keys)} (found {list(arrays.keys())})")
+    raise errors.DataError(
+      f"{path} has none of the keys {list(keys)} (found {list(arrays.keys())})"
+    )
   return None
 
 
@@ -209,9 +214,11 @@ class ArraySource:
     mismatched lengths.
     """
     if isinstance(images, np.ndarray) and images.dtype not in (np.uint8, np.uint16):
-      raise ValueError(f"images must be uint8 or uint16 (scale floats first), got {images.dtype}")
+      raise errors.DataError(
+        f"images must be uint8 or uint16 (scale floats first), got {images.dtype}"
+      )
     if labels is not None and len(labels) != len(images):
-      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+      raise errors.DataError(f"{len(images)} images but {len(labels)} labels")
     self.images = images
     self.labels = None if labels is None else np.asarray(labels, np.int32)
     self.class_names = tuple(class_names) if class_names is not None else None
@@ -227,12 +234,20 @@ class ArraySource:
     images are decoded one at a time, when read.
     """
     path = os.fspath(path)
-    with np.load(path) as f:
-      if "offsets" in f:
-        images = EncodedImages(_pick(f, ("jpeg", "encoded"), path), f["offsets"])
-      else:
-        images = _pick(f, ("images", "image", "x"), path)
-      labels = _pick(f, ("labels", "label", "y"), path, required=False)
+    if not os.path.isfile(path):
+      raise errors.DataNotFoundError(f"no .npz file {path}: check data.data_dir and the split")
+    try:
+      with np.load(path) as f:
+        if "offsets" in f:
+          images = EncodedImages(_pick(f, ("jpeg", "encoded"), path), f["offsets"])
+        else:
+          images = _pick(f, ("images", "image", "x"), path)
+        labels = _pick(f, ("labels", "label", "y"), path, required=False)
+    except errors.DataError:
+      raise
+    # NumPy reads a file that is not an archive as a pickle, and refuses it with ValueError.
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+      raise errors.DataError(f"cannot read {path} as a NumPy .npz file: {e}") from e
     kind = "encoded_npz" if isinstance(images, EncodedImages) else "npz"
     source = cls(images, labels, class_names=_meta_class_names(path), origin=f"{kind}:{path}")
     source._rebuild = (cls.from_npz, (path,))
@@ -370,7 +385,7 @@ class PreparedSource:
     if not os.path.isfile(meta_path):
       started = os.path.isfile(os.path.join(self.directory, f"{self.prefix}.in_progress.json"))
       state = "is incomplete (stopped while writing)" if started else "was not found"
-      raise FileNotFoundError(
+      raise errors.DataNotFoundError(
         f"the prepared copy of split {split!r} {state}: no {meta_path}. Write it (a rerun "
         f"finishes a stopped one) with: python -m cljax.data.prepare "
         f"--config=<the recipe, reading the original source> --out_dir={self.directory} "
@@ -381,13 +396,13 @@ class PreparedSource:
     paths = [os.path.join(self.directory, name) for name in self.metadata["shards"]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-      raise FileNotFoundError(
+      raise errors.DataNotFoundError(
         f"{len(missing)} shard(s) listed in {meta_path} are missing, the first {missing[0]}; "
         "rerun cljax.data.prepare with the same settings to rewrite them"
       )
     self._records = grain.sources.ArrayRecordDataSource(paths)
     if len(self._records) != self.metadata["num_records"]:
-      raise ValueError(
+      raise errors.DataError(
         f"{self.directory}: the shards of {split!r} hold {len(self._records)} records, "
         f"{meta_path} says {self.metadata['num_records']}"
       )
@@ -441,7 +456,7 @@ def _split_name(data_config: Any, split: str) -> str:
 def _data_path(data_config: Any, *parts: str) -> str:
   data_dir = data_config.get("data_dir")
   if not data_dir:
-    raise ValueError(f"data.source={data_config.get('source')!r} needs data.data_dir")
+    raise errors.DataError(f"data.source={data_config.get('source')!r} needs data.data_dir")
   return os.path.join(os.path.expanduser(data_dir), *parts)
 
 
@@ -455,7 +470,9 @@ def _idx_source(data_config: Any, split: str) -> ArraySource:
   gzipped = _data_path(data_config, f"{prefix}-images-idx3-ubyte.gz")
   images = gzipped if os.path.exists(gzipped) else gzipped[: -len(".gz")]
   if not os.path.exists(images):
-    raise FileNotFoundError(f"no IDX images for split {prefix!r}: neither {gzipped} nor {images}")
+    raise errors.DataNotFoundError(
+      f"no IDX images for split {prefix!r}: neither {gzipped} nor {images}"
+    )
   labels = images.replace("-images-idx3-", "-labels-idx1-")
   return ArraySource.from_idx(images, labels if os.path.exists(labels) else None)
 
@@ -524,5 +541,5 @@ def create_source(data_config: Any, split: str) -> ImageSource:
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   if kind not in _FACTORIES:
-    raise ValueError(f"data.source must be one of {sorted(_FACTORIES)}, got {kind!r}")
+    raise errors.DataError(f"data.source must be one of {sorted(_FACTORIES)}, got {kind!r}")
   return _FACTORIES[kind](data_config, split)

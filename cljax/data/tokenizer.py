@@ -32,6 +32,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from cljax import errors
+
 PAD, SOT, EOT = "<pad>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, SOT, EOT)  # Ids 0, 1, 2 in vocabularies that train_bpe writes.
 BUILTIN = "builtin"
@@ -156,7 +158,10 @@ def create_tokenizer(name: str, context_length: int) -> CaptionTokenizer:
     return CaptionTokenizer(tokenizers.Tokenizer.from_pretrained(name[3:]), context_length)
   path = os.path.expanduser(name)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
       f"clip.tokenizer={name!r} is neither 'builtin', 'hf:REPO' nor an existing JSON file."
     )
-  return CaptionTokenizer.from_file(path, context_length)
+  try:
+    return CaptionTokenizer.from_file(path, context_length)
+  except Exception as e:  # The tokenizers library raises its own types for a bad file.
+    raise errors.DataError(f"clip.tokenizer={name!r} is not a tokenizer JSON file: {e}") from e

@@ -8,7 +8,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import checkpoint, cli, compile_cache, metrics, validate
+from cljax import cli, compile_cache, metrics, validate
 from cljax.evaluate import linear, runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -105,14 +105,8 @@ def main(argv):
     cli.exit_with(e)
   metrics.setup_logging()
   compile_cache.setup()
-  try:
+  with cli.user_errors():
     result = _evaluate()
-  except (
-    FileNotFoundError,
-    checkpoint.IncompatibleCheckpointError,
-    checkpoint.UnusableCheckpointError,
-  ) as e:
-    cli.exit_with(e)
   if jax.process_index() == 0:
     print("\n".join(_summary(result)))
     print(json.dumps({"eval": result}, sort_keys=True))
