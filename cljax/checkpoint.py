@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -33,7 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cljax import integrity, validate
+from cljax import errors, integrity, validate
 from cljax import step as step_lib
 
 # Keys that may change between a run and its resumption without changing
@@ -56,6 +57,7 @@ ADDED_KEYS = {
   "optim.weight_decay_end": -1.0,
   "data.crop_on_device": False,
   "data.canvas_size": 512,
+  "optim.lars_order": "lr_then_momentum",
 }
 
 
@@ -80,11 +82,11 @@ def check_workdir(workdir: str) -> None:
     ) from e
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.UserInputError, ValueError):
   """An intact checkpoint that does not fit the current config: a user error, not corruption."""
 
 
-class UnusableCheckpointError(Exception):
+class UnusableCheckpointError(errors.UserInputError):
   """A checkpoint that cannot be read or does not verify against its digests."""
 
 
@@ -179,7 +181,14 @@ def restore_latest(
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      restored = _restore_verified(manager, step, state, data_iterator, config, force_resume)
+      restored = restore_verified(
+        manager,
+        step,
+        config,
+        lambda: jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+        data_iterator=data_iterator,
+        force_resume=force_resume,
+      )
     except UnusableCheckpointError as e:
       aside = _move_aside(manager, step)
       logging.warning(
@@ -195,20 +204,57 @@ def restore_latest(
   return state, 0
 
 
-def _restore_verified(manager, step, state, data_iterator, config, force_resume) -> Any:
-  """Checks the saved config, the shapes and the digests of ``step`` around its restore."""
+def restore_verified(
+  manager: ocp.CheckpointManager,
+  step: int,
+  config: ml_collections.ConfigDict,
+  target_fn: Callable[[], Any],
+  *,
+  data_iterator: Any = None,
+  force_resume: bool | None = None,
+) -> Any:
+  """The state of ``step``, with its saved config, shapes and digests checked around the restore.
+
+  Training's resumption and evaluation both restore through here.
+
+  Args:
+    manager: the workdir's manager.
+    step: the checkpoint's step.
+    config: the current run config.
+    target_fn: returns the restore target (shapes, dtypes, shardings); called once the saved
+      config has been checked.
+    data_iterator: restored in place too, and checked against its digest (resuming
+      training); None restores the state alone (evaluation).
+    force_resume: resuming training: a saved config that differs is refused unless True
+      (``check_resumable``). None (evaluation): a differing config is only logged.
+
+  Returns:
+    The restored state.
+
+  Raises:
+    UnusableCheckpointError: on every process, if any cannot read or verify it.
+    IncompatibleCheckpointError: it verifies but does not fit ``target_fn()``.
+    ValueError: as ``check_resumable``.
+  """
   digests = read_digests(manager, step)
   saved = verified_config(manager, step, digests)
-  check_resumable(step, saved, config, force_resume)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  changed = bool(config_differences(saved, config))
-  check_fits(manager, step, digests, abstract, config_changed=changed)
+  diffs = config_differences(saved, config)
+  if force_resume is not None:
+    check_resumable(step, saved, config, force_resume)
+  elif diffs:
+    logging.warning("The checkpoint was written with another config:\n  %s", "\n  ".join(diffs))
+  abstract = target_fn()
+  check_fits(manager, step, digests, abstract, config_changed=bool(diffs))
   try:
-    restored = restore(manager, step, abstract, data_iterator)
+    if data_iterator is None:
+      with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(_item_dir(manager, step, "state"), abstract)
+    else:
+      restored = restore(manager, step, abstract, data_iterator)
   except Exception as e:  # Any failure to read means this checkpoint is unusable.
     raise UnusableCheckpointError(repr(e)) from e
   problems = state_problems(digests, restored)
-  if digests is not None:
+  if digests is not None and data_iterator is not None:
     saved = integrity.saved_iterator_digest(_item_dir(manager, step, "data"))
     if saved != digests["data"][jax.process_index()]:
       problems.append("the data-iterator state differs from its digest")

@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import methods, optim, sharding, step, validate
+from cljax import errors, methods, optim, sharding, step, validate
 from cljax.data import sources
 from cljax.data import views as views_lib
 from cljax.state import TrainState
@@ -68,7 +68,7 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[i
   """
   steps_per_epoch = num_examples // config.data.global_batch_size
   if steps_per_epoch == 0:
-    raise ValueError(
+    raise errors.DataError(
       f"data.global_batch_size={config.data.global_batch_size} is larger than the training "
       f"split data.train_split={config.data.train_split!r} ({num_examples} examples): lower "
       f"data.global_batch_size to at most {num_examples}."
@@ -156,12 +156,15 @@ class Run:
       return batch
     return sharding.host_to_global(batch, self.mesh)
 
-  def create_iterator(self, *, device_resident: bool | None = None) -> Any:
-    """A training iterator from the start; ``device_resident`` default: the config's."""
+  def create_iterator(
+    self, *, device_resident: bool | None = None, read_threads: int | None = None
+  ) -> Any:
+    """A training iterator from the start; ``device_resident`` default: the config's;
+    ``read_threads``: the host pipeline's (``Method.create_train_iterator``)."""
     if device_resident is None:
       device_resident = self.config.data.device_resident
     return self.method.create_train_iterator(
-      self.source, self.mesh, self.views, device_resident=device_resident
+      self.source, self.mesh, self.views, device_resident=device_resident, read_threads=read_threads
     )
 
   def describe(self) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from cljax import models, step
+from cljax import defaults, models, step
 from cljax import run as run_lib
 from cljax.bench import flops, run, timing
 
@@ -19,6 +19,25 @@ def _bench_config():
   c.data.num_workers = 0
   c.data.augment.photometric = True
   c.train.log_every_steps = 2
+  return c
+
+
+def _dino_config():
+  c = _bench_config()
+  c.method = "dino"
+  c.dino.out_dim, c.dino.hidden_dim, c.dino.bottleneck_dim = 32, 32, 16
+  c.optim.name = "adamw"
+  c.data.augment.num_local_crops, c.data.augment.local_crop_size = 2, 8
+  return c
+
+
+def _clip_config():
+  c = _bench_config()
+  c.method = "clip"
+  c.data.num_classes = 4  # The template captions name the classes.
+  c.clip.embed_dim = 16
+  c.clip.text_width, c.clip.text_depth, c.clip.text_heads = 16, 1, 2
+  c.clip.context_length, c.clip.vocab_size = 24, 512
   return c
 
 
@@ -50,6 +69,7 @@ def test_benchmark_rows_on_a_tiny_config():
     "summary",
   }  # No matmul on CPU.
   assert by_part["env"][0]["num_devices"] == 8 and by_part["env"][0]["views_per_step"] == 32
+  assert by_part["env"][0]["model"] == "resnet18_cifar_stages1_filters8"
   (step,) = by_part["step"]
   assert step["views_per_s"] > 0 and len(step["window_views_per_s"]) == 2
   assert step["recompiles"] == 0 and step["compile_s"] > 0
@@ -92,6 +112,48 @@ def test_benchmark_rows_on_a_tiny_config():
   assert summary["full_device_over_step"] == by_part["full"][1]["ratio_to_step"]
   assert summary["jpeg_pil_crops_images_per_s_per_core"] == pil["images_per_s_per_core"]
   assert summary["jpeg_decode_only_over_pil_crops"] == canvas["over_pil_crops"]
+
+
+@pytest.mark.parametrize(
+  "make_config", [_bench_config, _dino_config, _clip_config], ids=["simclr", "dino", "clip"]
+)
+def test_the_benchmark_reads_the_training_iterator(make_config, monkeypatch):
+  # The input side needs no model: skip initialising the state (seconds of compiling).
+  monkeypatch.setattr(run_lib.Run, "initial_state", lambda self, **kwargs: None)
+  config = make_config()
+  trained = run_lib.create_run(config).iterator  # What train.train_and_evaluate reads.
+  expected = next(trained)
+  trainer = run.Trainer(config)
+  # (b)'s host path reads trainer.iterator("host"), (c)'s iterators are these two.
+  inputs = [it for _, it in run.create_input_iterators(trainer, "host")]
+  for it in [trainer.iterator("host"), *inputs]:
+    assert type(it) is type(trained)
+    batch = next(it)
+    assert it.get_state() == trained.get_state()  # The pipeline's signature, at batch 1.
+    assert sorted(batch) == sorted(expected)
+    chex.assert_trees_all_equal(batch, expected)
+    it.close()
+  trained.close()
+  assert inputs[1]._threads == 1  # The one-core row reads with one thread.
+  # The step's synthetic batch has training's keys, shapes and dtypes too.
+  spec = lambda b: {k: (v.shape, v.dtype) for k, v in trainer.run.global_batch(b).items()}
+  assert spec(trainer.synthetic_batch()) == spec(expected)
+
+
+def test_model_names():
+  c = defaults.base_config()
+  assert run.model_name(c.model) == "resnet50"
+  c.model.width_multiplier = 2
+  assert run.model_name(c.model) == "resnet50x2"
+  c.model.depth, c.model.width_multiplier, c.model.stem = 18, 1, "cifar"
+  assert run.model_name(c.model) == "resnet18_cifar"
+  c.model.name = "vit"
+  assert run.model_name(c.model) == "vit_s16"
+  c.model.variant = "B/32"
+  assert run.model_name(c.model) == "vit_b32"
+  c.model.variant = "custom:hidden=32,depth=2,heads=2,mlp=64,patch=4"
+  assert run.model_name(c.model) == "vit_custom:hidden=32,depth=2,heads=2,mlp=64,patch=4"
+  assert run.env_row(c)["model"] == run.model_name(c.model)
 
 
 def test_unknown_parts_and_modes_are_refused():

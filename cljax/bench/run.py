@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import statistics
 import tempfile
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cljax import metrics, train
+from cljax import methods, metrics, train
 from cljax import run as run_lib
 from cljax.bench import flops, host, timing
 from cljax.data import decode, device
@@ -204,25 +205,30 @@ def bench_training(
   return rows
 
 
-def _input_iterators(trainer: Trainer, mode: str) -> list[tuple[Row, Any]]:
+def create_one_core_iterator(run: run_lib.Run) -> Any:
+  """The run's host training iterator, as its method builds it, read on one core.
+
+  The method is rebuilt for a copy of the config with ``data.num_workers=0``, so the batches
+  are the training iterator's (a CLIP run's captioned views too), read in this process.
+  """
+  config = run.config.copy_and_resolve_references()
+  config.data.num_workers = 0
+  method = methods.create_method(config, run.num_steps, run.steps_per_epoch)
+  one_core = dataclasses.replace(run, config=config, method=method)
+  return one_core.create_iterator(device_resident=False, read_threads=1)
+
+
+def create_input_iterators(trainer: Trainer, mode: str) -> list[tuple[Row, Any]]:
+  """(c)'s iterators, each with its row's fields: the host iterator as configured and on
+  one core, or the device-resident batches."""
   if mode == "device":
     return [({"mode": "device"}, trainer.device_iterator())]
-  c = trainer.config
-  one_core = decode.create_host_iterator(
-    trainer.run.source,
-    trainer.run.views,
-    crop_on_device=c.data.crop_on_device,
-    canvas=c.data.canvas_size,
-    seed=c.train.seed,
-    global_batch_size=trainer.batch,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_workers=0,
-    read_threads=1,
-  )
   return [
-    ({"mode": "host", "num_workers": c.data.num_workers, "cores_used": None}, None),
-    ({"mode": "host", "num_workers": 0, "cores_used": 1}, one_core),
+    (
+      {"mode": "host", "num_workers": trainer.config.data.num_workers, "cores_used": None},
+      trainer.iterator("host"),
+    ),
+    ({"mode": "host", "num_workers": 0, "cores_used": 1}, create_one_core_iterator(trainer.run)),
   ]
 
 
@@ -231,8 +237,7 @@ def bench_input(
 ) -> list[Row]:
   """(c): the input pipeline alone: as configured, and on one host core; or device batches."""
   rows = []
-  for fields, it in _input_iterators(trainer, mode):
-    it = it or trainer.iterator("host")
+  for fields, it in create_input_iterators(trainer, mode):
     result = timing.time_iterator(
       it, windows=windows, warmup_s=warmup_s, window_s=window_s, desc=f"input {mode}"
     )
@@ -260,6 +265,28 @@ def bench_matmul(size: int = 8192, repeats: int = 20) -> Row:
   return {"part": "matmul", "size": size, "tflops": round(2 * size**3 / seconds / 1e12, 2)}
 
 
+def model_name(model_config: ml_collections.ConfigDict) -> str:
+  """The encoder's short name: "resnet50", "resnet50x2", "resnet18_cifar", "vit_b16".
+
+  A ViT is named by ``model.variant`` ("S/16": "vit_s16"; a "custom:..." variant keeps its
+  sizes). A ResNet by its depth, then "x" and the width multiplier when it is not 1 (SimCLR's
+  ResNet-50 (2x)), "_cifar" for the CIFAR stem, and a toy model's ``stage_sizes`` and a
+  ``num_filters`` other than 64.
+  """
+  if model_config.name == "vit":
+    return "vit_" + model_config.variant.replace("/", "").lower()
+  name = f"resnet{model_config.depth}"
+  if model_config.width_multiplier != 1:
+    name += f"x{model_config.width_multiplier}"
+  if model_config.stem == "cifar":
+    name += "_cifar"
+  if model_config.get("stage_sizes"):
+    name += "_stages" + "-".join(str(n) for n in model_config.stage_sizes)
+  if model_config.num_filters != 64:
+    name += f"_filters{model_config.num_filters}"
+  return name
+
+
 def env_row(config: ml_collections.ConfigDict, views_per_step: int | None = None) -> Row:
   """What ran where: versions, devices, host cores, the model and batch."""
   return {
@@ -271,10 +298,8 @@ def env_row(config: ml_collections.ConfigDict, views_per_step: int | None = None
     "num_devices": jax.device_count(),
     "num_processes": jax.process_count(),
     "host_cores": host.host_cores(),
-    "model": (
-      f"resnet{config.model.depth} stem={config.model.stem} "
-      f"width={config.model.num_filters}x{config.model.width_multiplier} {config.model.dtype}"
-    ),
+    "model": model_name(config.model),
+    "model_dtype": config.model.dtype,
     "image_size": config.data.image_size,
     "global_batch_size": config.data.global_batch_size,
     "views_per_step": views_per_step,

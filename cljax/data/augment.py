@@ -23,7 +23,7 @@ two over the batch. The single-image ops take explicit parameters and match
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dm_pix as pix
 import jax
@@ -422,3 +422,41 @@ def photometric(
     blur_prob=aug.blur_prob if blur_prob is None else blur_prob,
     solarize_prob=aug.solarize_prob if solarize_prob is None else solarize_prob,
   )
+
+
+def network_inputs(
+  images: jax.Array,
+  aug: Any = None,
+  rng: jax.Array | None = None,
+  step: jax.Array | int = 0,
+  seeds: jax.Array | None = None,
+  **probs: float | None,
+) -> jax.Array:
+  """uint8 views -> what a network takes: floats in [0, 1], photometrically augmented, normalised.
+
+  The one path from a batch's pixels to a network's input, for training (``Method.views``)
+  and evaluation alike; evaluation's centre crops pass no ``aug`` and are only normalised.
+
+  Args:
+    images: (b, h, w, 3) uint8 views.
+    aug: the config's ``data.augment`` section; None, or ``aug.photometric`` False, for no
+      photometric augmentation.
+    rng: the key of the augmentation, required with it.
+    step: the training step.
+    seeds: (b,) the examples' ``aug_seed``; default their positions in the batch. Each
+      example's key is ``example_keys(rng, step, seeds)``.
+    **probs: ``blur_prob``/``solarize_prob`` overrides, as ``photometric`` takes them.
+
+  Returns:
+    (b, h, w, 3) float32 normalised images.
+
+  Raises:
+    ValueError: photometric augmentation without ``rng``.
+  """
+  x = images.astype(jnp.float32) / 255.0
+  if aug is not None and aug.photometric:
+    if rng is None:
+      raise ValueError("photometric augmentation needs an rng.")
+    seeds = jnp.arange(x.shape[0]) if seeds is None else seeds
+    x = photometric(x, example_keys(rng, step, seeds), aug, **probs)
+  return normalize_images(x)

@@ -38,6 +38,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from cljax import errors
 from cljax.data import pipeline, sources
 from cljax.data import tokenizer as tokenizer_lib
 from cljax.data import views as views_lib
@@ -183,7 +184,7 @@ class TemplateCaptionSource:
     """
     names = class_names if class_names is not None else getattr(images, "class_names", None)
     if not names:
-      raise ValueError(
+      raise errors.DataError(
         f"clip.captions='templates' needs class names, and {images!r} has none; use a "
         "labelled source or clip.captions='file'."
       )
@@ -225,10 +226,12 @@ def read_caption_file(path: str) -> dict[str, list[str]]:
   folder, or absolute). Rows with an empty caption are ignored.
   """
   out: dict[str, list[str]] = {}
+  if not os.path.isfile(path):
+    raise errors.DataNotFoundError(f"caption file {path} does not exist")
 
   def add(image, texts, where):
     if not image:
-      raise ValueError(f"{where}: no image path")
+      raise errors.DataError(f"{where}: no image path")
     for text in texts:
       if text and str(text).strip():
         out.setdefault(os.path.normpath(str(image)), []).append(str(text).strip())
@@ -237,18 +240,21 @@ def read_caption_file(path: str) -> dict[str, list[str]]:
     with open(path, newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
       if not {"image", "caption"} <= set(reader.fieldnames or ()):
-        raise ValueError(f"{path}: the header must name 'image' and 'caption' columns")
+        raise errors.DataError(f"{path}: the header must name 'image' and 'caption' columns")
       for i, row in enumerate(reader):
         add(row["image"], [row["caption"]], f"{path} row {i + 2}")
   elif path.endswith((".jsonl", ".json")):
     with open(path, encoding="utf-8") as f:
       for i, line in enumerate(f):
         if line.strip():
-          row = json.loads(line)
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise errors.DataError(f"{path} line {i + 1} is not JSON: {e}") from e
           texts = row.get("captions") or [row.get("caption")]
           add(row.get("image"), texts, f"{path} line {i + 1}")
   else:
-    raise ValueError(f"caption file {path} must end in .csv or .jsonl")
+    raise errors.DataError(f"caption file {path} must end in .csv or .jsonl")
   return out
 
 
@@ -271,7 +277,7 @@ class CaptionFileSource:
       if not texts:
         missing.append(path)
     if missing:
-      raise ValueError(
+      raise errors.DataError(
         f"{len(missing)} of {len(images.paths)} images have no caption in {caption_file}, "
         f"e.g. {missing[:3]} (paths in the file are relative to {root})."
       )
@@ -330,10 +336,7 @@ class CaptionedView(grain.transforms.RandomMap):
     self.tokenizer, self.views = tokenizer, views
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    v = self.views
-    view = pipeline.random_view(
-      element["image"], rng, v.image_size, v.crop_area, v.crop_aspect, v.flip
-    )
+    view = pipeline.global_view(element["image"], rng, self.views)
     aug_seed = np.int32(rng.integers(0, 2**31 - 1))
     captions = element["captions"]
     text = captions[int(rng.integers(len(captions)))]
@@ -349,14 +352,7 @@ def create_caption_iterator(
   source: Any,
   tokenizer: tokenizer_lib.CaptionTokenizer,
   views: views_lib.ViewSpec,
-  *,
-  seed: int,
-  global_batch_size: int,
-  process_index: int = 0,
-  process_count: int = 1,
-  num_workers: int = 0,
-  num_epochs: int | None = None,
-  read_threads: int | None = None,
+  **stream: Any,
 ) -> pipeline.BatchIterator:
   """This process's iterator of (image view, caption tokens) batches.
 
@@ -368,13 +364,9 @@ def create_caption_iterator(
     tokenizer: turns the drawn caption into ``tokenizer.context_length`` ids.
     views: how the view is cut (open_clip: crop area 0.9-1, no flip, since captions may say
       left or right); local crops are not used.
-    seed: the run's seed: order, crops and captions.
-    global_batch_size: pairs per step over all processes.
-    process_index: this process.
-    process_count: number of processes.
-    num_workers: grain worker processes (0: read in this process).
-    num_epochs: passes over the data; None repeats forever.
-    read_threads: threads building batches; default 2.
+    **stream: ``pipeline.StreamSpec``'s fields (``seed``: order, crops and captions;
+      ``global_batch_size``: pairs per step over all processes; processes, workers, epochs,
+      read threads).
 
   Returns:
     A ``BatchIterator`` of {"view_a": uint8 (b, S, S, 3), "tokens": int32 (b, L),
@@ -390,14 +382,8 @@ def create_caption_iterator(
     source,
     CaptionedView(tokenizer, views),
     views,
+    pipeline.StreamSpec(**stream),
     kind="captions",
-    seed=seed,
-    global_batch_size=global_batch_size,
-    process_index=process_index,
-    process_count=process_count,
-    num_workers=num_workers,
-    num_epochs=num_epochs,
-    read_threads=read_threads,
     signature={"tokenizer": tokenizer.fingerprint()},
   )
 
@@ -424,8 +410,10 @@ def create_train_iterator(
   views: views_lib.ViewSpec,
   process_index: int = 0,
   process_count: int = 1,
+  read_threads: int | None = None,
 ) -> pipeline.BatchIterator:
-  """The CLIP training iterator of ``config`` over the training image source ``images``."""
+  """The CLIP training iterator of ``config`` over the training image source ``images``
+  (``read_threads``: as :func:`create_caption_iterator`)."""
   return create_caption_iterator(
     create_caption_source(config, "train", images),
     create_tokenizer(config),
@@ -435,4 +423,5 @@ def create_train_iterator(
     process_index=process_index,
     process_count=process_count,
     num_workers=config.data.num_workers,
+    read_threads=read_threads,
   )

@@ -282,17 +282,7 @@ class CanvasViews(grain.transforms.RandomMap):
 
 
 def create_canvas_iterator(
-  source: Any,
-  views: views_lib.ViewSpec,
-  *,
-  canvas: int,
-  seed: int,
-  global_batch_size: int,
-  process_index: int = 0,
-  process_count: int = 1,
-  num_workers: int = 0,
-  num_epochs: int | None = None,
-  read_threads: int | None = None,
+  source: Any, views: views_lib.ViewSpec, *, canvas: int, **stream: Any
 ) -> pipeline.BatchIterator:
   """This process's iterator of decode-only batches; the step cuts the views.
 
@@ -314,21 +304,17 @@ def create_canvas_iterator(
   """
   if canvas < 1:
     raise ValueError(f"data.canvas_size must be >= 1, got {canvas}")
+  spec = pipeline.StreamSpec(**stream)
   return pipeline.augmented_batches(
     EncodedRecords(source),
     CanvasViews(views, canvas),
     views,
+    spec,
     kind="pretrain_canvas",
-    seed=seed,
-    global_batch_size=global_batch_size,
-    process_index=process_index,
-    process_count=process_count,
-    num_workers=num_workers,
-    num_epochs=num_epochs,
-    read_threads=read_threads,
-    signature={"source": f"{type(source).__name__}[{len(source)}]", "canvas_size": int(canvas)},
+    # Named after the source, not the EncodedRecords wrapping it.
+    signature={"source": pipeline.source_name(source), "canvas_size": int(canvas)},
     # Worker processes build batches straight in shared memory (see CanvasBatch).
-    batch_fn=CanvasBatch(canvas, shared_memory=num_workers > 0),
+    batch_fn=CanvasBatch(canvas, shared_memory=spec.num_workers > 0),
   )
 
 

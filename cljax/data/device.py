@@ -373,11 +373,11 @@ def create_device_iterator(
   """
   data = DeviceData.create(source, mesh)
   batch_fn = make_batch_fn(data, views, seed=seed, global_batch_size=global_batch_size)
-  signature = {
-    "kind": "device_resident",
-    "source": f"{type(source).__name__}[{len(source)}]",
-    "seed": int(seed),
-    "global_batch_size": int(global_batch_size),
+  signature = pipeline.state_signature(
+    "device_resident",
+    source,
+    seed=int(seed),
+    global_batch_size=int(global_batch_size),
     **views.signature(),
-  }
+  )
   return DeviceBatchIterator(batch_fn, signature)

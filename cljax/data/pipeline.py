@@ -20,6 +20,7 @@ is a small JSON-serialisable dict (the settings and the next batch number) and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +119,13 @@ def random_view(
   return view[:, ::-1] if flipped else view
 
 
+def global_view(
+  image: np.ndarray, rng: np.random.Generator, views: views_lib.ViewSpec
+) -> np.ndarray:
+  """One global view of ``image`` as ``views`` cuts it (``random_view`` at its image size)."""
+  return random_view(image, rng, views.image_size, views.crop_area, views.crop_aspect, views.flip)
+
+
 class TwoViews(grain.transforms.RandomMap):
   """Example -> two independent random-resized-crop (+ flip) views, from the per-record rng.
 
@@ -131,8 +139,7 @@ class TwoViews(grain.transforms.RandomMap):
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image, v = element["image"], self.views
-    view_a = random_view(image, rng, v.image_size, v.crop_area, v.crop_aspect, v.flip)
-    view_b = random_view(image, rng, v.image_size, v.crop_area, v.crop_aspect, v.flip)
+    view_a, view_b = global_view(image, rng, v), global_view(image, rng, v)
     # Seeds the on-device photometric augmentation of this record. Drawn from
     # the record's rng, it depends on the record's place in the global shuffled
     # stream only: not on the process, device or batch layout.
@@ -290,17 +297,81 @@ def _check_workers(num_workers: int) -> None:
     )
 
 
+def source_name(source: Any) -> str:
+  """How an iterator's state signature names its source: type and length."""
+  return f"{type(source).__name__}[{len(source)}]"
+
+
+def state_signature(kind: str, source: Any, **settings: Any) -> dict[str, Any]:
+  """The settings an iterator's state carries, which ``check_state`` compares on restore.
+
+  Args:
+    kind: names the iterator ("pretrain", "eval", "device_resident", ...).
+    source: the source it reads, named by ``source_name``.
+    **settings: the rest, JSON-ready (Python ints, floats, lists).
+
+  Returns:
+    ``{"kind": kind, "source": source_name(source), **settings}``.
+  """
+  return {"kind": kind, "source": source_name(source), **settings}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+  """How a training iterator deals out the records of its source: every setting but the views.
+
+  The training iterators (``create_pretrain_iterator``, ``decode.create_canvas_iterator``,
+  ``captions.create_caption_iterator``, the classifier's) take these as keyword arguments.
+
+  Attributes:
+    seed: the run's seed: order and augmentations.
+    global_batch_size: examples per step over all processes.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    num_workers: grain worker processes (0: read in this process, with threads).
+    num_epochs: passes over the data; None repeats forever.
+    read_threads: threads building batches, per worker (or in this process); default 2.
+
+  Raises:
+    ValueError: on construction, when the global batch does not split evenly over the
+      processes or a setting is out of range; RuntimeError: worker processes without parsed
+      absl flags.
+  """
+
+  seed: int
+  global_batch_size: int
+  process_index: int = 0
+  process_count: int = 1
+  num_workers: int = 0
+  num_epochs: int | None = None
+  read_threads: int | None = None
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises as the class says."""
+    _per_process_batch(self.global_batch_size, self.process_index, self.process_count)
+    _check_workers(self.num_workers)
+
+  @property
+  def batch_size(self) -> int:
+    """Examples per batch of this process."""
+    return self.global_batch_size // self.process_count
+
+  def signature(self) -> dict[str, Any]:
+    """The stream's part of an iterator's state signature (JSON-ready)."""
+    return {
+      "seed": int(self.seed),
+      "global_batch_size": int(self.global_batch_size),
+      "process_index": int(self.process_index),
+      "process_count": int(self.process_count),
+      "num_epochs": self.num_epochs,
+    }
+
+
 def create_pretrain_iterator(
-  source: Any,
-  views: views_lib.ViewSpec,
-  *,
-  seed: int,
-  global_batch_size: int,
-  process_index: int = 0,
-  process_count: int = 1,
-  num_workers: int = 0,
-  num_epochs: int | None = None,
-  read_threads: int | None = None,
+  source: Any, views: views_lib.ViewSpec, **stream: Any
 ) -> BatchIterator:
   """Returns this process's iterator of two-view pretraining batches.
 
@@ -319,13 +390,9 @@ def create_pretrain_iterator(
   Args:
     source: a random-access source of {"image": uint8 (H, W, 3), "label": int32} (sources.py).
     views: how the views are cut (``views.ViewSpec``).
-    seed: the run's seed: order and augmentations.
-    global_batch_size: examples per step over all processes.
-    process_index: this process (jax.process_index()).
-    process_count: number of processes (jax.process_count()).
-    num_workers: grain worker processes (0: read in this process, with threads).
-    num_epochs: passes over the data; None repeats forever.
-    read_threads: threads building batches, per worker (or in this process); default 2.
+    **stream: how the records are dealt out, ``StreamSpec``'s fields: ``seed`` and
+      ``global_batch_size``, and optionally ``process_index``, ``process_count``,
+      ``num_workers``, ``num_epochs`` and ``read_threads``.
 
   Returns:
     A grain DatasetIterator of {"view_a": uint8 (b, S, S, 3), "view_b": uint8 (b, S, S, 3),
@@ -336,72 +403,48 @@ def create_pretrain_iterator(
     ValueError: the global batch does not split evenly over the processes, a process's share
       of an epoch is smaller than one batch, or an argument is out of range.
   """
-  return augmented_batches(
-    source,
-    TwoViews(views),
-    views,
-    kind="pretrain",
-    seed=seed,
-    global_batch_size=global_batch_size,
-    process_index=process_index,
-    process_count=process_count,
-    num_workers=num_workers,
-    num_epochs=num_epochs,
-    read_threads=read_threads,
-  )
+  return augmented_batches(source, TwoViews(views), views, StreamSpec(**stream), kind="pretrain")
 
 
 def augmented_batches(
   source: Any,
   transform: grain.transforms.RandomMap,
   views: views_lib.ViewSpec,
+  stream: StreamSpec,
   *,
   kind: str,
-  seed: int,
-  global_batch_size: int,
-  process_index: int,
-  process_count: int,
-  num_workers: int,
-  num_epochs: int | None,
-  read_threads: int | None,
   signature: dict[str, Any] | None = None,
   batch_fn: Callable[[list[Any]], Any] | None = None,
 ) -> BatchIterator:
   """The stream every training iterator shares: shuffle, ``transform``, shard, batch.
 
-  Each epoch is a global shuffle of ``source`` (from ``seed``); ``transform`` (a grain
+  Each epoch is a global shuffle of ``source`` (from ``stream.seed``); ``transform`` (a grain
   random map cutting ``views``: crops, captions) runs before sharding, so a record's rng
   depends on its global stream position only; its first len(source) - len(source) %
   process_count positions are dealt round-robin to the processes. The iterator's state
   carries a signature of these settings (``kind`` names the iterator; ``signature`` adds
-  its own fields), and refuses a state saved under others. ``batch_fn`` makes a batch of
-  records (default: grain's, stacking each entry).
+  its own fields, or replaces some), and refuses a state saved under others. ``batch_fn``
+  makes a batch of records (default: grain's, stacking each entry).
+
+  Raises:
+    ValueError: a process's share of an epoch is smaller than one batch.
   """
-  batch_size = _per_process_batch(global_batch_size, process_index, process_count)
-  _check_workers(num_workers)
+  batch_size, process_count = stream.batch_size, stream.process_count
   usable = len(source) - len(source) % process_count
   if usable // process_count < batch_size:
     raise ValueError(
       f"{len(source)} examples give each of {process_count} processes fewer than one batch "
       f"of {batch_size}"
     )
-  ds = grain.MapDataset.source(source).seed(seed).shuffle()
+  ds = grain.MapDataset.source(source).seed(stream.seed).shuffle()
   # Augment before sharding: the record's rng then depends on its global stream position.
   ds = ds.random_map(transform)
   # Slicing keeps the epoch in the index it passes up, so every epoch is reshuffled.
-  ds = ds[:usable][process_index::process_count]
-  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
-  full_signature = {
-    "kind": kind,
-    "source": f"{type(source).__name__}[{len(source)}]",
-    "seed": int(seed),
-    "global_batch_size": int(global_batch_size),
-    "process_index": int(process_index),
-    "process_count": int(process_count),
-    "num_epochs": num_epochs,
-    **views.signature(),
-  }
-  return BatchIterator(ds, full_signature | (signature or {}), num_workers, read_threads)
+  ds = ds[:usable][stream.process_index :: process_count]
+  ds = ds.repeat(stream.num_epochs).batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+  full_signature = state_signature(kind, source, **stream.signature(), **views.signature())
+  full_signature |= signature or {}
+  return BatchIterator(ds, full_signature, stream.num_workers, stream.read_threads)
 
 
 def create_eval_iterator(
@@ -450,13 +493,13 @@ def create_eval_iterator(
   steps = max(1, -(-per_process // local_batch))
   view = CentreView(source, image_size, crop_fraction, start, stop)
   ds = grain.MapDataset.range(steps * local_batch).map(view).batch(local_batch)
-  signature = {
-    "kind": "eval",
-    "source": f"{type(source).__name__}[{len(source)}]",
-    "batch_size": int(batch_size),
-    "image_size": int(image_size),
-    "process_index": int(process_index),
-    "process_count": int(process_count),
-    "crop_fraction": float(crop_fraction),
-  }
+  signature = state_signature(
+    "eval",
+    source,
+    batch_size=int(batch_size),
+    image_size=int(image_size),
+    process_index=int(process_index),
+    process_count=int(process_count),
+    crop_fraction=float(crop_fraction),
+  )
   return BatchIterator(ds, signature, num_workers, read_threads)

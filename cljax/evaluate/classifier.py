@@ -52,7 +52,14 @@ class Classifier(nn.Module):
     if self.frozen:
       z = jax.lax.stop_gradient(z)
     # Zero initialisation (SimCLR's zero_init_logits_layer): the first predictions are uniform.
-    dense = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="classifier")
+    # Full float32 products, as the kNN and the other probes: TPU/GPU default precision
+    # rounds the inputs to bf16 or TF32.
+    dense = nn.Dense(
+      self.num_classes,
+      kernel_init=nn.initializers.zeros,
+      precision=jax.lax.Precision.HIGHEST,
+      name="classifier",
+    )
     return dense(z.astype(jnp.float32))
 
 
@@ -129,10 +136,7 @@ class OneView(grain.transforms.RandomMap):
     self.views = views
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    v = self.views
-    view = pipeline.random_view(
-      element["image"], rng, v.image_size, v.crop_area, v.crop_aspect, v.flip
-    )
+    view = pipeline.global_view(element["image"], rng, self.views)
     return {"image": np.ascontiguousarray(view), "label": np.int32(element["label"])}
 
 
@@ -144,22 +148,24 @@ def create_train_iterator(
   batch_size: int,
   num_epochs: int,
   num_workers: int = 0,
-) -> Any:
+) -> pipeline.BatchIterator:
   """This process's batches of single augmented views, reshuffled every epoch.
+
+  The stream of ``pipeline.augmented_batches``, as pretraining's, with its checks.
 
   Returns:
     An iterator of ``{"image": uint8 (b, S, S, 3), "label": int32 (b,)}``, b = batch_size //
     process_count, ``num_epochs * (len(source) // batch_size)`` batches in all.
   """
-  count, index = jax.process_count(), jax.process_index()
-  usable = len(source) - len(source) % count
-  ds = grain.MapDataset.source(source).seed(seed).shuffle()
-  ds = ds.random_map(OneView(views))[:usable][index::count]
-  ds = ds.repeat(num_epochs).batch(batch_size // count, drop_remainder=True)
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  if num_workers > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return iter(iter_ds)
+  stream = pipeline.StreamSpec(
+    seed=seed,
+    global_batch_size=batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=num_workers,
+    num_epochs=num_epochs,
+  )
+  return pipeline.augmented_batches(source, OneView(views), views, stream, kind="classifier")
 
 
 def _variables(state: Any, method: methods.Method) -> dict[str, Any]:
@@ -179,7 +185,7 @@ def _make_step(model: Classifier, tx: optax.GradientTransformation, mesh: Mesh):
 
   def loss_fn(trainable, fixed, batch_stats, images, labels):
     variables = {"params": {**fixed, **trainable}, "batch_stats": batch_stats}
-    x = augment.normalize_images(images.astype(jnp.float32) / 255.0)
+    x = augment.network_inputs(images)
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
@@ -321,9 +327,7 @@ def evaluate_classifier(
 ) -> dict[str, float]:
   """Top-1 and top-5 of ``model`` on the centre crops of ``source``."""
   batches = features.eval_batches(config, "eval", source=source, num_workers=num_workers)
-  logits_fn = lambda v, images: model.apply(
-    v, augment.normalize_images(images.astype(jnp.float32) / 255.0), train=False
-  )
+  logits_fn = lambda v, images: model.apply(v, augment.network_inputs(images), train=False)
   logits, labels, _ = features.extract(logits_fn, variables, batches, mesh)
   return linear.topk_accuracy(logits, labels)
 

@@ -26,10 +26,6 @@ from cljax import sharding, xla_options
 from cljax.data import augment, pipeline, sources
 
 
-def _normalize(images: jax.Array) -> jax.Array:
-  return augment.normalize_images(images.astype(jnp.float32) / 255.0)
-
-
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, **kwargs):
   """A tqdm bar with rate and ETA on a terminal; silent where stderr is not one (logs, CI).
 
@@ -44,12 +40,12 @@ def progress(iterable: Iterable | None = None, *, desc: str, total: int | None =
 
 def encoder_features(apply_fn: Callable) -> Callable:
   """``(variables, uint8 images) -> encoder features`` (the model's output before the head)."""
-  return lambda variables, images: apply_fn(variables, _normalize(images), train=False)[0]
+  return lambda v, images: apply_fn(v, augment.network_inputs(images), train=False)[0]
 
 
 def embeddings(apply_fn: Callable) -> Callable:
   """``(variables, uint8 images) -> embeddings`` (the model's second output: after the head)."""
-  return lambda variables, images: apply_fn(variables, _normalize(images), train=False)[1]
+  return lambda v, images: apply_fn(v, augment.network_inputs(images), train=False)[1]
 
 
 def eval_batches(

@@ -25,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import checkpoint, collapse, methods, metrics, run, sharding, step, xla_options
+from cljax import checkpoint, collapse, errors, methods, metrics, run, sharding, step, xla_options
 from cljax.data import augment, pipeline, sources
 from cljax.data import views as views_lib
 from cljax.evaluate import classifier, features, knn, linear, plots
@@ -80,7 +79,7 @@ def restore_checkpoint(
   directory = os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):  # Checked here: the manager would create the folder.
     why = "it has no checkpoints/ folder" if os.path.isdir(path) else "it does not exist"
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
       f"no checkpoint found in the workdir {path} ({why}): is --workdir={workdir} a training "
       "workdir? Train first with python -m cljax.main."
     )
@@ -88,14 +87,15 @@ def restore_checkpoint(
   try:
     steps = manager.all_steps()
     if not steps or (step is not None and step not in steps):
-      raise FileNotFoundError(
+      raise errors.DataNotFoundError(
         f"no checkpoint {'' if step is None else f'at step {step} '}in {manager.directory} "
         f"(found steps {sorted(steps)}); train first with python -m cljax.main."
       )
     candidates = [step] if step is not None else sorted(steps, reverse=True)
     for s in candidates:
       try:
-        return _restore_verified(manager, s, method, mesh), s
+        target_fn = functools.partial(_restore_target, manager, s, method, mesh)
+        return checkpoint.restore_verified(manager, s, method.config, target_fn), s
       except checkpoint.UnusableCheckpointError as e:
         if s == candidates[-1]:
           raise checkpoint.UnusableCheckpointError(
@@ -106,25 +106,10 @@ def restore_checkpoint(
     manager.close()
 
 
-def _restore_verified(manager: Any, step: int, method: methods.Method, mesh: Mesh) -> Any:
-  """The state of ``step``, its config, shapes and digests checked (``cljax.checkpoint``)."""
-  digests = checkpoint.read_digests(manager, step)
-  saved = checkpoint.verified_config(manager, step, digests)
-  diffs = checkpoint.config_differences(saved, method.config)
-  if diffs:
-    logging.warning("The checkpoint was written with another config:\n  %s", "\n  ".join(diffs))
+def _restore_target(manager: Any, step: int, method: methods.Method, mesh: Mesh) -> Any:
+  """The restore target of ``step``: the TrainState, with the online probe it was saved with."""
   metadata = checkpoint.saved_state_metadata(manager, step)
-  target = abstract_state(method, mesh, _saved_num_classes(metadata))
-  checkpoint.check_fits(manager, step, digests, target, config_changed=bool(diffs))
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      state = checkpointer.restore(os.path.join(manager.directory, str(step), "state"), target)
-  except Exception as e:  # Any failure to read means this checkpoint is unusable.
-    raise checkpoint.UnusableCheckpointError(repr(e)) from e
-  problems = checkpoint.state_problems(digests, state)
-  if problems:
-    raise checkpoint.UnusableCheckpointError("; ".join(problems))
-  return state
+  return abstract_state(method, mesh, _saved_num_classes(metadata))
 
 
 def two_view_embeddings(
@@ -162,11 +147,7 @@ def two_view_embeddings(
 
   @functools.partial(jax.jit, compiler_options=xla_options.for_mesh(mesh))
   def embed(variables, view, key):
-    x = view.astype(jnp.float32) / 255.0
-    if aug.photometric:
-      keys = augment.example_keys(key, 0, jnp.arange(x.shape[0]))
-      x = augment.photometric(x, keys, aug)
-    return state.apply_fn(variables, augment.normalize_images(x), train=False)
+    return state.apply_fn(variables, augment.network_inputs(view, aug, key), train=False)
 
   variables = method.eval_variables(state)
   rng = jax.random.key(seed)

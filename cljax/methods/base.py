@@ -261,7 +261,13 @@ class Method:
   # ---- What the run asks of the method.
 
   def create_train_iterator(
-    self, source: Any, mesh: Any, views: views_lib.ViewSpec, *, device_resident: bool
+    self,
+    source: Any,
+    mesh: Any,
+    views: views_lib.ViewSpec,
+    *,
+    device_resident: bool,
+    read_threads: int | None = None,
   ) -> Any:
     """The training batches: two views (+ local crops) from grain, or device-resident.
 
@@ -270,7 +276,8 @@ class Method:
     (``cljax.data.device``); its batches are already global device arrays. Otherwise each
     process reads its share on the host: decoded and cropped there, or with
     ``data.crop_on_device`` only decoded there and cropped inside the step
-    (``cljax.data.decode``).
+    (``cljax.data.decode``). ``read_threads``: the host pipeline's threads building batches
+    (default 2; the benchmark's one-core row reads with 1).
     """
     config = self.config
     if device_resident:
@@ -287,6 +294,7 @@ class Method:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       num_workers=config.data.num_workers,
+      read_threads=read_threads,
     )
 
   def describe(self) -> str:
@@ -307,11 +315,8 @@ class Method:
     aug = self.config.data.augment
 
     def augmented(images, v, **probs):
-      x = images.astype(jnp.float32) / 255.0
-      if aug.photometric:
-        keys = augment.example_keys(jax.random.fold_in(rng, v), step, batch["aug_seed"])
-        x = augment.photometric(x, keys, aug, **probs)
-      return augment.normalize_images(x)
+      view_rng = jax.random.fold_in(rng, v)
+      return augment.network_inputs(images, aug, view_rng, step, batch["aug_seed"], **probs)
 
     second = {
       "blur_prob": aug.blur_prob_b if aug.blur_prob_b >= 0 else None,

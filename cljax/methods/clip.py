@@ -188,7 +188,15 @@ class CLIP(Method):
   def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
     return {"clip": clip_config()}
 
-  def create_train_iterator(self, source: Any, mesh: Any, views: Any, *, device_resident: bool):
+  def create_train_iterator(
+    self,
+    source: Any,
+    mesh: Any,
+    views: Any,
+    *,
+    device_resident: bool,
+    read_threads: int | None = None,
+  ):
     """(one view, caption ``tokens``) batches from ``cljax.data.captions``, captioning
     ``source`` as ``clip.captions`` says; host only."""
     del mesh
@@ -203,7 +211,7 @@ class CLIP(Method):
     from cljax.data import captions
 
     return captions.create_train_iterator(
-      self.config, source, views, jax.process_index(), jax.process_count()
+      self.config, source, views, jax.process_index(), jax.process_count(), read_threads
     )
 
   def create_model(self, bn_axis_name: str | None = None):
@@ -235,11 +243,7 @@ class CLIP(Method):
     captions) follows ``data.augment`` with the per-example ``aug_seed`` keys.
     """
     aug = self.config.data.augment
-    x = batch["view_a"].astype(jnp.float32) / 255.0
-    if aug.photometric:
-      keys = augment.example_keys(rng, step, batch["aug_seed"])
-      x = augment.photometric(x, keys, aug)
-    return {"global": augment.normalize_images(x)}
+    return {"global": augment.network_inputs(batch["view_a"], aug, rng, step, batch["aug_seed"])}
 
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     clip = self.config.clip
