@@ -57,6 +57,7 @@ ADDED_KEYS = {
   "optim.weight_decay_end": -1.0,
   "data.crop_on_device": False,
   "data.canvas_size": 512,
+  "data.jpeg_fast_dct": False,
   "optim.lars_order": "lr_then_momentum",
 }
 

@@ -124,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (ImageNet, folders of photos), where the host's resizes would bound the step.
   c.data.crop_on_device = False
   c.data.canvas_size = 512  # Holds ImageNet's usual 500x375 whole; larger images are shrunk.
+  # libjpeg-turbo's fast DCT/upsampling: ~10% faster on 500x375 JPEGs, pixels <=91 off (mean 1.7).
+  c.data.jpeg_fast_dct = False
   c.data.num_workers = 8  # grain worker processes per host; 0 decodes in the main process.
   c.data.strict = False  # True: an unreadable image in a folder is fatal, not skipped.
   c.data.augment = ml_collections.ConfigDict()

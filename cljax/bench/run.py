@@ -395,7 +395,9 @@ def run_benchmark(
       add(row)
   if "host_jpeg" in parts:
     counts = list(jpeg_workers) or sorted({0, host.host_cores()})
-    for row in host.bench_host_jpeg(worker_counts=counts, windows=windows, **(jpeg_options or {})):
+    # The decode-only rows decode as the config's training would (data.jpeg_fast_dct).
+    options = {"fast_dct": config.data.jpeg_fast_dct, **(jpeg_options or {})}
+    for row in host.bench_host_jpeg(worker_counts=counts, windows=windows, **options):
       add(row)
   add(summary_row(rows))
   return rows

@@ -289,6 +289,7 @@ class Method:
       views,
       crop_on_device=config.data.crop_on_device,
       canvas=config.data.canvas_size,
+      jpeg_fast_dct=config.data.jpeg_fast_dct,
       seed=config.train.seed,
       global_batch_size=config.data.global_batch_size,
       process_index=jax.process_index(),
