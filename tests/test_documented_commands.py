@@ -106,10 +106,13 @@ def _jobs(tmp: str) -> tuple[dict[str, list[tuple[docs.Command, dict]]], list[st
   for command in commands:
     if command.program == "cljax.main" and "help" in command.flags:
       continue  # Run on its own (absl's --help exits); test_main covers it.
-    flags_seen = tuple(sorted(command.flags))
+    # One run per recipe file (its presets differ in sizes, which the run shrinks anyway),
+    # per evaluated config and per benchmarked config and parts.
     key = (command.program, (command.config or "").split(":")[0])
-    if command.program in ("cljax.evaluate", "cljax.bench"):
-      key = (command.program, command.config, flags_seen, command.flags.get("parts"))
+    if command.program == "cljax.evaluate":
+      key = (command.program, command.config)
+    elif command.program == "cljax.bench":
+      key = (command.program, command.config, command.flags.get("parts"))
     run = key not in seen and (command.config or "").split(":")[0] not in NOT_RUN_CONFIGS
     seen.add(key)
     job, workdir = _job(command, tmp, run)
