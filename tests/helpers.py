@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,14 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.data.global_batch_size = 16
   c.data.augment.photometric = False
   return c
+
+
+def xla_flags(device_count: int) -> str:
+  """The suite's ``$XLA_FLAGS`` (set by conftest.py: its faster compiling included) for a
+  subprocess that sees ``device_count`` CPU devices instead of 8."""
+  kept = os.environ.get("XLA_FLAGS", "").split()
+  kept = [f for f in kept if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={device_count}"])
 
 
 @contextlib.contextmanager

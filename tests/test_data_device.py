@@ -85,6 +85,7 @@ def test_every_epoch_covers_every_example_once_and_reshuffles(mesh8):
   assert seeds.min() >= 0 and len(set(seeds.tolist())) == len(seeds)
 
 
+@pytest.mark.xla_default_codegen
 def test_one_device_gives_the_batches_of_eight(synthetic_data):
   one = device.DeviceData.create(
     sources.SyntheticSource(N, SIZE, seed=1), sharding.create_mesh(jax.devices()[:1])

@@ -166,10 +166,12 @@ def test_sharded_info_nce_uses_global_negatives():
   rng = np.random.default_rng(9)
   q, k = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
   expected = losses.info_nce(q, k, jnp.arange(16), 0.3)
-  f = jax.shard_map(
-    lambda a, b: losses.info_nce(a, b, jnp.arange(a.shape[0]), 0.3, axis_name="data"),
-    mesh=mesh,
-    in_specs=(P("data"), P("data")),
-    out_specs=P(),
+  f = jax.jit(
+    jax.shard_map(
+      lambda a, b: losses.info_nce(a, b, jnp.arange(a.shape[0]), 0.3, axis_name="data"),
+      mesh=mesh,
+      in_specs=(P("data"), P("data")),
+      out_specs=P(),
+    )
   )
   np.testing.assert_allclose(float(f(q, k)), float(expected), rtol=1e-5)

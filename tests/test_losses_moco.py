@@ -114,11 +114,13 @@ def test_sharded_moco_v2_with_sharded_queue_equals_single_device_full_queue():
   assert _output_shapes(jaxpr, "all_gather") == [(16, 8)]
 
   # Teeth: a device's own queue shard alone gives a different loss.
-  local_only = jax.shard_map(
-    lambda a, b, c: moco.moco_v2_loss(a, b, c, t)[None],
-    mesh=mesh,
-    in_specs=(P(DATA), P(DATA), P(DATA)),
-    out_specs=P(DATA),
+  local_only = jax.jit(
+    jax.shard_map(
+      lambda a, b, c: moco.moco_v2_loss(a, b, c, t)[None],
+      mesh=mesh,
+      in_specs=(P(DATA), P(DATA), P(DATA)),
+      out_specs=P(DATA),
+    )
   )(q, k, queue)
   assert abs(float(jnp.mean(local_only)) - float(expected[0])) > 1e-3
 

@@ -3,7 +3,9 @@
 Also create_method's error for an unknown name and cljax.methods.base.ema_decay's schedule.
 """
 
+import importlib.util
 import os
+import pathlib
 
 import chex
 import jax
@@ -77,6 +79,42 @@ def test_method_step_on_8_devices_equals_1_device(method):
   assert np.isfinite(hist8[-1]["loss"])
 
 
+def _official_mlp(d_in, mlp_dim, d_out, last_bn):
+  """The ``(params, batch_stats)`` shapes of MoCo v3's ``_build_mlp(2, d_in, mlp_dim, d_out,
+  last_bn)`` as a cljax head holds them: bias-free Linear layers, an affine BatchNorm between
+  them, and (``last_bn``) a BatchNorm without affine parameters, which has statistics only."""
+  params = {
+    "Dense_0": {"kernel": (d_in, mlp_dim)},
+    "BatchNorm_0": {"scale": (mlp_dim,), "bias": (mlp_dim,)},
+    "Dense_1": {"kernel": (mlp_dim, d_out)},
+  }
+  stats = {"BatchNorm_0": {"mean": (mlp_dim,), "var": (mlp_dim,)}}
+  if last_bn:
+    stats["BatchNorm_1"] = {"mean": (d_out,), "var": (d_out,)}
+  return params, stats
+
+
+@pytest.mark.parametrize("preset", ["gpu", "cpu"])
+def test_mocov3_cifar_recipe_has_the_official_resnet_heads(preset):
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "mocov3_cifar10.py"
+  spec = importlib.util.spec_from_file_location("mocov3_cifar10", path)
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  config = recipe.get_config(preset)
+  assert config.model.name == "resnet"
+  method = methods.create_method(config)
+  variables = jax.eval_shape(lambda: method.init_variables(jax.random.key(0), (32, 32, 3)))
+  shapes = jax.tree.map(lambda x: x.shape, variables)
+  mlp, dim = config.head.hidden_dim, config.head.output_dim
+  features = shapes["params"]["head"]["Dense_0"]["kernel"][0]
+  # MoCo_ResNet: projector _build_mlp(2, features, mlp, dim), predictor _build_mlp(2, dim, mlp,
+  # dim, last_bn=False).
+  for name, args in (("head", (features, mlp, dim, True)), ("predictor", (dim, mlp, dim, False))):
+    params, stats = _official_mlp(*args)
+    assert shapes["params"][name] == params, name
+    assert shapes["batch_stats"][name] == stats, name
+
+
 def test_unknown_method_is_named_with_the_choices():
   with pytest.raises(ValueError, match="Unknown method 'mocov9'.*'byol'"):
     methods.create_method(_config("mocov9"))
@@ -134,12 +172,14 @@ def test_the_target_network_gets_no_gradient(method):
 
     return jax.grad(loss_of_target)(method_state["target_params"])
 
-  grads = jax.shard_map(
-    target_grad,
-    mesh=mesh,
-    in_specs=(method_obj.state_specs(), P("data")),
-    out_specs=P(),
-    check_vma=False,
+  grads = jax.jit(
+    jax.shard_map(
+      target_grad,
+      mesh=mesh,
+      in_specs=(method_obj.state_specs(), P("data")),
+      out_specs=P(),
+      check_vma=False,
+    )
   )(state.method_state, batch)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
 

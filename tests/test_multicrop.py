@@ -157,6 +157,7 @@ def test_host_local_views_are_deterministic_resume_and_do_not_depend_on_processe
       np.testing.assert_array_equal(half[key], want[0][key][p::2], err_msg=key)
 
 
+@pytest.mark.xla_default_codegen
 def test_device_local_views_resume_and_do_not_depend_on_the_device_count(batches):
   # A state saved on eight devices resumes on one (a fresh build) with the same batches.
   one = _device(sharding.create_mesh(jax.devices()[:1]))

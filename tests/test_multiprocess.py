@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from helpers import xla_flags
 
 from cljax import metrics
 
@@ -32,9 +33,7 @@ def _command(workdir, *extra):
 
 
 def _env(devices: int) -> dict:
-  return dict(
-    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-  )
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
 
 
 def _losses(workdir):

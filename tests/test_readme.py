@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import xla_flags
 
 from cljax import methods, sharding, train
 from cljax.evaluate import features, runner
@@ -53,7 +54,7 @@ def test_the_encoder_snippet_gives_the_evaluations_features(quickstart_run, tmp_
   snippet = snippet.replace('"configs/quickstart.py"', repr(str(config_file)))
   out_file = tmp_path / "features.npy"
   save = f"\nnp.save({str(out_file)!r}, np.asarray(features))\n"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   out = subprocess.run(
     [sys.executable, "-c", snippet + save], cwd=REPO, env=env, capture_output=True, text=True,
     timeout=300,

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import REPO
+from helpers import xla_flags
 from tta_tiny_config import get_config as _config
 
 _spec = importlib.util.spec_from_file_location("tta", REPO / "benchmarks" / "time_to_accuracy.py")
@@ -67,7 +68,7 @@ def test_command_writes_json_and_figure(tmp_path):
     "--linear_max_steps=5",
     "--set=optim.base_lr=0.2",
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # One device, as a user runs it.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))  # One device, as a user has.
   subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=300)
   record = json.loads((tmp_path / "tta_tiny_config.json").read_text())
   assert record["complete"]
