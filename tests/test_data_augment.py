@@ -372,7 +372,11 @@ def test_shard_map_matches_single_device():
   images, keys = _batch(16), _keys(16)
   put = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
   expected = np.stack([_augment_one(images[i], keys[i]) for i in range(16)])
-  np.testing.assert_allclose(sharded(put(images), put(keys)), expected, atol=1e-6)
+  # One image eagerly against the sharded batch under jit: the same bound as
+  # test_eager_matches_jit (4.5 ulps of 1 measured with the suite's XLA flags, 0 with XLA's
+  # defaults).
+  atol = 32 * np.finfo(np.float32).eps
+  np.testing.assert_allclose(sharded(put(images), put(keys)), expected, atol=atol)
 
 
 def test_rejects_bad_arguments():
