@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ from jax.experimental import multihost_utils
 
 from cljax import errors, integrity, validate
 from cljax import step as step_lib
+from cljax.data import pipeline
 
 # Keys that may change between a run and its resumption without changing
 # what is computed: bookkeeping, not the model, data order or optimiser.
@@ -246,25 +248,98 @@ def restore_verified(
     logging.warning("The checkpoint was written with another config:\n  %s", "\n  ".join(diffs))
   abstract = target_fn()
   check_fits(manager, step, digests, abstract, config_changed=bool(diffs))
+  saved_processes = jax.process_count()
+  iterator_states = None
   try:
     if data_iterator is None:
-      with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(_item_dir(manager, step, "state"), abstract)
+      restored = _restore_state(manager, step, abstract)
     else:
-      restored = restore(manager, step, abstract, data_iterator)
+      saved_processes = saved_process_count(manager, step, digests)
+      if saved_processes == jax.process_count():
+        restored = restore(manager, step, abstract, data_iterator)
+      else:
+        restored = _restore_state(manager, step, abstract)
+        iterator_states = _read_iterator_states(manager, step, saved_processes)
   except Exception as e:  # Any failure to read means this checkpoint is unusable.
     raise UnusableCheckpointError(repr(e)) from e
   problems = state_problems(digests, restored)
   if digests is not None and data_iterator is not None:
-    saved = integrity.saved_iterator_digest(_item_dir(manager, step, "data"))
-    if saved != digests["data"][jax.process_index()]:
+    data_dir = _item_dir(manager, step, "data")
+    # Every saving process's file when the count changed (all of them are read), else ours.
+    indices = range(saved_processes) if iterator_states else [jax.process_index()]
+    if any(
+      integrity.saved_iterator_digest(data_dir, i, saved_processes) != digests["data"][i]
+      for i in indices
+    ):
       problems.append("the data-iterator state differs from its digest")
   _raise_if_any_process(problems, step)
+  if iterator_states:
+    _continue_stream(manager, step, data_iterator, iterator_states)
   return restored
 
 
+def saved_process_count(manager: ocp.CheckpointManager, step: int, digests: dict | None) -> int:
+  """How many processes wrote ``step``: its digests' iterator entries, else its data files.
+
+  Raises:
+    ValueError: the data folder holds no iterator state, or states of several counts.
+  """
+  if digests is not None:
+    return len(digests["data"])
+  data_dir = _item_dir(manager, step, "data")
+  counts = {
+    int(m.group(1))
+    for name in os.listdir(data_dir)
+    if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))
+  }
+  if len(counts) != 1:
+    raise ValueError(f"{data_dir} holds iterator states of process counts {sorted(counts)}")
+  return counts.pop()
+
+
+def _restore_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Any:
+  """The state item alone, as ``abstract`` (shapes and shardings): orbax reads each device's
+  part of every array, whatever mesh and process count wrote it."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(_item_dir(manager, step, "state"), abstract)
+
+
+def _read_iterator_states(manager: ocp.CheckpointManager, step: int, count: int) -> list:
+  data_dir = _item_dir(manager, step, "data")
+  states = []
+  for index in range(count):
+    with open(integrity.iterator_file(data_dir, index, count)) as f:
+      states.append(json.load(f))
+  return states
+
+
+def _continue_stream(
+  manager: ocp.CheckpointManager, step: int, data_iterator: Any, saved: list
+) -> None:
+  """Sets ``data_iterator`` to continue the global stream ``len(saved)`` processes saved.
+
+  Raises:
+    IncompatibleCheckpointError: the saved states are not one stream this pipeline continues.
+  """
+  try:
+    data_iterator.set_state(pipeline.remap_state(saved, data_iterator.get_state()))
+  except ValueError as e:
+    raise IncompatibleCheckpointError(
+      f"The checkpoint at step {step} in {manager.directory} was written by {len(saved)} "
+      f"processes and its data stream cannot continue on {jax.process_count()}: {e}. Resume "
+      f"it on {len(saved)} processes; the checkpoints were left as they are."
+    ) from e
+  logging.info(
+    "The checkpoint at step %d was written by %d process(es); %d continue its data stream.",
+    step,
+    len(saved),
+    jax.process_count(),
+  )
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract: Any, data_iterator: Any) -> Any:
-  """Restores the state as ``abstract`` (shapes and shardings) and the iterator in place."""
+  """Restores the state as ``abstract`` (shapes and shardings) and the iterator in place,
+  both written by as many processes as run now (else ``restore_verified``)."""
   restored = manager.restore(
     step,
     args=ocp.args.Composite(

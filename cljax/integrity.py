@@ -88,10 +88,16 @@ def iterator_digests(data_iterator: Any) -> list[str]:
   return [bytes(np.asarray(row, np.uint8)).hex() for row in every]
 
 
-def saved_iterator_digest(data_dir: str) -> str:
-  """The digest of this process's saved iterator state (``grain.checkpoint``'s file)."""
-  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-  with open(os.path.join(data_dir, name), "rb") as f:
+def iterator_file(data_dir: str, index: int, count: int) -> str:
+  """The file ``grain.checkpoint`` writes process ``index`` of ``count``'s iterator state to."""
+  return os.path.join(data_dir, f"process_{index}-of-{count}.json")
+
+
+def saved_iterator_digest(data_dir: str, index: int | None = None, count: int | None = None) -> str:
+  """The digest of a saved iterator state (default: this process's, of this process count)."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  with open(iterator_file(data_dir, index, count), "rb") as f:
     text = f.read()
   try:
     return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True).encode()).hexdigest()

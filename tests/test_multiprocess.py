@@ -1,12 +1,15 @@
-"""Two processes x 4 CPU devices over loopback (gloo) == one process x 8 devices."""
+"""Two processes x 4 CPU devices over loopback (gloo) == one process x 8 devices, and a
+checkpoint of either resumes on the other."""
 
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import xla_flags
 
 from cljax import metrics
@@ -28,6 +31,7 @@ def _command(workdir, *extra):
     "--config.data.global_batch_size=16", "--config.model.stage_sizes=(1,)",
     "--config.model.num_filters=8", "--config.head.hidden_dim=32",
     "--config.train.num_steps=4", "--config.train.log_every_steps=1",
+    "--config.train.checkpoint_every_steps=2",
     "--config.evals.knn_at_end=False", *extra,
   ]  # fmt: skip
 
@@ -40,19 +44,20 @@ def _losses(workdir):
   return [r["loss"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")]
 
 
-def test_two_processes_give_the_same_losses_as_one(tmp_path):
-  single = tmp_path / "single"
+def _run_one(workdir) -> str:
   out = subprocess.run(
-    _command(single), cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600
+    _command(workdir), cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600
   )
   assert out.returncode == 0, out.stderr[-3000:]
+  return out.stderr
 
-  multi = tmp_path / "multi"
+
+def _run_two(workdir) -> list[str]:
   port = _free_port()
   procs = [
     subprocess.Popen(
       _command(
-        multi,
+        workdir,
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={i}",
@@ -68,7 +73,22 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
-  assert "2 process(es), 8 device(s)" in outs[0][1]
+  return [err for _, err in outs]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The same 4 steps run by 1 process x 8 devices and by 2 x 4: the two workdirs, and the
+  stderr of the two processes."""
+  tmp_path = tmp_path_factory.mktemp("runs")
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  _run_one(single)
+  return single, multi, _run_two(multi)
+
+
+def test_two_processes_give_the_same_losses_as_one(runs):
+  single, multi, errs = runs
+  assert "2 process(es), 8 device(s)" in errs[0]
   single_losses, multi_losses = _losses(single), _losses(multi)
   assert len(single_losses) == len(multi_losses) == 4
   # Same global batches and augmentations; only the order of float sums differs.
@@ -76,3 +96,22 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
   # Process 0 alone writes metrics; both wrote their data-iterator state.
   written = {p.name for p in (multi / "checkpoints" / "4" / "data").iterdir()}
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= written
+
+
+def test_a_checkpoint_resumes_on_another_process_count(runs):
+  """Issue 27's repro: an intact checkpoint of 2 processes resumes on 1 (and back), continuing
+  the same global stream; before, it was moved to checkpoints_unreadable/ and training
+  restarted from step 0 with exit status 0."""
+  single, multi, _ = runs
+  reference = _losses(single)
+  for workdir, resume in ((multi, _run_one), (single, _run_two)):
+    shutil.rmtree(workdir / "checkpoints" / "4")  # Preempted after step 3.
+    err = resume(workdir)
+    err = err if isinstance(err, str) else err[0]
+    assert "Resumed from" in err and "at step 2" in err, err[-3000:]
+    assert not (workdir / "checkpoints_unreadable").exists()
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+    rows = metrics.read_jsonl(workdir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]  # Steps 3 and 4 again, not 1.
+    # The same global batches and augmentations after the change of process count.
+    np.testing.assert_allclose([r["loss"] for r in rows[4:]], reference[2:], rtol=1e-5)

@@ -250,6 +250,21 @@ class BatchIterator(grain.DatasetIterator):
     return f"BatchIterator(next_batch={self._next_batch})"
 
 
+# How the training streams deal global batches to processes (``augmented_batches``): each
+# process a block of consecutive positions. States saved before the key existed dealt the
+# positions round-robin, the same stream on one process only (``_with_dealing``).
+DEALING = "blocks"
+# The settings that say which share of the global stream a process reads, not which stream.
+PROCESS_KEYS = ("process_index", "process_count")
+
+
+def _with_dealing(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved signature with its ``dealing`` (absent in states saved before it existed)."""
+  if "dealing" in saved or "process_count" not in saved:
+    return saved
+  return {**saved, "dealing": DEALING if saved["process_count"] == 1 else "round_robin"}
+
+
 def check_state(state: dict[str, Any], signature: dict[str, Any]) -> None:
   """Refuses an iterator state saved by a pipeline other than the one ``signature`` describes.
 
@@ -263,7 +278,7 @@ def check_state(state: dict[str, Any], signature: dict[str, Any]) -> None:
   Raises:
     ValueError: the settings differ, or the state has no "next_batch".
   """
-  saved = state.get("pipeline", {})
+  saved = _with_dealing(state.get("pipeline", {}))
   keys = [*signature, *(k for k in saved if k not in signature)]
   diff = {k: (saved.get(k), signature.get(k)) for k in keys if saved.get(k) != signature.get(k)}
   if diff or "next_batch" not in state:
@@ -271,6 +286,41 @@ def check_state(state: dict[str, Any], signature: dict[str, Any]) -> None:
       "the saved data-iterator state belongs to a different pipeline; its batches would "
       f"not continue the saved run. Differences (saved, now): {diff}; state: {state}"
     )
+
+
+def remap_state(saved: list[dict[str, Any]], current: dict[str, Any]) -> dict[str, Any]:
+  """The state that continues, on this process, the global stream other processes saved.
+
+  A checkpoint written by P processes holds P states, one per process, that differ only in
+  ``process_index``/``process_count`` and agree on ``next_batch``: the global batches
+  consumed. Global batch k is the same on any process count (``augmented_batches``; the
+  device-resident stream does not depend on it either), so resuming on another count is
+  the saved ``next_batch`` under this process's signature.
+
+  Args:
+    saved: every saving process's ``get_state()``, in process order.
+    current: this process's iterator's ``get_state()`` (its signature).
+
+  Returns:
+    The state to ``set_state``.
+
+  Raises:
+    ValueError: the saved states disagree on ``next_batch``, or differ from ``current`` in
+      a setting other than the process keys (``check_state``), or dealt round-robin.
+  """
+  batches = {int(s.get("next_batch", -1)) for s in saved}
+  if len(batches) != 1 or -1 in batches:
+    raise ValueError(
+      f"the saved data-iterator states of the {len(saved)} processes disagree on the batches "
+      f"consumed ({sorted(batches)}): they do not describe one global stream"
+    )
+  drop = lambda signature: {k: v for k, v in signature.items() if k not in PROCESS_KEYS}
+  for state in saved:
+    check_state(
+      {**state, "pipeline": drop(_with_dealing(state.get("pipeline", {})))},
+      drop(current["pipeline"]),
+    )
+  return {"pipeline": current["pipeline"], "next_batch": batches.pop()}
 
 
 def _per_process_batch(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -367,6 +417,7 @@ class StreamSpec:
       "process_index": int(self.process_index),
       "process_count": int(self.process_count),
       "num_epochs": self.num_epochs,
+      "dealing": DEALING,
     }
 
 
@@ -375,9 +426,10 @@ def create_pretrain_iterator(
 ) -> BatchIterator:
   """Returns this process's iterator of two-view pretraining batches.
 
-  Every epoch is a global shuffle of the source (reshuffled each epoch, from `seed`); its first
-  len(source) - len(source) % process_count positions are dealt round-robin to the processes,
-  so each process reads a disjoint, equal share. Each example becomes two views, each a random
+  Every epoch is a global shuffle of the source (reshuffled each epoch, from `seed`); the
+  epochs follow each other in one global stream, whose global batch k is its positions
+  k B .. (k + 1) B - 1 whatever the process count; process i reads the i-th block of b = B /
+  process_count of them (``augmented_batches``). Each example becomes two views, each a random
   resized crop (then resized to ``views.image_size``) and a random horizontal flip, drawn from
   a generator seeded by (seed, position in the global stream): the same on any number of
   processes or workers. Batches may straddle epochs; the last partial one is dropped.
@@ -420,28 +472,32 @@ def augmented_batches(
 
   Each epoch is a global shuffle of ``source`` (from ``stream.seed``); ``transform`` (a grain
   random map cutting ``views``: crops, captions) runs before sharding, so a record's rng
-  depends on its global stream position only; its first len(source) - len(source) %
-  process_count positions are dealt round-robin to the processes. The iterator's state
+  depends on its global stream position only. The epochs follow each other in one stream,
+  cut into global batches of ``stream.global_batch_size`` (B) positions; process i reads the
+  i-th block of B / process_count positions of each. Global batch k is therefore the same
+  examples in the same order on any number of processes, and a state saved by one process
+  count continues the stream on another (``remap_state``). The iterator's state
   carries a signature of these settings (``kind`` names the iterator; ``signature`` adds
   its own fields, or replaces some), and refuses a state saved under others. ``batch_fn``
   makes a batch of records (default: grain's, stacking each entry).
 
   Raises:
-    ValueError: a process's share of an epoch is smaller than one batch.
+    ValueError: the source is smaller than one global batch.
   """
-  batch_size, process_count = stream.batch_size, stream.process_count
-  usable = len(source) - len(source) % process_count
-  if usable // process_count < batch_size:
+  if len(source) < stream.global_batch_size:
     raise ValueError(
-      f"{len(source)} examples give each of {process_count} processes fewer than one batch "
-      f"of {batch_size}"
+      f"{len(source)} examples are fewer than one global batch of {stream.global_batch_size}"
     )
   ds = grain.MapDataset.source(source).seed(stream.seed).shuffle()
   # Augment before sharding: the record's rng then depends on its global stream position.
   ds = ds.random_map(transform)
-  # Slicing keeps the epoch in the index it passes up, so every epoch is reshuffled.
-  ds = ds[:usable][stream.process_index :: process_count]
-  ds = ds.repeat(stream.num_epochs).batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+  # The repeat passes each epoch's index up, so every epoch is reshuffled. Blocks of b
+  # consecutive positions, every process_count-th from this process's: the i-th block of
+  # each global batch.
+  ds = ds.repeat(stream.num_epochs).batch(stream.batch_size, drop_remainder=True, batch_fn=batch_fn)
+  if stream.num_epochs is not None:  # Whole global batches only: each process as many.
+    ds = ds[: len(ds) - len(ds) % stream.process_count]
+  ds = ds[stream.process_index :: stream.process_count]
   full_signature = state_signature(kind, source, **stream.signature(), **views.signature())
   full_signature |= signature or {}
   return BatchIterator(ds, full_signature, stream.num_workers, stream.read_threads)
