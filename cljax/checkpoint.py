@@ -49,6 +49,8 @@ RESUMABLE_CHANGES = (
   "data.num_workers",
   "data.data_dir",
   "evals",
+  # The state's layout on the devices: a checkpoint restores onto any (step.state_specs).
+  "mesh",
 )
 
 # Config keys added after runs were already saved without them, with the value that does

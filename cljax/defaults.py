@@ -163,6 +163,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_nonfinite_streak = 5  # Stop after this many NaN/Inf steps in a row (0: never).
   c.train.stop_at_step = 0  # > 0: save and stop there, e.g. to split a run into jobs.
 
+  # How the train state lies on the devices (the batch is always split over all of them):
+  # "replicated" (data parallelism) or "fsdp" (each leaf of at least fsdp_min_elements
+  # elements split over the devices: parameters, optimiser state, target network).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.state_sharding = "replicated"
+  c.mesh.fsdp_min_elements = 2**16
+
   c.evals = ml_collections.ConfigDict()
   c.evals.collapse_metrics = False  # Log effective rank, alignment, uniformity every step.
   c.evals.online_probe = True  # Linear classifier on frozen features during training (labels).

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cljax import sharding
+
 # Parameter names that ``lars_mask`` leaves alone: biases and BatchNorm/LayerNorm
 # scales/offsets (SimCLR, You et al. 2017), a ViT's class token and learned position
 # embeddings, and CLIP's logit scale and bias. Of the official recipes only open_clip exempts
@@ -236,12 +238,41 @@ def create_lars(
   momentum = optax.trace(decay=optim_config.momentum, nesterov=False)
   learning_rate = optax.scale_by_learning_rate(learning_rate_fn)
   last = (learning_rate, momentum) if order == "lr_then_momentum" else (momentum, learning_rate)
-  trust_ratio = optax.scale_by_trust_ratio(trust_coefficient=optim_config.trust_coefficient)
+  trust_ratio = scale_by_trust_ratio(optim_config.trust_coefficient)
   return optax.chain(
     optax.add_decayed_weights(optim_config.weight_decay, mask=mask),
     optax.masked(trust_ratio, mask),
     *last,
   )
+
+
+def scale_by_trust_ratio(
+  trust_coefficient: float, axis_name: str | None = sharding.DATA_AXIS
+) -> optax.GradientTransformation:
+  """``optax.scale_by_trust_ratio(trust_coefficient=...)`` with whole-leaf norms under FSDP.
+
+  Each update is scaled by ``trust_coefficient * ||p|| / ||u||`` (1 where either norm is 0),
+  optax's formula. Inside the train step's ``shard_map`` a parameter that FSDP splits over
+  ``axis_name`` arrives as this device's part, and optax would take the norm of that part:
+  every shard its own trust ratio, a different optimiser (tests/test_fsdp.py shows the
+  step then differs). Here the squares are summed over the axis first
+  (``sharding.squared_norm``); on replicated leaves, and outside ``shard_map``, this is
+  optax's transform exactly. Its state is optax's (empty), so checkpoints are unchanged.
+  """
+
+  def update_fn(updates, state, params):
+    if params is None:
+      raise ValueError("scale_by_trust_ratio needs the parameters.")
+
+    def scale(u, p):
+      p_norm = jnp.sqrt(sharding.squared_norm(p, axis_name)).astype(p.dtype)
+      u_norm = jnp.sqrt(sharding.squared_norm(u, axis_name)).astype(p.dtype)
+      ratio = trust_coefficient * p_norm / u_norm
+      return u * jnp.where((p_norm == 0.0) | (u_norm == 0.0), jnp.ones((), p.dtype), ratio)
+
+    return jax.tree.map(scale, updates, params), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def freeze_for_steps(

@@ -1,17 +1,29 @@
-"""One data-parallel mesh over all devices of all processes, and batch placement."""
+"""One mesh over all devices of all processes, batch placement, and the state's layout on it.
+
+The batch is split over the mesh's one axis, 'data'. The train state is either replicated
+(data parallelism) or, with ``mesh.state_sharding="fsdp"``, each large leaf split over the
+same axis along one of its dimensions (fully sharded data parallelism, ZeRO-3): the step
+gathers the parameters at use and reduce-scatters their gradients (``gather``,
+``sum_gradients``), and whatever needs a whole leaf takes its norm over the axis
+(``global_norm``).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from cljax import errors
 
 DATA_AXIS = "data"
+# The values of mesh.state_sharding.
+STATE_SHARDINGS = ("replicated", "fsdp")
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -70,9 +82,13 @@ def vary(tree: Any, axis: str) -> Any:
   (no data moves; the cast's transpose sums the cotangents over ``axis``)."""
   # JAX 0.8.2 deprecated jax.lax.pvary for pcast(..., to="varying"); 0.10 removed it.
   pcast = getattr(jax.lax, "pcast", None)
-  if pcast is None:
-    return jax.lax.pvary(tree, axis)
-  return pcast(tree, axis, to="varying")
+  cast = (
+    (lambda x: jax.lax.pvary(x, axis))
+    if pcast is None
+    else (lambda x: pcast(x, axis, to="varying"))
+  )
+  # Leaves already varying (gathered from FSDP shards) stay as they are.
+  return jax.tree.map(lambda x: x if varies_over(x, axis) else cast(x), tree)
 
 
 def varies_over(x: jax.Array, axis: str) -> bool:
@@ -92,3 +108,77 @@ def invariant(tree: Any, axis: str) -> Any:
   alone), as ``shard_map`` out_specs ``P()`` require. The maximum over devices of equal
   values is each of them exactly (a mean would round)."""
   return jax.tree.map(lambda x: jax.lax.pmax(x, axis) if varies_over(x, axis) else x, tree)
+
+
+def fsdp_spec(shape: Sequence[int], num_devices: int, min_elements: int) -> PartitionSpec:
+  """Where FSDP splits a leaf of ``shape`` over ``num_devices``: its largest dimension that
+  splits evenly (the first of equal ones), or nowhere (``P()``) for a leaf of fewer than
+  ``min_elements`` elements or without such a dimension.
+
+  The spec depends on the shape alone, so a parameter, its optimiser moments and its copy
+  in a target network are laid out alike and combine elementwise shard by shard.
+  """
+  if num_devices <= 1 or math.prod(shape) < max(min_elements, 1):
+    return PartitionSpec()
+  splits = [d for d in range(len(shape)) if shape[d] % num_devices == 0]
+  if not splits:
+    return PartitionSpec()
+  dim = max(splits, key=lambda d: (shape[d], -d))
+  return PartitionSpec(*(DATA_AXIS if d == dim else None for d in range(len(shape))))
+
+
+def split_dim(spec: PartitionSpec) -> int | None:
+  """The dimension ``spec`` splits over 'data', or None (replicated)."""
+  for dim, axis in enumerate(spec):
+    if axis == DATA_AXIS:
+      return dim
+  return None
+
+
+def gather(tree: Any, specs: Any, axis: str = DATA_AXIS) -> Any:
+  """Inside ``shard_map``: the whole value of each leaf that ``specs`` split (an all-gather
+  along its split dimension); other leaves as they are."""
+
+  def whole(x, spec):
+    dim = split_dim(spec)
+    return x if dim is None else jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+
+  return jax.tree.map(whole, tree, specs)
+
+
+def sum_gradients(grads: Any, specs: Any, axis: str = DATA_AXIS) -> Any:
+  """Inside ``shard_map``: each device's gradients summed over ``axis``, once: for a leaf that
+  ``specs`` split, only this device's part of the sum (a reduce-scatter, the transpose of
+  ``gather``); for the others the whole sum (an all-reduce)."""
+
+  def reduce(g, spec):
+    dim = split_dim(spec)
+    if dim is None:
+      return jax.lax.psum(g, axis)
+    return jax.lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
+
+  return jax.tree.map(reduce, grads, specs)
+
+
+def squared_norm(x: jax.Array, axis: str | None = DATA_AXIS) -> jax.Array:
+  """The squared L2 norm of a whole leaf: inside ``shard_map`` the sum over ``axis`` of the
+  parts when the leaf is device-varying (split, or per device); else of ``x`` itself."""
+  sq = jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
+  if axis is not None and _in_shard_map(axis) and varies_over(sq, axis):
+    sq = jax.lax.psum(sq, axis)
+  return sq
+
+
+def global_norm(tree: Any, axis: str | None = DATA_AXIS) -> jax.Array:
+  """``optax.tree.norm`` of the whole tree, whichever of its leaves FSDP split over ``axis``."""
+  squares = [squared_norm(x, axis) for x in jax.tree.leaves(tree)]
+  return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
+def _in_shard_map(axis: str) -> bool:
+  """Whether ``axis`` is a mapped axis here (inside ``shard_map`` over it)."""
+  try:
+    jax.lax.axis_index(axis)
+  except NameError:
+    return False
+  return True

@@ -71,25 +71,51 @@ def create_train_state(
   )
 
 
-def _specs_to_shardings(mesh: Mesh, specs: Any, tree: Any) -> Any:
-  """Expands a ``PartitionSpec`` prefix of ``tree`` into one ``NamedSharding`` per leaf."""
+def state_specs(state: TrainState, method: Method, mesh: Mesh) -> TrainState:
+  """Each leaf's ``PartitionSpec`` over ``mesh``: the state's layout, a tree like ``state``.
+
+  With ``mesh.state_sharding="replicated"`` every leaf is whole on every device but the
+  method state the method shards (a MoCo queue, ``Method.state_specs``). With "fsdp" the
+  parameters, their optimiser state and the method state that mirrors them
+  (``Method.mirrors_params``: a target network) are split by ``sharding.fsdp_spec``; the
+  BatchNorm statistics, the step, the online probe and the rest of the method state stay as
+  in data parallelism (small, or laid out by the method).
+  """
+  config = method.config.mesh
+  if config.state_sharding not in sharding.STATE_SHARDINGS:
+    raise ValueError(
+      f"mesh.state_sharding must be one of {sharding.STATE_SHARDINGS}, "
+      f"got {config.state_sharding!r}."
+    )
+  size = mesh.devices.size if config.state_sharding == "fsdp" else 1
+  split = lambda tree: jax.tree.map(
+    lambda x: sharding.fsdp_spec(x.shape, size, config.fsdp_min_elements), tree
+  )
+  whole = lambda tree: jax.tree.map(lambda _: PartitionSpec(), tree)
   is_spec = lambda x: isinstance(x, PartitionSpec)
-  return jax.tree.map(
-    lambda spec, sub: jax.tree.map(lambda _: NamedSharding(mesh, spec), sub),
-    specs,
-    tree,
+  method_specs = jax.tree.map(
+    lambda spec, sub: jax.tree.map(lambda _: spec, sub),
+    method.state_specs(),
+    state.method_state,
     is_leaf=is_spec,
+  )
+  for key in method.mirrors_params:
+    method_specs[key] = split(state.method_state[key])
+  return state.replace(
+    step=PartitionSpec(),
+    params=split(state.params),
+    batch_stats=whole(state.batch_stats),
+    opt_state=split(state.opt_state),
+    probe_params=whole(state.probe_params),
+    probe_opt_state=whole(state.probe_opt_state),
+    method_state=method_specs,
   )
 
 
 def place_state(state: TrainState, mesh: Mesh, method: Method) -> TrainState:
-  """Puts ``state`` on ``mesh``: replicated, but for method state the method shards (a queue)."""
-  method_state = state.method_state
-  placed = jax.device_put(state.replace(method_state=None), sharding.replicated(mesh))
-  if method_state is not None:
-    specs = _specs_to_shardings(mesh, method.state_specs(), method_state)
-    method_state = jax.device_put(method_state, specs)
-  return placed.replace(method_state=method_state)
+  """Puts ``state`` on ``mesh`` as ``state_specs`` lays it out."""
+  specs = state_specs(state, method, mesh)
+  return jax.device_put(state, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
 
 
 def monitor(
@@ -132,7 +158,7 @@ def monitor(
 
 
 def _loss_and_grads(
-  method: Method, state: TrainState, views: dict, batch: dict, axis: str | None
+  method: Method, state: TrainState, views: dict, batch: dict, axis: str | None, param_specs: Any
 ) -> tuple[jax.Array, StepOutput, Any]:
   """The method's loss and output and the global gradient of the loss in the parameters.
 
@@ -145,6 +171,8 @@ def _loss_and_grads(
   crops. So the parameters are cast once here, the gradient is taken with respect to that
   per-device copy, and the gradients are summed once (tests/test_step_allreduce.py counts
   the all-reduces). Without an axis (one device) the gradient is already the global one.
+  Under FSDP ``state`` holds the gathered parameters, and the sum of each leaf that
+  ``param_specs`` split is reduce-scattered: each device keeps its part (``sum_gradients``).
   """
   loss_fn = lambda p: method.loss(p, state, views, batch)
   params = state.params if axis is None else sharding.vary(state.params, axis)
@@ -162,7 +190,7 @@ def _loss_and_grads(
   # A metric computed from the per-device copy alone (CLIP's logit scale) is the same on every
   # device but typed device-varying.
   metrics = sharding.invariant(out.metrics, axis)
-  return loss, out._replace(metrics=metrics), jax.lax.psum(grads, axis)
+  return loss, out._replace(metrics=metrics), sharding.sum_gradients(grads, param_specs, axis)
 
 
 def train_step(
@@ -173,11 +201,12 @@ def train_step(
   method: Method,
   learning_rate_fn: optax.Schedule,
   grad_axis: str | None = sharding.DATA_AXIS,
+  specs: TrainState | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One step of ``method`` on one device's shard; runs inside ``shard_map`` over 'data'.
 
   Args:
-    state: the train state (replicated but for sharded method state).
+    state: this device's part of the train state (``state_specs``).
     batch: this device's ``{"view_a", "view_b", "aug_seed", "label"}`` (and
       ``"local_views"`` with multi-crop, ``"tokens"`` for CLIP) uint8 images and ints; or,
       with ``data.crop_on_device``, ``{"canvas", "boxes", "flips", "aug_seed", "label"}``:
@@ -188,6 +217,10 @@ def train_step(
     learning_rate_fn: the schedule, for the logged learning rate.
     grad_axis: the axis the gradients are summed over (``_loss_and_grads``); None on one
       device, where ``shard_map`` does not check replication and there is nothing to sum.
+    specs: the state's layout (``state_specs``); None: replicated but for the method's
+      sharded state. Under FSDP the network's parameters (the online ones and the method
+      state that mirrors them) are gathered whole for the forward and backward passes,
+      while the optimiser, the target update and the guard work on this device's parts.
 
   Returns:
     The new state and a dict of global scalar metrics.
@@ -196,8 +229,12 @@ def train_step(
   batch = decode.views_from_canvas(batch, views_lib.ViewSpec.from_config(method.config.data))
   views = method.views(batch, rng, state.step)
 
-  loss, out, grads = _loss_and_grads(method, state, views, batch, grad_axis)
-  grad_norm = optax.tree.norm(grads)
+  whole = gathered(state, method, specs)
+  param_specs = (
+    jax.tree.map(lambda _: PartitionSpec(), state.params) if specs is None else specs.params
+  )
+  loss, out, grads = _loss_and_grads(method, whole, views, batch, grad_axis, param_specs)
+  grad_norm = sharding.global_norm(grads, grad_axis)
 
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = method.project_params(optax.apply_updates(state.params, updates))
@@ -228,10 +265,25 @@ def train_step(
     # The schedule at the optimiser's own count, which skipped steps leave behind state.step.
     learning_rate=learning_rate_fn(optim.applied_count(state.opt_state)),
     grad_norm=grad_norm,
-    param_norm=optax.tree.norm(state.params),
+    param_norm=sharding.global_norm(state.params, grad_axis),
     nonfinite=1.0 - finite.astype(jnp.float32),
   )
   return kept.replace(step=new_state.step), metrics
+
+
+def gathered(state: TrainState, method: Method, specs: TrainState | None) -> TrainState:
+  """``state`` with the networks' parameters whole (``sharding.gather``): the online ones
+  and the method state that mirrors them; as it is without FSDP (``specs`` None)."""
+  if specs is None:
+    return state
+  method_state = state.method_state
+  if method.mirrors_params:
+    method_state = dict(method_state)
+    for key in method.mirrors_params:
+      method_state[key] = sharding.gather(method_state[key], specs.method_state[key])
+  return state.replace(
+    params=sharding.gather(state.params, specs.params), method_state=method_state
+  )
 
 
 def all_finite(tree: Any, axis: str | None = None) -> jax.Array:
@@ -257,41 +309,35 @@ def _is_float(x: Any) -> bool:
 def make_train_step(method: Method, mesh: Mesh, learning_rate_fn: optax.Schedule):
   """``train_step`` of ``method`` jit-compiled over ``mesh``, the state donated.
 
-  The state is replicated, but for method state the method shards (a MoCo
-  queue), the batch sharded over 'data'. The method carries the run's length
-  (``num_steps``/``steps_per_epoch``), which drives its schedules (target
-  momentum, teacher temperature, DINO's last-layer freeze).
+  The state is laid out as ``state_specs`` says (read from the state's shapes when the step
+  is traced), the batch split over 'data'. The method carries the run's length
+  (``num_steps``/``steps_per_epoch``), which drives its schedules (target momentum, teacher
+  temperature, DINO's last-layer freeze).
   """
   # On one device there is no axis: no casts, no sums, no one-participant all-reduces.
   grad_axis = sharding.bn_axis_name(mesh)
-  step_fn = functools.partial(
-    train_step, method=method, learning_rate_fn=learning_rate_fn, grad_axis=grad_axis
-  )
-  data, rep, method_specs = PartitionSpec(sharding.DATA_AXIS), PartitionSpec(), method.state_specs()
-
-  # The method state goes through shard_map as its own argument so that its
-  # specs are a plain pytree prefix (the TrainState's static fields would not
-  # match a prefix built separately).
-  def split_step(state, method_state, batch, rng):
-    new_state, metrics = step_fn(state.replace(method_state=method_state), batch, rng)
-    return new_state.replace(method_state=None), new_state.method_state, metrics
-
-  mapped = jax.shard_map(
-    split_step,
-    mesh=mesh,
-    in_specs=(rep, method_specs, data, rep),
-    out_specs=(rep, method_specs, rep),
-    # On one device the model's BatchNorm has no axis (sharding.bn_axis_name), so its
-    # statistics are not typed as replicated over 'data'; on one device they are, trivially.
-    check_vma=grad_axis is not None,
-  )
+  fsdp = method.config.mesh.state_sharding == "fsdp" and grad_axis is not None
 
   def step(state, batch, rng):
-    new_state, method_state, metrics = mapped(
-      state.replace(method_state=None), state.method_state, batch, rng
+    specs = state_specs(state, method, mesh)
+    step_fn = functools.partial(
+      train_step,
+      method=method,
+      learning_rate_fn=learning_rate_fn,
+      grad_axis=grad_axis,
+      specs=specs if fsdp else None,
     )
-    return new_state.replace(method_state=method_state), metrics
+    mapped = jax.shard_map(
+      step_fn,
+      mesh=mesh,
+      in_specs=(specs, PartitionSpec(sharding.DATA_AXIS), PartitionSpec()),
+      out_specs=(specs, PartitionSpec()),
+      # On one device the model's BatchNorm has no axis (sharding.bn_axis_name), so its
+      # statistics are not typed as replicated over 'data'; on one device they are, trivially.
+      check_vma=grad_axis is not None,
+    )
+    return mapped(state, batch, rng)
 
-  # Input shardings come from the arguments (``place_state`` and the
-  # batch-sharded iterators); outputs from shard_map's out_specs.
+  # Input shardings come from the arguments (``place_state`` and the batch-sharded
+  # iterators); outputs from shard_map's out_specs.
   return jax.jit(step, donate_argnums=(0,), compiler_options=xla_options.for_mesh(mesh))

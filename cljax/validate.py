@@ -41,6 +41,7 @@ NAMES: dict[str, tuple[str, ...]] = {
   "ema.schedule": ("cosine", "constant"),  # cljax.methods.base.EMA_SCHEDULES
   "clip.loss": ("clip", "siglip"),  # cljax.methods.clip.DEFAULT_INIT_LOGIT_SCALE
   "clip.captions": ("templates", "file"),  # cljax.data.captions.CAPTION_SOURCES
+  "mesh.state_sharding": ("replicated", "fsdp"),  # cljax.sharding.STATE_SHARDINGS
 }
 
 # The -1.0 of some probabilities means "the same as the first view's" (defaults.py).

@@ -1,5 +1,9 @@
 """Two processes x 4 CPU devices over loopback (gloo) == one process x 8 devices, and a
-checkpoint of either resumes on the other."""
+checkpoint of either resumes on the other.
+
+The two processes shard the train state (``mesh.state_sharding="fsdp"``), the one process
+replicates it: the same losses, and checkpoints that cross both the process count and the
+layout."""
 
 import os
 import pathlib
@@ -15,6 +19,9 @@ from helpers import xla_flags
 from cljax import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+FSDP = ("--config.mesh.state_sharding=fsdp", "--config.mesh.fsdp_min_elements=64")
 
 
 def _free_port() -> int:
@@ -61,6 +68,7 @@ def _run_two(workdir) -> list[str]:
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={i}",
+        *FSDP,
       ),
       cwd=REPO,
       env=_env(4),

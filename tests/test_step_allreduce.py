@@ -39,6 +39,7 @@ _CALLED = re.compile(
 )
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _ALL_REDUCE = re.compile(r"=\s*(.*?)\s+all-reduce(?:-start)?\(")
+_REDUCE_SCATTER = re.compile(r"=\s*(.*?)\s+reduce-scatter(?:-start)?\(")
 _SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
 
 
@@ -83,14 +84,15 @@ def _squeezed(dims: str) -> tuple[int, ...]:
   return tuple(int(d) for d in dims.split(",") if d and int(d) != 1)
 
 
-def all_reduce_operands(hlo: str) -> list[tuple[tuple[int, ...], bool]]:
-  """Every all-reduce operand of the compiled module: (shape without 1s, in a loop)."""
+def all_reduce_operands(hlo: str, op=_ALL_REDUCE) -> list[tuple[tuple[int, ...], bool]]:
+  """Every all-reduce operand (or result of ``op``) of the compiled module: (shape without
+  1s, in a loop)."""
   comps = _computations(hlo)
   loops = _in_loops(comps)
   operands = []
   for name, lines in comps.items():
     for line in lines:
-      match = _ALL_REDUCE.search(line)
+      match = op.search(line)
       if match:
         # The result type: one array, or a tuple of one per operand.
         operands += [(_squeezed(d), name in loops) for d in _SHAPE.findall(match.group(1))]
@@ -116,9 +118,14 @@ def gradient_all_reduces(hlo: str, params) -> dict[str, int]:
   return {"top_level": top_sets, "in_loops": loop_sets}
 
 
-def _config(name):
+def _config(name, fsdp=False):
   c = tiny_config()
   c.optim.name = "sgd"
+  if fsdp:
+    c.mesh.state_sharding, c.mesh.fsdp_min_elements = "fsdp", 64
+    # No kernel part of the shape of the embeddings' gradient, (2n / 8, output_dim), which
+    # the InfoNCE all-gather's transpose reduce-scatters too.
+    c.head.hidden_dim = 48
   if name.startswith("simclr"):
     c.train.grad_chunks = int(name.removeprefix("simclr_chunks_"))
     return c
@@ -154,6 +161,38 @@ def test_gradients_are_all_reduced_once_per_step(name):
   # DINO with local crops.
   hlo, params = _compiled(_config(name), jax.devices())
   assert gradient_all_reduces(hlo, params) == {"top_level": 1, "in_loops": 0}
+
+
+@pytest.mark.parametrize("name", ["simclr_chunks_1", "simclr_chunks_4", "dino"])
+def test_fsdp_reduce_scatters_each_split_gradient_once_per_step(name):
+  """Under FSDP each kernel that the state splits is summed by one reduce-scatter (its part
+  of the sum to each device), outside any loop, and never all-reduced; the kernels kept
+  whole are all-reduced once, as in data parallelism."""
+  config = _config(name, fsdp=True)
+  hlo, params = _compiled(config, jax.devices())
+  specs = jax.tree.map(
+    lambda x: sharding.fsdp_spec(x.shape, 8, config.mesh.fsdp_min_elements), params
+  )
+  part = lambda x, spec: tuple(
+    n // 8 if d == sharding.split_dim(spec) else n for d, n in enumerate(x.shape)
+  )
+  split, whole = collections.Counter(), collections.Counter()
+  for x, spec in zip(jax.tree.leaves(params), jax.tree.leaves(specs), strict=True):
+    if len(_squeezed(",".join(map(str, x.shape)))) >= 2:
+      if sharding.split_dim(spec) is None:
+        whole[_squeezed(",".join(map(str, x.shape)))] += 1
+      else:
+        split[_squeezed(",".join(map(str, part(x, spec))))] += 1
+  assert split, "no split kernels to count"
+  scattered = collections.Counter(all_reduce_operands(hlo, _REDUCE_SCATTER))
+  reduced = collections.Counter(all_reduce_operands(hlo))
+  for shape, n in split.items():
+    assert scattered[(shape, False)] == n and scattered[(shape, True)] == 0, shape
+  for shape, n in whole.items():
+    assert reduced[(shape, False)] == n and reduced[(shape, True)] == 0, shape
+  kernels = {_squeezed(",".join(map(str, x.shape))) for x in jax.tree.leaves(params)}
+  split_whole = {s for s in kernels if len(s) >= 2} - set(whole)
+  assert not any(shape in split_whole for shape, _ in reduced)  # No split kernel all-reduced.
 
 
 def test_one_device_step_all_reduces_no_gradients():

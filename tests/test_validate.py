@@ -7,7 +7,7 @@ import sys
 import pytest
 from helpers import tiny_config
 
-from cljax import methods, models, optim, validate
+from cljax import methods, models, optim, sharding, validate
 from cljax.data import captions, sources
 from cljax.methods import base, simclr
 from cljax.methods import clip as clip_method
@@ -38,6 +38,7 @@ def test_names_equal_the_registries_and_branches_of_the_dispatching_code():
     "ema.schedule": base.EMA_SCHEDULES,
     "clip.loss": clip_method.DEFAULT_INIT_LOGIT_SCALE,
     "clip.captions": captions.CAPTION_SOURCES,
+    "mesh.state_sharding": sharding.STATE_SHARDINGS,
   }
   assert set(registries) == set(validate.NAMES)
   for key, registry in registries.items():

@@ -187,6 +187,10 @@ class Method:
   zero_shot = False
   # Which network eval_variables returns, recorded with cached features.
   eval_network = "online"
+  # Keys of the method state holding a copy of (part of) the online parameters (a target
+  # network): laid out like them under FSDP and gathered whole for the forward pass
+  # (``step.state_specs``, ``step.gathered``).
+  mirrors_params: tuple[str, ...] = ()
   # How BatchNorm sees the views of a step (``model.bn_views``): "pooled" (one forward pass
   # over all of them, SimCLR's reference code) or "per_view" (one pass per view, as the
   # official code of BYOL, MoCo v3, SimSiam and Barlow Twins calls its network). The default

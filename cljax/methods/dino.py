@@ -209,6 +209,7 @@ class DINO(Method):
   # ---- The model and the method's state.
 
   eval_network = "teacher"
+  mirrors_params = ("teacher_params",)
 
   def eval_variables(self, state: Any) -> dict:
     """The teacher's: DINO's paper evaluates it (kNN and linear), as it is the better network

@@ -45,6 +45,7 @@ class MomentumMethod(Method):
 
   bn_views_default = "per_view"
   bn_views_choices = ("per_view", "pooled")
+  mirrors_params = ("target_params",)
 
   @classmethod
   def config_sections(cls) -> dict[str, ml_collections.ConfigDict]:
