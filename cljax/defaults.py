@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.variant = "S/16"
   c.model.posemb = "sincos2d"  # "sincos2d" (fixed) | "learn"
   c.model.freeze_patch_embed = False  # MoCo v3: a frozen random patch projection.
+  # ViT memory and compile time: recompute each block's activations in the backward pass;
+  # run the blocks as one scanned loop (stacked parameters: another checkpoint layout).
+  c.model.remat = False
+  c.model.scan_blocks = False
 
   c.head = ml_collections.ConfigDict()
   c.head.num_layers = 2  # SimCLR v1: 2, v2: 3.

@@ -22,6 +22,9 @@ _UNADAPTED_NAMES = ("bias", "scale", "cls_token", "pos_embedding", "logit_scale"
 # their gradients are zero, and without weight decay every optimiser here leaves them as
 # they are.
 _FROZEN_PREFIX = "frozen_"
+# Modules whose parameters are stacked over a leading layer axis (a ViT's scanned blocks,
+# ``models.vit.STACKED_PREFIX``): that axis does not count in a parameter's dimensions.
+_STACKED_PREFIX = "scan_"
 
 
 # The values of optim.lr_scaling and optim.name (cljax.validate checks them up front).
@@ -77,6 +80,12 @@ def lars_mask(params) -> object:
   return jax.tree_util.tree_map_with_path(adapted, params)
 
 
+def _ndim(path, p) -> int:
+  """A parameter's dimensions, without the layer axis of stacked (scanned) blocks."""
+  stacked = any(_key(entry).startswith(_STACKED_PREFIX) for entry in path)
+  return len(p.shape) - int(stacked)
+
+
 def _frozen(path) -> bool:
   return any(_key(entry).startswith(_FROZEN_PREFIX) for entry in path)
 
@@ -92,7 +101,7 @@ def matrix_mask(params) -> object:
   """
 
   def decayed(path, p) -> bool:
-    return not _frozen(path) and _key(path[-1]) != "bias" and len(p.shape) >= 2
+    return not _frozen(path) and _key(path[-1]) != "bias" and _ndim(path, p) >= 2
 
   return jax.tree_util.tree_map_with_path(decayed, params)
 
@@ -264,13 +273,15 @@ def scale_by_trust_ratio(
     if params is None:
       raise ValueError("scale_by_trust_ratio needs the parameters.")
 
-    def scale(u, p):
-      p_norm = jnp.sqrt(sharding.squared_norm(p, axis_name)).astype(p.dtype)
-      u_norm = jnp.sqrt(sharding.squared_norm(u, axis_name)).astype(p.dtype)
+    def scale(path, u, p):
+      # Stacked (scanned) blocks: one ratio per layer, as for the unstacked blocks.
+      axes = tuple(range(1, p.ndim)) if _ndim(path, p) < p.ndim else None
+      p_norm = jnp.sqrt(sharding.squared_norm(p, axis_name, axes)).astype(p.dtype)
+      u_norm = jnp.sqrt(sharding.squared_norm(u, axis_name, axes)).astype(p.dtype)
       ratio = trust_coefficient * p_norm / u_norm
       return u * jnp.where((p_norm == 0.0) | (u_norm == 0.0), jnp.ones((), p.dtype), ratio)
 
-    return jax.tree.map(scale, updates, params), state
+    return jax.tree_util.tree_map_with_path(scale, updates, params), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 

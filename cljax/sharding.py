@@ -160,10 +160,14 @@ def sum_gradients(grads: Any, specs: Any, axis: str = DATA_AXIS) -> Any:
   return jax.tree.map(reduce, grads, specs)
 
 
-def squared_norm(x: jax.Array, axis: str | None = DATA_AXIS) -> jax.Array:
-  """The squared L2 norm of a whole leaf: inside ``shard_map`` the sum over ``axis`` of the
-  parts when the leaf is device-varying (split, or per device); else of ``x`` itself."""
-  sq = jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
+def squared_norm(
+  x: jax.Array, axis: str | None = DATA_AXIS, dims: tuple[int, ...] | None = None
+) -> jax.Array:
+  """The squared L2 norm of a whole leaf (over ``dims``, keeping them; default all): inside
+  ``shard_map`` the sum over ``axis`` of the parts when the leaf is device-varying (split,
+  or per device); else of ``x`` itself."""
+  sq = jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+  sq = jnp.sum(sq) if dims is None else jnp.sum(sq, axis=dims, keepdims=True)
   if axis is not None and _in_shard_map(axis) and varies_over(sq, axis):
     sq = jax.lax.psum(sq, axis)
   return sq

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cljax import collapse, models, optim, probe, sharding, xla_options
@@ -71,8 +72,9 @@ def create_train_state(
   )
 
 
-def state_specs(state: TrainState, method: Method, mesh: Mesh) -> TrainState:
-  """Each leaf's ``PartitionSpec`` over ``mesh``: the state's layout, a tree like ``state``.
+def state_specs(state: TrainState, method: Method, num_devices: int) -> TrainState:
+  """Each leaf's ``PartitionSpec`` on a mesh of ``num_devices``: the state's layout, a tree
+  like ``state`` (whose leaves need only shapes: ``jax.eval_shape``'s do).
 
   With ``mesh.state_sharding="replicated"`` every leaf is whole on every device but the
   method state the method shards (a MoCo queue, ``Method.state_specs``). With "fsdp" the
@@ -87,7 +89,7 @@ def state_specs(state: TrainState, method: Method, mesh: Mesh) -> TrainState:
       f"mesh.state_sharding must be one of {sharding.STATE_SHARDINGS}, "
       f"got {config.state_sharding!r}."
     )
-  size = mesh.devices.size if config.state_sharding == "fsdp" else 1
+  size = num_devices if config.state_sharding == "fsdp" else 1
   split = lambda tree: jax.tree.map(
     lambda x: sharding.fsdp_spec(x.shape, size, config.fsdp_min_elements), tree
   )
@@ -113,8 +115,25 @@ def state_specs(state: TrainState, method: Method, mesh: Mesh) -> TrainState:
 
 
 def place_state(state: TrainState, mesh: Mesh, method: Method) -> TrainState:
-  """Puts ``state`` on ``mesh`` as ``state_specs`` lays it out."""
-  specs = state_specs(state, method, mesh)
+  """Puts ``state`` on ``mesh`` as ``state_specs`` lays it out (under FSDP, says which large
+  leaves no dimension of which the device count divides had to stay whole)."""
+  specs = state_specs(state, method, mesh.devices.size)
+  config = method.config.mesh
+  if config.state_sharding == "fsdp" and mesh.devices.size > 1:
+    whole = [
+      x.nbytes
+      for x, spec in zip(jax.tree.leaves(state.params), jax.tree.leaves(specs.params), strict=True)
+      if x.size >= config.fsdp_min_elements and spec == PartitionSpec()
+    ]
+    if whole:
+      logging.warning(
+        "FSDP: %d parameters of %d or more elements (%.3g GB) stay whole on every device: no "
+        "dimension of theirs splits evenly over %d devices.",
+        len(whole),
+        config.fsdp_min_elements,
+        sum(whole) / 1e9,
+        mesh.devices.size,
+      )
   return jax.device_put(state, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
 
 
@@ -319,7 +338,7 @@ def make_train_step(method: Method, mesh: Mesh, learning_rate_fn: optax.Schedule
   fsdp = method.config.mesh.state_sharding == "fsdp" and grad_axis is not None
 
   def step(state, batch, rng):
-    specs = state_specs(state, method, mesh)
+    specs = state_specs(state, method, mesh.devices.size)
     step_fn = functools.partial(
       train_step,
       method=method,

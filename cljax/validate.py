@@ -90,6 +90,7 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
   ("evals.knn_temperature", _positive, "> 0"),
   ("optim.weight_decay", _non_negative, ">= 0"),
   ("optim.warmup_epochs", _non_negative, ">= 0"),
+  ("mesh.fsdp_min_elements", _non_negative, ">= 0 (0 splits every leaf that can be split)"),
   # Momenta and decays of running averages; 1 never forgets (SGD's velocity grows without
   # bound, Adam's bias correction divides by 0): excluded.
   ("optim.momentum", _below_one, "in [0, 1)"),

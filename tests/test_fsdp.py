@@ -6,6 +6,7 @@ momentum target network, DINO's frozen last layer and CLIP's two towers.
 """
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -24,6 +25,7 @@ from test_clip import _clip_batch, _clip_config
 from test_step import _batch
 
 from cljax import methods, metrics, optim, sharding, step
+from cljax.bench import memory
 from cljax.evaluate import runner
 
 TINY_VIT = "custom:hidden=16,depth=1,heads=2,mlp=32,patch=8"
@@ -119,7 +121,7 @@ def test_fsdp_splits_large_leaves_and_keeps_small_ones_whole():
   mesh = sharding.create_mesh()
   method = methods.create_method(config)
   state = step.place_state(_initial_state(config, 0.1), mesh, method)
-  specs = step.state_specs(state, method, mesh)
+  specs = step.state_specs(state, method, mesh.devices.size)
   kernel = state.params["encoder"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"][
     "kernel"
   ]
@@ -236,3 +238,33 @@ def test_an_fsdp_checkpoint_resumes_on_4_and_1_devices_and_restores_anywhere(tmp
 def mp_config(workdir):
   """The config the run in ``workdir`` saved (config.json), as a ConfigDict."""
   return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+
+
+def test_a_vit_b_state_under_fsdp_takes_an_eighth_per_device_in_the_compiled_step():
+  """XLA's memory analysis of the compiled ViT-B step (MoCo v3, AdamW, a target network)
+  on 8 devices: its arguments (the state and a small batch) are at most 1/8 of the whole
+  state plus the leaves kept whole, where replicated they would be all of it."""
+  config = _vit(tiny_config())
+  config.method, config.optim.name = "moco_v3", "adamw"
+  config.predictor.num_layers = 2
+  config.model.variant, config.model.scan_blocks = "B/16", True  # One block to compile.
+  config.data.image_size, config.data.global_batch_size = 32, 8
+  config.mesh.state_sharding = "fsdp"
+  mesh = sharding.create_mesh()
+  method = methods.create_method(config)
+  state = memory.abstract_state(method, mesh)
+  specs = step.state_specs(state, method, 8)
+  nbytes = lambda x: math.prod(x.shape) * np.dtype(x.dtype).itemsize
+  pairs = list(zip(jax.tree.leaves(state), jax.tree.leaves(specs), strict=True))
+  whole = sum(nbytes(x) for x, _ in pairs)
+  kept_whole = sum(nbytes(x) for x, s in pairs if sharding.split_dim(s) is None)
+  assert whole > 1e9  # ViT-B: 86M parameters, AdamW's moments and the target network.
+  batch = memory.abstract_batch(config, mesh, 8)
+  compiled = memory.compiled_memory(
+    step.make_train_step(method, mesh, optax.constant_schedule(0.1)), state, batch
+  )
+  batch_bytes = sum(nbytes(x) for x in jax.tree.leaves(batch)) // 8
+  state_bytes = compiled["argument_bytes"] - batch_bytes
+  assert state_bytes <= (whole - kept_whole) / 8 + kept_whole + 1024  # + the step's key.
+  assert state_bytes == pytest.approx(memory.state_bytes_per_device(state), abs=1024)
+  assert kept_whole < 0.01 * whole

@@ -215,18 +215,24 @@ def _hand_param_count(hidden, depth, mlp, patch, num_patches):
 
 @pytest.mark.parametrize(
   "variant,published_millions",
-  # timm's vit_*_patch16_224 with num_classes=0 (which also has a class-token position
-  # embedding, hidden_dim more parameters): 5.52, 21.67, 85.80, 303.3 M.
-  [("Ti/16", 5.52), ("S/16", 21.67), ("B/16", 85.80), ("L/16", 303.3)],
+  # timm's vit_*_patch16_224 and vit_huge_patch14_224 with num_classes=0 (which also have a
+  # class-token position embedding, hidden_dim more parameters): 5.52, 21.67, 85.80, 303.3,
+  # 630.8 M; ViT-g/14: 1,011 M (Zhai et al. 2022, Table 2).
+  [
+    *(("Ti/16", 5.52), ("S/16", 21.67), ("B/16", 85.80), ("L/16", 303.3)),
+    *(("H/14", 630.8), ("g/14", 1011.0)),
+  ],
 )
 def test_named_variants_have_the_published_parameter_counts(variant, published_millions):
   sizes = vit.parse_variant(variant)
+  patch = sizes["patch_size"]
+  patches = (224 // patch) ** 2
   learned = _num_params(vit.create_vit(variant, posemb="learn"))
   assert learned / 1e6 == pytest.approx(published_millions, rel=0.001)
   hidden, mlp = sizes["hidden_dim"], sizes["mlp_dim"]
-  assert learned == _hand_param_count(hidden, sizes["depth"], mlp, 16, 196)
+  assert learned == _hand_param_count(hidden, sizes["depth"], mlp, patch, patches)
   # Fixed sin-cos embeddings are no parameters; the image size does not matter then.
-  assert _num_params(vit.create_vit(variant), image_size=32) == learned - 196 * hidden
+  assert _num_params(vit.create_vit(variant), image_size=2 * patch) == learned - patches * hidden
 
 
 def test_variant_strings():
@@ -329,3 +335,38 @@ def test_vit_flop_counts_match_the_published_figures():
   for variant, gmacs in (("Ti/16", 1.26), ("S/16", 4.6), ("B/16", 17.6)):
     config.model.variant = variant
     assert flops.encoder_macs(config.model, 224)[0] / 1e9 == pytest.approx(gmacs, rel=0.01)
+
+
+def _stacked(params):
+  """Unrolled ViT parameters with the blocks stacked as ``scan_blocks`` holds them."""
+  trunk = dict(params["Transformer"])
+  blocks = [trunk.pop(f"encoderblock_{i}") for i in range(TINY["depth"])]
+  trunk["scan_encoderblocks"] = {"block": jax.tree.map(lambda *b: jnp.stack(b), *blocks)}
+  return dict(params, Transformer=trunk)
+
+
+def test_scanned_and_rematerialised_blocks_compute_what_the_unrolled_blocks_do():
+  """``scan_blocks`` (one compiled block, stacked parameters) and ``remat`` (recomputed
+  activations) give the unrolled ViT's features and gradients; the optimiser's masks and
+  LARS's per-layer trust ratios treat the stacked parameters as the unrolled ones."""
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  plain = vit.ViT(**TINY)
+  params = plain.init(jax.random.key(0), x)["params"]
+  loss = lambda model, p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+  value, grads = jax.value_and_grad(functools.partial(loss, plain))(params)
+  scanned = vit.ViT(**TINY, scan_blocks=True, remat=True)
+  assert jax.tree.structure(scanned.init(jax.random.key(0), x)["params"]) == jax.tree.structure(
+    _stacked(params)
+  )
+  value_s, grads_s = jax.value_and_grad(functools.partial(loss, scanned))(_stacked(params))
+  np.testing.assert_allclose(value_s, value, rtol=1e-5)
+  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6)
+  jax.tree.map(chex_close, grads_s, _stacked(grads))
+  remat = vit.ViT(**TINY, remat=True)
+  jax.tree.map(chex_close, jax.grad(functools.partial(loss, remat))(params), grads)
+  # One LARS step with DINO's "matrices" mask: the same update, layer by layer.
+  config = tiny_config().optim
+  config.name, config.decay_mask, config.weight_decay = "lars", "matrices", 0.1
+  tx = optim.create_optimizer(config, optax.constant_schedule(0.5))
+  step = lambda p, g: tx.update(g, tx.init(p), p)[0]
+  jax.tree.map(chex_close, step(_stacked(params), _stacked(grads)), _stacked(step(params, grads)))

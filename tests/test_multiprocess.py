@@ -8,10 +8,13 @@ layout."""
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import chex
 import numpy as np
 import pytest
 from helpers import xla_flags
@@ -123,3 +126,76 @@ def test_a_checkpoint_resumes_on_another_process_count(runs):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]  # Steps 3 and 4 again, not 1.
     # The same global batches and augmentations after the change of process count.
     np.testing.assert_allclose([r["loss"] for r in rows[4:]], reference[2:], rtol=1e-5)
+
+
+def _start_two(workdir, *extra) -> list[subprocess.Popen]:
+  port = _free_port()
+  return [
+    subprocess.Popen(
+      _command(
+        workdir,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        *FSDP,
+        *extra,
+      ),
+      cwd=REPO,
+      env=_env(4),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+
+
+def _finish(procs) -> None:
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+
+
+def test_fsdp_processes_killed_mid_run_resume_to_the_uninterrupted_result(tmp_path):
+  """2 processes x 4 devices under FSDP: process 1 is SIGKILLed once step 4's checkpoint is
+  on disk, process 0 then too (as a scheduler stops a job that lost a host), both restart
+  and end bitwise where the uninterrupted run ends. The same checkpoints then resume as one
+  process x 8 devices, replicated."""
+  longer = ("--config.train.num_steps=12", "--config.train.checkpoint_every_steps=4")
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  _finish(_start_two(straight, *longer))
+  procs = _start_two(killed, *longer)
+  deadline = time.monotonic() + 600
+  while not (killed / "checkpoints" / "4").is_dir() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  for p in reversed(procs):
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+  rows = metrics.read_jsonl(killed / "metrics.jsonl")
+  assert rows and rows[-1]["step"] < 12  # Killed mid-run.
+  _finish(_start_two(killed, *longer))
+  final = lambda w: _restore(w, 12)
+  chex.assert_trees_all_equal(final(killed), final(straight))
+  assert _losses(killed)[-1] == _losses(straight)[-1]
+  # The same checkpoints, one process of 8 devices, the state replicated.
+  shutil.rmtree(killed / "checkpoints" / "12")
+  out = subprocess.run(
+    _command(killed, *longer), cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "at step 8." in out.stderr
+  chex.assert_trees_all_close(final(killed), final(straight), rtol=0, atol=5e-6)
+
+
+def _restore(workdir, step):
+  import jax
+  import orbax.checkpoint as ocp
+
+  path = workdir / "checkpoints" / str(step) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+    checkpointer.metadata(path).item_metadata,
+  )
+  return jax.device_get(checkpointer.restore(path, target))

@@ -19,6 +19,11 @@ Prints one JSON object per line (process 0 only), each with a "part":
   onto a canvas; the step crops, ``data.crop_on_device``), with images/s per core, views/s,
   bytes sent to the device per image and the ratio of the paths; cores needed = accelerator
   images/s divided by ``images_per_s_per_core``.
+- ``memory`` (only when named): the step compiled for the devices JAX sees from shapes
+  alone, nothing allocated (``cljax.bench.memory``): per-device bytes of the state, the
+  arguments and the temporaries from XLA's memory analysis, and the largest per-device batch
+  that fits a TPU v5e, v4 and H100. On a CPU,
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` gives N devices.
 - ``summary``: the headline figures.
 
 Each timing warms up, synchronises with ``jax.block_until_ready`` and reports the median
@@ -53,7 +58,7 @@ _STEPS = flags.DEFINE_integer(
   "steps_per_window", 0, "Steps per window of step/full; 0: the config's train.log_every_steps."
 )
 _WARMUP = flags.DEFINE_integer("warmup_steps", 2, "Untimed steps before the step/full windows.")
-_PARTS = flags.DEFINE_list("parts", list(run.PARTS), f"Measurements, any of {run.PARTS}.")
+_PARTS = flags.DEFINE_list("parts", list(run.DEFAULT_PARTS), f"Measurements, any of {run.PARTS}.")
 _MODES = flags.DEFINE_list(
   "modes", [], "Data paths for full and input: host, device; default: as the config says."
 )

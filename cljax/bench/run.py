@@ -19,10 +19,12 @@ from absl import logging
 
 from cljax import methods, metrics, train
 from cljax import run as run_lib
-from cljax.bench import flops, host, timing
+from cljax.bench import flops, host, memory, timing
 from cljax.data import decode, device
 
-PARTS = ("step", "full", "input", "host_jpeg", "matmul")
+PARTS = ("step", "full", "input", "host_jpeg", "matmul", "memory")
+# What runs when no part is named: "memory" compiles twice more and only on request.
+DEFAULT_PARTS = ("step", "full", "input", "host_jpeg", "matmul")
 Row = dict[str, Any]
 
 
@@ -100,6 +102,16 @@ def _sig(x: float, digits: int = 4) -> float:
 def _step_run(trainer: Trainer) -> Callable[[int], Any]:
   """(a): the jitted train step alone, on a synthetic batch already on the devices."""
   batch = trainer.synthetic_batch()
+  shapes = lambda tree: jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+  )
+  # XLA's memory analysis of the program being timed, as the "memory" part reports it.
+  trainer.step_memory = memory.compiled_memory(
+    trainer.run.step_fn, shapes(trainer.state), shapes(batch)
+  )
+  trainer.step_memory["state_bytes_per_device"] = memory.state_bytes_per_device(
+    shapes(trainer.state)
+  )
 
   def run(k: int):
     for _ in range(k):
@@ -186,6 +198,8 @@ def bench_training(
     row["compile_cache_misses"] = compiles.cache_misses
     row["first_step_s"] = round(first_step_s, 3)
     row["peak_memory_bytes"] = timing.peak_memory_bytes()
+    row["state_sharding"] = trainer.config.mesh.state_sharding
+    row |= {f"compiled_{k}": v for k, v in trainer.step_memory.items()}
     row["gflop_per_view"] = _sig(trainer.flops_per_view / 1e9)
     rows.append(row | _throughput(row["views_per_s"], trainer.flops_per_view))
   for mode in modes:
@@ -338,7 +352,7 @@ def run_benchmark(
   windows: int = 5,
   steps_per_window: int = 0,
   warmup_steps: int = 2,
-  parts: Sequence[str] = PARTS,
+  parts: Sequence[str] = DEFAULT_PARTS,
   modes: Sequence[str] = (),
   jpeg_workers: Sequence[int] = (),
   input_options: dict[str, float] | None = None,
@@ -393,6 +407,8 @@ def run_benchmark(
   for mode in modes if "input" in parts else ():
     for row in bench_input(trainer, mode, windows, **(input_options or {})):
       add(row)
+  if "memory" in parts:
+    add(memory.memory_row(config))
   if "host_jpeg" in parts:
     counts = list(jpeg_workers) or sorted({0, host.host_cores()})
     # The decode-only rows decode as the config's training would (data.jpeg_fast_dct).

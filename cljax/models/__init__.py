@@ -47,10 +47,11 @@ def dtype_from_name(name: str) -> Any:
 def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
   """The encoder trunk named by ``model_config.name``: "resnet" or "vit".
 
-  A ViT's size comes from ``model.variant``: "Ti/16", "S/16", "B/16", "L/16" (the
-  number is the patch size), or for tests and toy models an explicit
+  A ViT's size comes from ``model.variant``: "Ti/16", "S/16", "B/16", "L/16", "H/14",
+  "g/14" (the number is the patch size), or for tests and toy models an explicit
   "custom:hidden=32,depth=2,heads=2,mlp=64,patch=4" (see ``vit.parse_variant``).
-  It also reads ``model.posemb``, ``model.freeze_patch_embed`` and ``model.dtype``;
+  It also reads ``model.posemb``, ``model.freeze_patch_embed``, ``model.dtype``,
+  ``model.remat`` and ``model.scan_blocks``;
   it has no BatchNorm, so ``bn_axis_name`` does not apply to it.
   """
   if model_config.name == "vit":
@@ -59,6 +60,8 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
       posemb=model_config.get("posemb", "sincos2d"),
       freeze_patch_embed=bool(model_config.get("freeze_patch_embed", False)),
       dtype=dtype_from_name(model_config.dtype),
+      remat=bool(model_config.get("remat", False)),
+      scan_blocks=bool(model_config.get("scan_blocks", False)),
     )
   if model_config.name != "resnet":
     raise ValueError(f"Unknown model.name {model_config.name!r}; available: {ENCODERS}.")

@@ -29,6 +29,9 @@ VARIANTS = {
   "S": (384, 12, 6, 1536),
   "B": (768, 12, 12, 3072),
   "L": (1024, 24, 16, 4096),
+  "H": (1280, 32, 16, 5120),
+  # Zhai et al. 2022, "Scaling Vision Transformers", Table 2: open_clip's ViT-g-14 tower.
+  "g": (1408, 40, 16, 6144),
 }
 
 # Keys of a "custom:..." variant and the ViT attributes they set.
@@ -42,6 +45,9 @@ _CUSTOM_KEYS = {
 
 # Prefix of modules whose parameters never train; the optimiser leaves them alone.
 FROZEN_PREFIX = "frozen_"
+# Prefix of modules whose parameters are stacked over a leading layer axis (``scan_blocks``);
+# the optimiser's masks do not count that axis (``cljax.optim``).
+STACKED_PREFIX = "scan_"
 POSEMBS = ("sincos2d", "learn")  # The values of model.posemb.
 
 
@@ -142,18 +148,54 @@ class Encoder1DBlock(nn.Module):
     return x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
 
 
+class _ScannedBlock(nn.Module):
+  """One block as a ``nn.scan`` body: (carry, unused) -> (carry, None)."""
+
+  num_heads: int
+  mlp_dim: int
+  dtype: Any
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x, _):
+    block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+    return block(self.num_heads, self.mlp_dim, self.dtype, name="block")(x), None
+
+
 class Encoder(nn.Module):
-  """``depth`` Transformer blocks and the final LayerNorm."""
+  """``depth`` Transformer blocks and the final LayerNorm.
+
+  ``remat``: each block's activations are recomputed in the backward pass instead of kept
+  (``nn.remat``, activation checkpointing): activation memory of about one block instead of
+  ``depth``, for about one more forward pass. Parameters are unchanged.
+
+  ``scan``: the blocks run as one ``nn.scan`` loop over parameters stacked along a leading
+  axis of size ``depth`` (module ``scan_encoderblocks``): XLA compiles one block instead of
+  ``depth``. Another parameter tree: checkpoints of one form do not restore into the other.
+  """
 
   depth: int
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x):
-    for i in range(self.depth):
-      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dtype, name=f"encoderblock_{i}")(x)
+    if self.scan:
+      blocks = nn.scan(
+        _ScannedBlock,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=self.depth,
+      )
+      name = STACKED_PREFIX + "encoderblocks"
+      x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, self.remat, name=name)(x, None)
+    else:
+      block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+      for i in range(self.depth):
+        x = block(self.num_heads, self.mlp_dim, self.dtype, name=f"encoderblock_{i}")(x)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -175,6 +217,8 @@ class ViT(nn.Module):
     freeze_patch_embed: keep the random patch projection fixed (MoCo v3, sec. 5);
       its parameters are then named ``frozen_embedding`` so the optimiser skips them.
     dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
+    remat: recompute each block's activations in the backward pass (``Encoder``).
+    scan_blocks: the blocks as one scanned loop over stacked parameters (``Encoder``).
   """
 
   hidden_dim: int = 384
@@ -185,6 +229,8 @@ class ViT(nn.Module):
   posemb: str = "sincos2d"
   freeze_patch_embed: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -200,7 +246,15 @@ class ViT(nn.Module):
     x = x + self._position_embeddings(gh, gw).astype(self.dtype)
     cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.hidden_dim), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.hidden_dim)), x], 1)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dtype, name="Transformer")(x)
+    x = Encoder(
+      self.depth,
+      self.num_heads,
+      self.mlp_dim,
+      self.dtype,
+      remat=self.remat,
+      scan=self.scan_blocks,
+      name="Transformer",
+    )(x)
     return x[:, 0].astype(jnp.float32)
 
   def _position_embeddings(self, gh: int, gw: int) -> jax.Array:
@@ -224,8 +278,8 @@ def parse_variant(variant: str) -> dict[str, int]:
   """The size attributes of a ViT named ``variant``.
 
   Args:
-    variant: "Ti/16", "S/16", "B/16", "L/16" (any patch size after the slash, e.g.
-      "B/32"), or, for tests and toy models, "custom:" followed by comma-separated
+    variant: "Ti/16", "S/16", "B/16", "L/16", "H/14", "g/14" (any patch size after the
+      slash, e.g. "B/32"), or, for tests and toy models, "custom:" followed by comma-separated
       ``key=value`` pairs with all of the keys hidden, depth, heads, mlp and patch,
       e.g. "custom:hidden=32,depth=2,heads=2,mlp=64,patch=4".
 
