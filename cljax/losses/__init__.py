@@ -1,4 +1,4 @@
-"""Pure contrastive losses on embeddings: InfoNCE and SimCLR's NT-Xent.
+"""Pure self-supervised losses on embeddings: contrastive, distillation and regularisers.
 
 Every function takes arrays and returns arrays; nothing here imports Flax,
 grain, tensorflow-datasets or orbax, so other JAX projects can use it as is:
@@ -30,6 +30,7 @@ from cljax.losses.contrastive import (
 )
 from cljax.losses.debiased import debiased_nt_xent, decoupled_nt_xent, hard_negative_nt_xent
 from cljax.losses.dino import dino_center_update, dino_loss, teacher_temperature_schedule
+from cljax.losses.dinov2 import dinov2_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher
 from cljax.losses.moco import moco_v2_loss, moco_v3_loss
 from cljax.losses.regression import byol_loss, simsiam_loss
 from cljax.losses.schedules import cosine_ramp, ema_update
@@ -47,10 +48,13 @@ __all__ = [
   "decoupled_nt_xent",
   "dino_center_update",
   "dino_loss",
+  "dinov2_loss",
   "ema_update",
   "hard_negative_nt_xent",
+  "ibot_patch_loss",
   "info_nce",
   "info_nce_blockwise",
+  "koleo_loss",
   "l2_normalize",
   "moco_v2_loss",
   "moco_v3_loss",
@@ -61,6 +65,7 @@ __all__ = [
   "siglip_loss",
   "simsiam_loss",
   "sinkhorn",
+  "sinkhorn_knopp_teacher",
   "softmax_cross_entropy",
   "supcon_loss",
   "swav_loss",
