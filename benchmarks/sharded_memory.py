@@ -6,16 +6,16 @@
 For CLIP ViT-B/16, L/14, H/14 and g/14 (open_clip's towers, each at its published batch)
 and DINO's ViT-g/14 recipe, prints a Markdown table: parameters, the train state per device
 under each layout (from each leaf's shape and ``step.state_specs``: exact, any device count,
-nothing allocated), the step's floor (the state, plus the whole float32 gradients each
-device computes before they are summed, plus under FSDP the whole parameters it gathers:
-``docs/design.md``), and whether the step fits a TPU v5e (16 GiB), v4 (32 GiB) and H100 (80
-GiB) at the recipe's global batch. With ``--compile``, the bytes one more example costs a
-device, and the step's other temporaries, come from XLA's memory analysis of the FSDP step
-compiled for 8 CPU devices at 1 and 2 examples a device (``cljax.bench.memory``), with
-``model.remat`` as the recipes set it; the total at N devices is then
-state(N) + temporaries + (batch / N) x per-example bytes. A CPU compile fuses and schedules
-otherwise than a TPU's or GPU's, so the activation part is an estimate; without
-``--compile`` the fit columns count the state alone (a lower bound).
+nothing allocated), the step's floor (the state, plus the float32 gradients each device
+computes whole before they are summed and, under FSDP, the parameters it gathers whole; a
+scanned tower's only one layer at a time: ``docs/design.md``), and whether the step fits a
+TPU v5e (16 GiB), v4 (32 GiB) and H100 (80 GiB) at the recipe's global batch. With
+``--compile``, the bytes one more example costs a device, and the step's other
+temporaries, come from XLA's memory analysis of the FSDP step compiled for 8 CPU devices at
+1 and 2 examples a device (``cljax.bench.memory``), with ``model.remat`` as the recipes set
+it; the total at N devices is then state(N) + temporaries + (batch / N) x per-example bytes.
+A CPU compile fuses and schedules otherwise than a TPU's or GPU's, so the activation part is
+an estimate; without ``--compile`` the fit columns count the floor alone (a lower bound).
 """
 
 import argparse
@@ -53,7 +53,7 @@ def _configs():
       heads,
     )
     # Offline: the built-in tokenizer and template captions build the same (n, 77) tokens.
-    c.clip.tokenizer, c.clip.captions = "builtin", "templates"
+    c.clip.tokenizer, c.clip.captions, c.clip.eot_id = "builtin", "templates", 2
     yield name, c
   yield (
     "DINO ViT-g/14",
@@ -94,8 +94,7 @@ def main():
         config.mesh.state_sharding = layout
         table = memory.state_table(config, n)
         batch = config.data.global_batch_size
-        whole = 4 * table["params"] * (2 if layout == "fsdp" else 1)
-        floor = table["state_bytes_per_device"] + whole
+        floor = table["floor_bytes_per_device"]
         # The compiled temporaries hold the whole parameters and gradients already.
         total = table["state_bytes_per_device"] + temp + per_example * batch / n
         need = total if args.compile else floor

@@ -146,18 +146,23 @@ def gather(tree: Any, specs: Any, axis: str = DATA_AXIS) -> Any:
   return jax.tree.map(whole, tree, specs)
 
 
-def sum_gradients(grads: Any, specs: Any, axis: str = DATA_AXIS) -> Any:
+def sum_gradients(grads: Any, specs: Any, axis: str = DATA_AXIS, summed: Any = None) -> Any:
   """Inside ``shard_map``: each device's gradients summed over ``axis``, once: for a leaf that
   ``specs`` split, only this device's part of the sum (a reduce-scatter, the transpose of
-  ``gather``); for the others the whole sum (an all-reduce)."""
+  ``gather``); for the others the whole sum (an all-reduce). Leaves where the tree
+  ``summed`` is True are already this device's part of the sum (the model gathered them,
+  and differentiation reduce-scattered their gradients) and stay as they are."""
+  summed = jax.tree.map(lambda _: False, specs) if summed is None else summed
 
-  def reduce(g, spec):
+  def reduce(g, spec, done):
+    if done:
+      return g
     dim = split_dim(spec)
     if dim is None:
       return jax.lax.psum(g, axis)
     return jax.lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
 
-  return jax.tree.map(reduce, grads, specs)
+  return jax.tree.map(reduce, grads, specs, summed)
 
 
 def squared_norm(

@@ -209,7 +209,13 @@ def _loss_and_grads(
   # A metric computed from the per-device copy alone (CLIP's logit scale) is the same on every
   # device but typed device-varying.
   metrics = sharding.invariant(out.metrics, axis)
-  return loss, out._replace(metrics=metrics), sharding.sum_gradients(grads, param_specs, axis)
+  # Scanned blocks gather their layers themselves: their gathers' transposes summed those.
+  summed = left_to_the_model(param_specs)
+  return (
+    loss,
+    out._replace(metrics=metrics),
+    sharding.sum_gradients(grads, param_specs, axis, summed),
+  )
 
 
 def train_step(
@@ -292,17 +298,34 @@ def train_step(
 
 def gathered(state: TrainState, method: Method, specs: TrainState | None) -> TrainState:
   """``state`` with the networks' parameters whole (``sharding.gather``): the online ones
-  and the method state that mirrors them; as it is without FSDP (``specs`` None)."""
+  and the method state that mirrors them; as it is without FSDP (``specs`` None). The split
+  parameters of scanned blocks stay split: the model gathers them a layer at a time
+  (``models.vit``'s scanned blocks, ``left_to_the_model``)."""
   if specs is None:
     return state
+
+  def gather(tree, tree_specs):
+    kept = left_to_the_model(tree_specs)
+    return sharding.gather(
+      tree, jax.tree.map(lambda s, k: PartitionSpec() if k else s, tree_specs, kept)
+    )
+
   method_state = state.method_state
   if method.mirrors_params:
     method_state = dict(method_state)
     for key in method.mirrors_params:
-      method_state[key] = sharding.gather(method_state[key], specs.method_state[key])
-  return state.replace(
-    params=sharding.gather(state.params, specs.params), method_state=method_state
-  )
+      method_state[key] = gather(method_state[key], specs.method_state[key])
+  return state.replace(params=gather(state.params, specs.params), method_state=method_state)
+
+
+def left_to_the_model(specs: Any) -> Any:
+  """True for the split leaves of stacked (scanned) blocks, which the model gathers itself."""
+
+  def stacked_and_split(path, spec) -> bool:
+    stacked = any(str(getattr(k, "key", "")).startswith(models.vit.STACKED_PREFIX) for k in path)
+    return stacked and sharding.split_dim(spec) is not None
+
+  return jax.tree_util.tree_map_with_path(stacked_and_split, specs)
 
 
 def all_finite(tree: Any, axis: str | None = None) -> jax.Array:

@@ -10,7 +10,7 @@ overrides only let the command build its batch offline):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m cljax.bench \\
         --config=configs/clip_vith14.py --parts=memory --config.clip.captions=templates \\
-        --config.clip.tokenizer=builtin --config.data.global_batch_size=64
+        --config.clip.tokenizer=builtin --config.clip.eot_id=2 --config.data.global_batch_size=64
 
 Towers (open_clip's ``ViT-H-14``): image ViT-H/14, 32 blocks of width 1280, 16 heads, MLP
 5120, 224 px (630.8M parameters); text Transformer of 24 blocks, width 1024, 16 heads;

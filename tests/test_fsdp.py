@@ -7,6 +7,7 @@ momentum target network, DINO's frozen last layer and CLIP's two towers.
 
 import json
 import math
+import re
 import shutil
 import subprocess
 
@@ -18,6 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import test_multiprocess as mp
+import test_step_allreduce as allreduce
 from helpers import float64_model, state_and_step, tiny_config, to_float64
 from jax.sharding import PartitionSpec as P
 from method_steps import _initial_state, _run
@@ -49,7 +51,17 @@ def _configs():
   dino.dino.freeze_last_layer_epochs = 1.0  # Frozen in step 1, trained in step 2.
   clip = _clip_config()
   clip.optim.name = "adamw"
-  return {"simclr_lars_resnet": simclr, "moco_v3_vit": moco, "dino_vit": dino, "clip": clip}
+  # Scanned, rematerialised blocks: the model gathers each layer itself (ZeRO-3 per layer).
+  scanned = moco.copy_and_resolve_references()
+  scanned.model.variant = "custom:hidden=16,depth=2,heads=2,mlp=32,patch=8"
+  scanned.model.scan_blocks, scanned.model.remat = True, True
+  return {
+    "simclr_lars_resnet": simclr,
+    "moco_v3_vit": moco,
+    "moco_v3_vit_scanned": scanned,
+    "dino_vit": dino,
+    "clip": clip,
+  }
 
 
 def _batches(name):
@@ -84,7 +96,9 @@ def _assert_same(a, b, rtol=1e-6, atol=1e-8):
       chex.assert_trees_all_close(getattr(s_a, part), getattr(s_b, part), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", ["simclr_lars_resnet", "moco_v3_vit", "dino_vit", "clip"])
+@pytest.mark.parametrize(
+  "name", ["simclr_lars_resnet", "moco_v3_vit", "moco_v3_vit_scanned", "dino_vit", "clip"]
+)
 def test_fsdp_steps_equal_data_parallel_steps(name):
   config = _configs()[name]
   runs = _runs(config, name, ("replicated", "fsdp"))
@@ -268,3 +282,37 @@ def test_a_vit_b_state_under_fsdp_takes_an_eighth_per_device_in_the_compiled_ste
   assert state_bytes <= (whole - kept_whole) / 8 + kept_whole + 1024  # + the step's key.
   assert state_bytes == pytest.approx(memory.state_bytes_per_device(state), abs=1024)
   assert kept_whole < 0.01 * whole
+
+
+def test_scanned_blocks_gather_and_reduce_scatter_one_layer_at_a_time():
+  """Under FSDP a scanned tower's split parameters are all-gathered inside the loop over the
+  layers (one layer's worth each) and their gradients reduce-scattered inside the backward
+  loop; no stacked parameter is ever gathered whole."""
+  config = _configs()["moco_v3_vit_scanned"]
+  config.mesh.state_sharding, config.mesh.fsdp_min_elements = "fsdp", 64
+  mesh = sharding.create_mesh()
+  lr_fn = optax.constant_schedule(0.1)
+  state, step_fn = state_and_step(config, mesh, lr_fn)
+  batch = jax.device_put(_batch(), sharding.batch_sharded(mesh))
+  hlo = step_fn.lower(state, batch, jax.random.key(1)).compile().as_text()
+  comps = allreduce._computations(hlo)
+  loops = allreduce._in_loops(comps)
+  gather = re.compile(r"=\s*(.*?)\s+all-gather(?:-start)?\(")
+  ops = {"gather": gather, "scatter": allreduce._REDUCE_SCATTER}
+  found = {(k, inside): [] for k in ops for inside in (True, False)}
+  for name, lines in comps.items():
+    for line in lines:
+      for kind, op in ops.items():
+        match = op.search(line)
+        if match:
+          shapes = allreduce._SHAPE.findall(match.group(1))
+          found[(kind, name in loops)] += [allreduce._squeezed(d) for d in shapes]
+  blocks = state.params["encoder"]["Transformer"]["scan_encoderblocks"]["block"]
+  stacked = {allreduce._squeezed(",".join(map(str, x.shape))) for x in jax.tree.leaves(blocks)}
+  one_layer = {s[1:] for s in stacked}
+  kernel = blocks["MlpBlock_0"]["Dense_0"]["kernel"]  # (2, 16, 32), split on its 32.
+  assert kernel.sharding.spec == P(None, None, "data")
+  assert (16, 32) in found[("gather", True)]  # One layer, gathered in the loop.
+  assert (16, 4) in found[("scatter", True)]  # Its gradient's part, in the backward loop.
+  assert not stacked & set(found[("gather", False)] + found[("gather", True)])
+  assert one_layer & set(found[("gather", True)])

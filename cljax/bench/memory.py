@@ -78,8 +78,27 @@ def state_table(config: ml_collections.ConfigDict, num_devices: int) -> dict[str
     "params": sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.params)),
     "state_bytes_replicated": sum(nbytes(x) for x in leaves),
     "state_bytes_per_device": per_device,
+    "floor_bytes_per_device": per_device + _whole_in_step(shapes.params, specs.params),
     "largest_leaf_bytes": max(nbytes(x) for x in leaves),
   }
+
+
+def _whole_in_step(params: Any, specs: Any) -> int:
+  """Bytes a device holds whole during the step besides its state (``docs/design.md``): the
+  gradient of every parameter before it is summed, and each split parameter gathered; for
+  the split parameters of scanned blocks, which the model gathers a layer at a time, one
+  layer of each (its parameters and gradient)."""
+  total = 0
+  per_layer = step.left_to_the_model(specs)
+  for x, spec, layer in zip(*map(jax.tree.leaves, (params, specs, per_layer)), strict=True):
+    size = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    if layer:
+      total += 2 * size // x.shape[0]
+    elif sharding.split_dim(spec) is not None:
+      total += 2 * size
+    else:
+      total += size
+  return total
 
 
 def state_bytes_per_device(state: Any) -> int:

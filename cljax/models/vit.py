@@ -148,17 +148,52 @@ class Encoder1DBlock(nn.Module):
     return x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
 
 
+def _whole(variables: dict, expected: Any, axis: str) -> dict:
+  """``variables`` with each parameter that arrives split (FSDP, inside ``shard_map``: this
+  device's part, smaller than ``expected`` along one dimension) all-gathered whole."""
+
+  def gather(x, full):
+    dims = [d for d in range(x.ndim) if x.shape[d] != full.shape[d]]
+    if not dims:
+      return x
+    (dim,) = dims
+    return jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+
+  if "params" not in variables:
+    return variables
+  return {**variables, "params": jax.tree.map(gather, variables["params"], expected)}
+
+
 class _ScannedBlock(nn.Module):
-  """One block as a ``nn.scan`` body: (carry, unused) -> (carry, None)."""
+  """One block as a ``nn.scan`` body: (carry, unused) -> (carry, None).
+
+  Under FSDP (``mesh.state_sharding="fsdp"``) the stacked parameters reach the loop split
+  over the devices, and each iteration all-gathers its own layer's parameters just before
+  the block uses them (``_whole``): ZeRO-3 per layer. Differentiation turns each gather into
+  a reduce-scatter of that layer's gradients inside the backward loop, and with ``remat``
+  the backward pass gathers the layer again instead of keeping it, so one layer is whole at
+  a time (``step.train_step`` leaves these parameters to the model). Whole parameters
+  (data parallelism, evaluation) pass through unchanged.
+  """
 
   num_heads: int
   mlp_dim: int
   dtype: Any
   remat: bool
+  axis_name: str = "data"
 
   @nn.compact
   def __call__(self, x, _):
-    block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+    make = lambda: Encoder1DBlock(self.num_heads, self.mlp_dim, self.dtype)
+    expected = jax.eval_shape(lambda: make().init(jax.random.key(0), x[:1]))["params"]
+    block = nn.map_variables(
+      Encoder1DBlock,
+      "params",
+      trans_in_fn=lambda vs: _whole(vs, expected, self.axis_name),
+      init=self.is_initializing(),
+      mutable=self.is_initializing(),
+    )
+    block = nn.remat(block) if self.remat else block
     return block(self.num_heads, self.mlp_dim, self.dtype, name="block")(x), None
 
 
@@ -171,7 +206,8 @@ class Encoder(nn.Module):
 
   ``scan``: the blocks run as one ``nn.scan`` loop over parameters stacked along a leading
   axis of size ``depth`` (module ``scan_encoderblocks``): XLA compiles one block instead of
-  ``depth``. Another parameter tree: checkpoints of one form do not restore into the other.
+  ``depth``, and under FSDP each layer is gathered only while it is used (``_ScannedBlock``).
+  Another parameter tree: checkpoints of one form do not restore into the other.
   """
 
   depth: int
