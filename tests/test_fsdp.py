@@ -16,7 +16,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import test_multiprocess as mp
 import test_step_allreduce as allreduce
@@ -205,14 +204,7 @@ def _main(workdir, devices, *extra):
 
 def _restore_on_one_device(workdir, step_):
   """The README's plain-orbax snippet: the saved state on this process's first device."""
-  path = workdir / "checkpoints" / str(step_) / "state"
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-    checkpointer.metadata(path).item_metadata,
-  )
-  return jax.device_get(checkpointer.restore(path, target))
+  return mp._restore(workdir, step_)
 
 
 def test_an_fsdp_checkpoint_resumes_on_4_and_1_devices_and_restores_anywhere(tmp_path):

@@ -62,29 +62,9 @@ def _run_one(workdir) -> str:
   return out.stderr
 
 
-def _run_two(workdir) -> list[str]:
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      _command(
-        workdir,
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-        *FSDP,
-      ),
-      cwd=REPO,
-      env=_env(4),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
-  return [err for _, err in outs]
+def _run_two(workdir, *extra) -> list[str]:
+  """Both processes' stderr, once both have finished (and succeeded)."""
+  return _finish(_start_two(workdir, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +130,13 @@ def _start_two(workdir, *extra) -> list[subprocess.Popen]:
   ]
 
 
-def _finish(procs) -> None:
+def _finish(procs) -> list[str]:
+  errs = []
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
+    errs.append(err)
+  return errs
 
 
 def test_fsdp_processes_killed_mid_run_resume_to_the_uninterrupted_result(tmp_path):
