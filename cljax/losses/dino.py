@@ -24,6 +24,36 @@ def _check_teacher(teacher_logits: jax.Array) -> None:
     )
 
 
+def _check_student(student_logits: jax.Array, teacher: jax.Array, teacher_name: str) -> None:
+  """Raises unless the student is (V, n, K), V >= 2 global crops first, with the teacher's n, K."""
+  if student_logits.ndim != 3 or student_logits.shape[0] < _NUM_GLOBAL_CROPS:
+    raise ValueError(
+      "student_logits must have shape (V, n, K) with V >= 2 views, the 2 global crops "
+      f"first, got shape {student_logits.shape}."
+    )
+  if student_logits.shape[1:] != teacher.shape[1:]:
+    raise ValueError(
+      f"student_logits (V, n, K) and {teacher_name} (2, n, K) must share n and K, got "
+      f"{student_logits.shape} and {teacher.shape}."
+    )
+
+
+def cross_crop_entropy(
+  teacher_probs: jax.Array, student_log_probs: jax.Array, axis_name: str | None
+) -> jax.Array:
+  """The mean over the global batch and the 2 (V - 1) pairs of different crops of
+  ``-sum_k P_t log P_s``: teacher (2, n, K) probabilities of the global crops against the
+  student's (V, n, K) log-probabilities (DINO's and DINOv2's image-level loss)."""
+  num_views = student_log_probs.shape[0]
+  # (2, n, K) x (V, n, K) -> (2, V, n): cross-entropy of every teacher/student pair.
+  cross_entropy = -jnp.einsum(
+    "ank,vnk->avn", teacher_probs, student_log_probs, precision=jax.lax.Precision.HIGHEST
+  )
+  same_view = jnp.arange(_NUM_GLOBAL_CROPS)[:, None] == jnp.arange(num_views)[None, :]
+  per_image = jnp.sum(jnp.where(same_view[:, :, None], 0.0, cross_entropy), axis=(0, 1))
+  return _mean_over_batch(per_image / (_NUM_GLOBAL_CROPS * (num_views - 1)), axis_name)
+
+
 def dino_loss(
   student_logits: jax.Array,
   teacher_logits: jax.Array,
@@ -86,23 +116,12 @@ def dino_loss(
     Transformers", ICCV 2021. https://arxiv.org/abs/2104.14294
   """
   _check_teacher(teacher_logits)
-  if student_logits.ndim != 3 or student_logits.shape[0] < _NUM_GLOBAL_CROPS:
-    raise ValueError(
-      "student_logits must have shape (V, n, K) with V >= 2 views, the 2 global crops "
-      f"first, got shape {student_logits.shape}."
-    )
-  if student_logits.shape[1:] != teacher_logits.shape[1:]:
-    raise ValueError(
-      "student_logits (V, n, K) and teacher_logits (2, n, K) must share n and K, got "
-      f"{student_logits.shape} and {teacher_logits.shape}."
-    )
+  _check_student(student_logits, teacher_logits, "teacher_logits")
   num_classes = teacher_logits.shape[-1]
   if center.shape != (num_classes,):
     raise ValueError(f"center must have shape ({num_classes},), got {center.shape}.")
   _check_positive("student_temperature", student_temperature)
   _check_positive("teacher_temperature", teacher_temperature)
-  num_views = student_logits.shape[0]
-
   teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
   center = jax.lax.stop_gradient(center).astype(jnp.float32)
   teacher_log_probs = jax.nn.log_softmax((teacher - center) / teacher_temperature, axis=-1)
@@ -110,14 +129,7 @@ def dino_loss(
   student_log_probs = jax.nn.log_softmax(
     student_logits.astype(jnp.float32) / student_temperature, axis=-1
   )
-  # (2, n, K) x (V, n, K) -> (2, V, n): cross-entropy of every teacher/student pair.
-  cross_entropy = -jnp.einsum(
-    "ank,vnk->avn", teacher_probs, student_log_probs, precision=jax.lax.Precision.HIGHEST
-  )
-  same_view = jnp.arange(_NUM_GLOBAL_CROPS)[:, None] == jnp.arange(num_views)[None, :]
-  num_pairs = _NUM_GLOBAL_CROPS * (num_views - 1)
-  per_image = jnp.sum(jnp.where(same_view[:, :, None], 0.0, cross_entropy), axis=(0, 1))
-  loss = _mean_over_batch(per_image / num_pairs, axis_name)
+  loss = cross_crop_entropy(teacher_probs, student_log_probs, axis_name)
   if not return_metrics:
     return loss
   teacher_entropy = -jnp.sum(teacher_probs * teacher_log_probs, axis=-1)  # (2, n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cljax.losses import dino
 from cljax.losses._common import _check_2d, _mean_over_batch
 from cljax.losses.swav import _check_iters, _check_positive
 
@@ -192,30 +193,13 @@ def dinov2_loss(
       "teacher_probs must have shape (2, n, K): the teacher's targets for the 2 global crops "
       f"only, got shape {teacher_probs.shape}."
     )
-  if student_logits.ndim != 3 or student_logits.shape[0] < _NUM_GLOBAL_CROPS:
-    raise ValueError(
-      "student_logits must have shape (V, n, K) with V >= 2 views, the 2 global crops "
-      f"first, got shape {student_logits.shape}."
-    )
-  if student_logits.shape[1:] != teacher_probs.shape[1:]:
-    raise ValueError(
-      "student_logits (V, n, K) and teacher_probs (2, n, K) must share n and K, got "
-      f"{student_logits.shape} and {teacher_probs.shape}."
-    )
+  dino._check_student(student_logits, teacher_probs, "teacher_probs")
   _check_positive("student_temperature", student_temperature)
-  num_views = student_logits.shape[0]
-
   teacher = jax.lax.stop_gradient(teacher_probs).astype(jnp.float32)
   student_log_probs = jax.nn.log_softmax(
     student_logits.astype(jnp.float32) / student_temperature, axis=-1
   )
-  # (2, n, K) x (V, n, K) -> (2, V, n): cross-entropy of every teacher/student pair.
-  cross_entropy = -jnp.einsum(
-    "ank,vnk->avn", teacher, student_log_probs, precision=jax.lax.Precision.HIGHEST
-  )
-  same_view = jnp.arange(_NUM_GLOBAL_CROPS)[:, None] == jnp.arange(num_views)[None, :]
-  per_image = jnp.sum(jnp.where(same_view[:, :, None], 0.0, cross_entropy), axis=(0, 1))
-  return _mean_over_batch(per_image / (_NUM_GLOBAL_CROPS * (num_views - 1)), axis_name)
+  return dino.cross_crop_entropy(teacher, student_log_probs, axis_name)
 
 
 def ibot_patch_loss(
