@@ -51,6 +51,16 @@ def base_config() -> ml_collections.ConfigDict:
   # run the blocks as one scanned loop (stacked parameters: another checkpoint layout).
   c.model.remat = False
   c.model.scan_blocks = False
+  # DINOv2's ViT only (model.name = "vit_dinov2", cljax.models.vit_dinov2; model.variant
+  # "S/14" | "B/14" | "L/14" | "g/14" | "custom:dim=..,depth=..,heads=..,patch=.."): the
+  # side its learned position embeddings are made for (other sizes interpolate them: the
+  # global crop size), stochastic depth (uniform over blocks), LayerScale's initial value
+  # (0: none), register tokens, and the FFN ("default": the variant's; "mlp" | "swiglufused").
+  c.model.img_size = 224
+  c.model.drop_path_rate = 0.0
+  c.model.layerscale = 1e-5
+  c.model.num_register_tokens = 0
+  c.model.ffn_layer = "default"
 
   c.head = ml_collections.ConfigDict()
   c.head.num_layers = 2  # SimCLR v1: 2, v2: 3.

@@ -28,18 +28,21 @@ _STACKED_PREFIX = "scan_"
 
 
 # The values of optim.lr_scaling and optim.name (cljax.validate checks them up front).
-LR_SCALINGS = ("linear", "sqrt", "none")
+LR_SCALINGS = ("linear", "sqrt", "sqrt_wrt_1024", "none")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 # The values of optim.lars_order: where LARS applies the learning rate (:func:`create_lars`).
 LARS_ORDERS = ("lr_then_momentum", "momentum_then_lr")
 
 
 def scaled_learning_rate(base_lr: float, global_batch_size: int, scaling: str) -> float:
-  """The peak learning rate: ``base_lr * B / 256`` (linear) or ``base_lr * sqrt(B)``."""
+  """The peak learning rate: ``base_lr * B / 256`` (linear), ``base_lr * sqrt(B)`` (sqrt) or
+  ``base_lr * sqrt(B / 1024)`` (DINOv2's ``sqrt_wrt_1024``)."""
   if scaling == "linear":
     return base_lr * global_batch_size / 256
   if scaling == "sqrt":
     return base_lr * math.sqrt(global_batch_size)
+  if scaling == "sqrt_wrt_1024":
+    return base_lr * math.sqrt(global_batch_size / 1024)
   if scaling == "none":
     return base_lr
   raise ValueError(f"optim.lr_scaling must be one of {LR_SCALINGS}, got {scaling!r}.")
@@ -111,8 +114,28 @@ def all_mask(params) -> object:
   return jax.tree_util.tree_map_with_path(lambda path, _: not _frozen(path), params)
 
 
+def dinov2_mask(params) -> object:
+  """DINOv2's rule (``get_params_groups_with_decay``): every parameter but biases, anything
+  under a normalisation layer (a path entry containing "norm") and LayerScale's ``gamma``.
+
+  Unlike :func:`matrix_mask` it decays the class, register and mask tokens, the position
+  embeddings and the DINO head's weight-norm gain, as the official code does.
+  """
+
+  def decayed(path, _) -> bool:
+    names = [_key(entry) for entry in path]
+    return not (_frozen(path) or names[-1] in ("bias", "gamma") or any("norm" in n for n in names))
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 # optim.decay_mask -> the parameters weight decay (and LARS's trust ratio) applies to.
-DECAY_MASKS = {"kernels": lars_mask, "matrices": matrix_mask, "all": all_mask}
+DECAY_MASKS = {
+  "kernels": lars_mask,
+  "matrices": matrix_mask,
+  "all": all_mask,
+  "dinov2": dinov2_mask,
+}
 
 
 def decay_mask(optim_config: ml_collections.ConfigDict) -> Callable[[object], object]:
@@ -326,3 +349,61 @@ def applied_count(opt_state) -> jax.Array:
   if not counts:
     raise ValueError("The optimiser state holds no step count ('count'): is lr a schedule?")
   return functools.reduce(jnp.maximum, counts)
+
+
+def clip_by_global_norm_per_module(
+  max_norm: float, axis_name: str | None = sharding.DATA_AXIS
+) -> optax.GradientTransformation:
+  """Clips the gradient of each top-level module to ``max_norm`` by its own global norm.
+
+  DINOv2 clips each student module (backbone, DINO head, iBOT head) on its own
+  (``for v in model.student.values(): v.clip_grad_norm_(clip_grad)``); PyTorch's rule
+  scales by ``max_norm / (norm + 1e-6)`` when that is below 1. Norms are of whole leaves
+  under FSDP (``sharding.global_norm``), so every device scales by the same factor. The
+  updates must be a dict of modules; the state is empty.
+  """
+  if max_norm <= 0:
+    raise ValueError(f"max_norm must be > 0, got {max_norm}.")
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def clip(tree):
+      coef = max_norm / (sharding.global_norm(tree, axis_name) + 1e-6)
+      return jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0).astype(g.dtype), tree)
+
+    return {name: clip(tree) for name, tree in updates.items()}, state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def scale_by_multipliers(
+  multipliers: Callable[[object], object],
+  frozen_mask: Callable[[object], object] | None = None,
+  freeze_steps: int = 0,
+) -> optax.GradientTransformation:
+  """Scales each update by a per-parameter learning-rate multiplier, and by 0 while frozen.
+
+  Placed after the learning rate (and the decoupled weight decay), this is PyTorch's
+  per-group ``lr * lr_multiplier``: DINOv2's layer-wise decay and patch-embedding factor.
+  ``multipliers(params)`` gives a scalar or an array broadcastable to each leaf (one value
+  per layer of stacked blocks). The parameters ``frozen_mask`` selects get 0 for the first
+  ``freeze_steps`` updates: DINOv2's last-layer freeze, a learning rate of 0 while the
+  optimiser's moments still see the gradient (unlike DINO's, :func:`freeze_for_steps`).
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    factors = multipliers(updates)
+    if frozen_mask is not None and freeze_steps > 0:
+      active = (state.count >= freeze_steps).astype(jnp.float32)
+      factors = jax.tree.map(
+        lambda f, frozen: f * active if frozen else f, factors, frozen_mask(updates)
+      )
+    updates = jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

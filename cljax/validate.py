@@ -17,10 +17,11 @@ from typing import Any
 # registry, so a name added there and not here (or the reverse) fails the tests.
 NAMES: dict[str, tuple[str, ...]] = {
   "method": (
-    *("simclr", "moco_v2", "moco_v3", "byol", "simsiam", "dino", "swav", "barlow_twins"),
+    *("simclr", "moco_v2", "moco_v3", "byol", "simsiam", "dino", "dinov2", "swav"),
+    "barlow_twins",
     *("supcon", "clip", "supervised"),
   ),  # cljax.methods.METHODS
-  "model.name": ("resnet", "vit"),  # cljax.models.ENCODERS
+  "model.name": ("resnet", "vit", "vit_dinov2"),  # cljax.models.ENCODERS
   "model.stem": ("imagenet", "cifar"),  # cljax.models.resnet.STEMS
   "model.dtype": ("float32", "bfloat16", "float16"),  # cljax.models._DTYPES
   "model.posemb": ("sincos2d", "learn"),  # cljax.models.vit.POSEMBS
@@ -32,8 +33,8 @@ NAMES: dict[str, tuple[str, ...]] = {
   "loss.name": ("nt_xent", "debiased", "hard_negative", "decoupled"),  # methods.simclr
   "loss.implementation": ("plain", "blockwise"),  # methods.simclr.LOSS_IMPLEMENTATIONS
   "optim.name": ("lars", "sgd", "adamw"),  # cljax.optim.OPTIMIZERS
-  "optim.lr_scaling": ("linear", "sqrt", "none"),  # cljax.optim.LR_SCALINGS
-  "optim.decay_mask": ("kernels", "matrices", "all"),  # cljax.optim.DECAY_MASKS
+  "optim.lr_scaling": ("linear", "sqrt", "sqrt_wrt_1024", "none"),  # cljax.optim.LR_SCALINGS
+  "optim.decay_mask": ("kernels", "matrices", "all", "dinov2"),  # cljax.optim.DECAY_MASKS
   "optim.lars_order": ("lr_then_momentum", "momentum_then_lr"),  # cljax.optim.LARS_ORDERS
   "data.source": (
     *("tfds", "folder", "npz", "encoded_npz", "idx", "synthetic", "embedded", "prepared"),
@@ -42,6 +43,8 @@ NAMES: dict[str, tuple[str, ...]] = {
   "clip.loss": ("clip", "siglip"),  # cljax.methods.clip.DEFAULT_INIT_LOGIT_SCALE
   "clip.captions": ("templates", "file"),  # cljax.data.captions.CAPTION_SOURCES
   "mesh.state_sharding": ("replicated", "fsdp"),  # cljax.sharding.STATE_SHARDINGS
+  "dinov2.centering": ("centering", "sinkhorn_knopp"),  # cljax.methods.dinov2.CENTERINGS
+  "dinov2.eval_features": ("cls", "cls_avgpool"),  # cljax.methods.dinov2.EVAL_FEATURES
 }
 
 # The -1.0 of some probabilities means "the same as the first view's" (defaults.py).

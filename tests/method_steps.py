@@ -91,7 +91,7 @@ def _run(config, devices, batches, *, steps_per_epoch=0, lr=0.1, keep_going=Fals
 def _queue_in_batch_order(method_state, num_devices):
   """A SwAV queue (2, D * Q, d) with rows regrouped batch by batch (newest first), as one
   device holds it: on D devices, device i's shard holds its own n images of each batch."""
-  if method_state is None or num_devices == 1:
+  if method_state is None or num_devices == 1 or "queue" not in method_state:
     return method_state
   queue = method_state["queue"]
   views, rows, dim = queue.shape

@@ -1,5 +1,6 @@
 """DINOv2 ViT: tokens, registers, position-embedding interpolation, mask token, LayerScale,
-stochastic depth, SwiGLU and the official models' parameter counts."""
+stochastic depth, SwiGLU, the official models' parameter counts, custom variants and scanned
+blocks (stacked parameters, per-layer drop masks, per-layer gathers under FSDP)."""
 
 import functools
 import math
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax.models import vit_dinov2
+from cljax import sharding
+from cljax.models import vit, vit_dinov2
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16, num_register_tokens=3)
 KEY = jax.random.key(0, impl="unsafe_rbg")  # RBG keys compile faster on CPU.
@@ -272,3 +274,179 @@ def test_rematerialised_blocks_give_the_same_features_and_gradients():
   np.testing.assert_allclose(value_r, value, rtol=1e-5)
   close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7)
   jax.tree.map(close, grads_r, grads)
+
+
+def test_custom_variants_set_the_sizes_and_build_a_model():
+  assert vit_dinov2.parse_variant("custom:dim=64,depth=4,heads=4,patch=4") == dict(
+    embed_dim=64, depth=4, num_heads=4, ffn_layer="mlp", patch_size=4
+  )
+  spaced = vit_dinov2.parse_variant("custom: patch=2, ffn=swiglufused,heads=1,depth=1,dim=8,")
+  assert spaced == dict(embed_dim=8, depth=1, num_heads=1, ffn_layer="swiglufused", patch_size=2)
+  model = vit_dinov2.create_dinov2_vit(
+    "custom:dim=32,depth=1,heads=2,patch=8,ffn=swiglufused", img_size=16, init_values=None
+  )
+  assert (model.embed_dim, model.depth, model.num_heads, model.patch_size) == (32, 1, 2, 8)
+  x = _images(2, 16, 24)
+  out, params = jax.jit(lambda x: model.init_with_output(KEY, x, train=False))(x)
+  assert params["params"]["blocks_0"]["mlp"]["w12"]["kernel"].shape == (32, 176)
+  assert "blocks_1" not in params["params"]
+  assert out["patches"].shape == (2, 2 * 3, 32) and out["registers"].shape == (2, 0, 32)
+  assert all(np.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize(
+  "variant,match",
+  [
+    ("custom:dim=64,depth=4,heads=4", r"lacks \['patch'\]"),
+    ("custom:", r"lacks \['depth', 'dim', 'heads', 'patch'\]"),
+    ("custom:dim=64,depth=4,heads=4,patch=4,mlp=256", "Bad item 'mlp=256'"),
+    ("custom:dim=64,depth=4,heads=4,patch", "Bad item 'patch'"),
+    ("custom:dim=64,depth=4,heads=4,patch=4,dim=32", "'dim' twice"),
+    ("custom:dim=64,depth=0,heads=4,patch=4", "depth must be a positive integer.*'0'"),
+    ("custom:dim=64,depth=4,heads=-4,patch=4", "heads must be a positive integer.*'-4'"),
+    ("custom:dim=6.5,depth=4,heads=4,patch=4", "dim must be a positive integer"),
+    ("custom:dim=64,depth=4,heads=4,patch=²", "patch must be a positive integer"),
+    ("custom:dim=64,depth=4,heads=4,patch=4,ffn=geglu", "ffn must be one of"),
+    ("custom:dim=64,depth=4,heads=6,patch=4", "dim=64 is not divisible by heads=6"),
+  ],
+)
+def test_custom_variants_refuse_bad_keys_and_sizes(variant, match):
+  with pytest.raises(ValueError, match=match):
+    vit_dinov2.parse_variant(variant)
+
+
+def _layer_scaled(params, gammas):
+  """``params`` with block i's LayerScale gammas ``gammas[i] = (ls1, ls2)``."""
+  params = dict(params)
+  for i, (g1, g2) in enumerate(gammas):
+    params[f"blocks_{i}"] = dict(params[f"blocks_{i}"], ls1={"gamma": g1}, ls2={"gamma": g2})
+  return params
+
+
+def _strong_params(seed=0):
+  """The tiny model's parameters with LayerScale gammas near 1 (1e-5 at init would leave
+  the blocks nearly the identity) and a nonzero mask token, so that every part counts."""
+  rng = np.random.default_rng(seed)
+  gamma = lambda: jnp.asarray(rng.uniform(0.5, 1.5, 32), jnp.float32)
+  params = _layer_scaled(_tiny_params(), [(gamma(), gamma()) for _ in range(TINY["depth"])])
+  params["mask_token"] = jnp.asarray(rng.normal(size=(1, 32)), jnp.float32)
+  return params
+
+
+def test_scanned_blocks_compute_what_the_unrolled_blocks_do():
+  """``scan_blocks`` (stacked parameters, one compiled block) with and without ``remat``
+  gives the unrolled model's tokens and gradients; ``stack_blocks`` converts the layout."""
+  params, x = _strong_params(), _images(2, 16, 16)
+  masks = jnp.asarray(np.arange(32).reshape(2, 16) % 5 == 1)
+  scanned = vit_dinov2.DinoV2ViT(**TINY, scan_blocks=True)
+  shapes = jax.eval_shape(lambda: scanned.init(KEY, x, train=False))["params"]
+  stacked = vit_dinov2.stack_blocks(params, TINY["depth"])
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(jnp.shape, stacked)
+  assert shapes["scan_blocks"]["block"]["ls1"]["gamma"].shape == (2, 32)
+  count = lambda tree: sum(math.prod(s.shape) for s in jax.tree.leaves(tree))
+  assert count(shapes) == count(params)
+  with pytest.raises(ValueError, match="blocks_0 to blocks_2"):
+    vit_dinov2.stack_blocks(params, 3)
+
+  ref = _jit_apply()(params, x, masks)
+  out = _jit_apply(scan_blocks=True)(stacked, x, masks)
+  assert np.abs(ref["cls"] - _jit_apply()(_tiny_params(), x, masks)["cls"]).max() > 1e-2
+  for key in ref:
+    np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=1e-5)
+
+  def loss(p, **kwargs):
+    model = vit_dinov2.DinoV2ViT(**TINY, **kwargs)
+    return jnp.sum(jnp.sin(model.apply({"params": p}, x, masks, train=False)["cls"]))
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  value_s, grads_s = jax.jit(
+    jax.value_and_grad(functools.partial(loss, scan_blocks=True, remat=True))
+  )(stacked)
+  np.testing.assert_allclose(value_s, value, rtol=1e-5)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, grads_s, vit_dinov2.stack_blocks(grads, TINY["depth"]))
+
+
+def test_scanned_blocks_draw_their_own_drop_path_masks_per_layer():
+  """Each of the scan's layers draws its own stochastic-depth masks from the 'dropout'
+  stream: every example's training output is the evaluation output of one choice of kept
+  and dropped branches (gamma / (1 - rate) or 0), and the layers' choices differ."""
+  rate, n = 0.5, 16
+  params, x = _strong_params(1), _images(n, 16, 16, seed=2)
+  scanned = vit_dinov2.DinoV2ViT(**TINY, drop_path_rate=rate, scan_blocks=True)
+  stacked = vit_dinov2.stack_blocks(params, TINY["depth"])
+  train = jax.jit(
+    lambda p, x, rng: scanned.apply({"params": p}, x, train=True, rngs={"dropout": rng})
+  )
+  tokens = lambda out: np.concatenate([out["cls"][:, None], out["patches"]], axis=1)
+  got = tokens(train(stacked, x, jax.random.key(7)))
+  np.testing.assert_array_equal(tokens(train(stacked, x, jax.random.key(7))), got)
+  assert np.abs(tokens(train(stacked, x, jax.random.key(8))) - got).max() > 1e-2
+
+  gammas = [
+    (params[f"blocks_{i}"]["ls1"]["gamma"], params[f"blocks_{i}"]["ls2"]["gamma"]) for i in range(2)
+  ]
+  choices = list(np.ndindex(2, 2, 2, 2))  # Kept (1) or dropped (0): block 0 ls1, ls2, block 1.
+  errors = []
+  for keep in choices:
+    scaled = [
+      (g1 * keep[2 * i] / (1 - rate), g2 * keep[2 * i + 1] / (1 - rate))
+      for i, (g1, g2) in enumerate(gammas)
+    ]
+    ref = tokens(_jit_apply()(_layer_scaled(params, scaled), x))
+    errors.append(np.abs(ref - got).max(axis=(1, 2)))
+  errors = np.stack(errors, axis=1)  # (n, choices)
+  assert (np.sort(errors, axis=1)[:, 1] > 1e-2).all()  # The choices are told apart.
+  assert (errors.min(axis=1) < 1e-4).all()  # Each example matches one of them.
+  drawn = np.asarray(choices)[errors.argmin(axis=1)]  # (n, 4)
+  assert 0 < drawn.mean() < 1
+  # Masks shared between layers would make block 0's choices block 1's for every example.
+  assert (drawn[:, :2] != drawn[:, 2:]).any(axis=1).sum() >= n // 4
+
+
+def test_scan_blocks_needs_one_drop_path_rate_for_all_blocks():
+  x = jnp.zeros((1, 16, 16, 3))
+  init = lambda **kwargs: jax.eval_shape(
+    lambda: vit_dinov2.DinoV2ViT(**{**TINY, "scan_blocks": True, **kwargs}).init(KEY, x)
+  )
+  with pytest.raises(ValueError, match="same drop path rate"):
+    init(drop_path_rate=0.2, drop_path_uniform=False)
+  for kwargs in (
+    dict(drop_path_rate=0.2, drop_path_uniform=True),
+    dict(drop_path_rate=0.0, drop_path_uniform=False),
+    dict(drop_path_rate=0.2, drop_path_uniform=False, depth=1),
+  ):
+    init(**kwargs)  # Uniform rates: no error.
+
+
+def test_scanned_blocks_gather_each_layer_split_by_fsdp():
+  """Inside ``shard_map`` with the stacked blocks split over 'data' along one dimension of a
+  layer (as FSDP leaves them, ``step.left_to_the_model``), each iteration gathers its layer
+  whole: the tokens are those of the whole parameters."""
+  params, x = _strong_params(2), _images(4, 16, 16)
+  stacked = vit_dinov2.stack_blocks(params, TINY["depth"])
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), (sharding.DATA_AXIS,))
+  P = jax.sharding.PartitionSpec
+
+  def spec(path, leaf):
+    if not any(getattr(k, "key", "").startswith(vit.STACKED_PREFIX) for k in path):
+      return P()
+    return P(None, *sharding.fsdp_spec(leaf.shape[1:], 2, 0))  # Never the layer axis.
+
+  specs = jax.tree_util.tree_map_with_path(spec, stacked)
+  assert all(sharding.split_dim(s) for s in jax.tree.leaves(specs["scan_blocks"]))
+  scanned = vit_dinov2.DinoV2ViT(**TINY, scan_blocks=True)
+  apply = lambda p, x: scanned.apply({"params": p}, x, train=False)
+  split = jax.jit(
+    jax.shard_map(
+      apply,
+      mesh=mesh,
+      in_specs=(specs, P(sharding.DATA_AXIS)),
+      out_specs=P(sharding.DATA_AXIS),
+      check_vma=False,
+    )
+  )
+  out = split(stacked, x)
+  ref = _jit_apply()(params, x)
+  for key in ref:
+    np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ from cljax import methods, models, optim, sharding, validate
 from cljax.data import captions, sources
 from cljax.methods import base, simclr
 from cljax.methods import clip as clip_method
+from cljax.methods import dinov2 as dinov2_method
 from cljax.models import heads, resnet, vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,6 +40,8 @@ def test_names_equal_the_registries_and_branches_of_the_dispatching_code():
     "clip.loss": clip_method.DEFAULT_INIT_LOGIT_SCALE,
     "clip.captions": captions.CAPTION_SOURCES,
     "mesh.state_sharding": sharding.STATE_SHARDINGS,
+    "dinov2.centering": dinov2_method.CENTERINGS,
+    "dinov2.eval_features": dinov2_method.EVAL_FEATURES,
   }
   assert set(registries) == set(validate.NAMES)
   for key, registry in registries.items():
@@ -60,7 +63,8 @@ def _set(config, key, value):
   [
     ("method", "simclrr", r"^method='simclrr': must be one of simclr, moco_v2, .*, supervised "
      r"\(did you mean 'simclr'\?\)\.$"),
-    ("model.name", "resnte", r"model.name='resnte': must be one of resnet, vit \(did you mean"),
+    ("model.name", "resnte", r"model.name='resnte': must be one of resnet, vit, vit_dinov2 "
+     r"\(did you mean"),
     ("optim.name", "adam", r"optim.name='adam': must be one of lars, sgd, adamw \(did you mean "
      r"'adamw'\?\)"),
     ("data.source", "zzz", r"^data.source='zzz': must be one of tfds, .*, prepared\.$"),
@@ -124,6 +128,6 @@ def test_the_command_line_refuses_a_mistyped_method_in_one_line_before_making_an
   assert out.returncode == 1
   assert out.stderr.strip().splitlines() == [
     "Error: method='simclrr': must be one of simclr, moco_v2, moco_v3, byol, simsiam, dino, "
-    "swav, barlow_twins, supcon, clip, supervised (did you mean 'simclr'?)."
+    "dinov2, swav, barlow_twins, supcon, clip, supervised (did you mean 'simclr'?)."
   ]
   assert not (tmp_path / "run").exists()

@@ -154,9 +154,14 @@ def block_mask(
     u = jax.random.uniform(jax.random.fold_in(key, t), (BLOCK_ATTEMPTS, _UNIFORMS_PER_ATTEMPT))
     remaining = jnp.minimum((num_masking_patches - count).astype(jnp.float32), max_num_patches)
     mask, delta = add_block(mask, u, remaining, min_num_patches, log_aspect)
+    delta = delta.astype(jnp.int32)  # int64 where x64 is on.
     return mask, count + delta, delta, t + 1
 
-  init = (jnp.zeros(grid, bool), jnp.int32(0), jnp.int32(1), jnp.int32(0))
+  # Zero, typed like the key and the target: inside shard_map, where they vary over the
+  # mesh axis (a device's own rows), the loop's carry must vary too.
+  zero = num_masking_patches.astype(jnp.int32) * 0
+  zero = zero + (jax.random.bits(key, (), jnp.uint32) * 0).astype(jnp.int32)
+  init = (jnp.zeros(grid, bool) | (zero > 0), zero, zero + 1, zero)
   return jax.lax.while_loop(cond, body, init)[0]
 
 
@@ -247,3 +252,45 @@ def block_masks(
     return mask.reshape(num_patches)
 
   return jax.vmap(one)(index, order)
+
+
+def max_masked_patches(
+  batch_size: int,
+  rows: int,
+  num_patches: int,
+  mask_ratio: tuple[float, float] = (0.1, 0.5),
+  mask_probability: float = 0.5,
+) -> int:
+  """The most patches ``block_masks`` can mask in ``rows`` rows of a batch of ``batch_size``.
+
+  At most ``int(batch_size * mask_probability)`` images of the batch are masked, each with
+  at most ``int(num_patches * mask_ratio[1])`` patches (a mask never passes its target), so
+  a buffer of this many tokens holds every masked token of any ``rows`` rows: the static
+  size of the official ``upperbound`` for a device's share of the global batch.
+  """
+  masked_images = min(rows, int(batch_size * mask_probability))
+  return masked_images * int(num_patches * mask_ratio[1])
+
+
+def masked_tokens(masks: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """The masked patches of ``masks`` as a fixed-size list: flat indices and token weights.
+
+  The official collate's ``mask_indices_list`` and ``masks_weight``: the flat positions
+  ``i * P + p`` of the True entries, in order, padded to ``capacity`` with index 0, and for
+  each the weight ``1 / m_i`` (``m_i`` its image's masked count), 0 on padding.
+
+  Args:
+    masks: (b, P) bool.
+    capacity: the buffer's length (static), at least the number of True entries
+      (``max_masked_patches``); entries past it would be dropped.
+
+  Returns:
+    ``(indices, weights)``: (capacity,) int32 indices into ``masks.reshape(-1)`` and
+    (capacity,) float32 weights.
+  """
+  flat = masks.reshape(-1)
+  (indices,) = jnp.nonzero(flat, size=capacity, fill_value=0)
+  valid = jnp.arange(capacity) < jnp.sum(flat)
+  per_image = jnp.maximum(jnp.sum(masks, axis=-1), 1).astype(jnp.float32)
+  weights = jnp.where(valid, 1.0 / per_image[indices // masks.shape[1]], 0.0)
+  return indices.astype(jnp.int32), weights

@@ -210,7 +210,8 @@ def knn_accuracy(
 
 
 def knn_eval(config: Any, method: Any, state: Any, mesh: Any) -> dict[str, float]:
-  """kNN top-1 of ``state``'s encoder features, eval split against the train split.
+  """kNN top-1 of ``state``'s encoder features, eval split against the train split (the
+  columns ``method.knn_features`` keeps).
 
   Returns:
     ``{"knn_top1": accuracy}``, or ``{}`` when a split is unlabelled.
@@ -221,9 +222,9 @@ def knn_eval(config: Any, method: Any, state: Any, mesh: Any) -> dict[str, float
   if np.any(train_y < 0) or np.any(test_y < 0):
     return {}
   accuracy = knn_accuracy(
-    train_x,
+    method.knn_features(train_x),
     train_y,
-    test_x,
+    method.knn_features(test_x),
     test_y,
     num_classes=int(max(train_y.max(), test_y.max())) + 1,
     k=config.evals.knn_k,

@@ -18,7 +18,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -170,10 +170,12 @@ def frozen_feature_evals(
   max_steps: int = 1000,
   patience: int | None = linear.DEFAULT_PATIENCE,
   name: str = "encoder",
+  knn_features: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
   """kNN (``evals.knn_k``, ``evals.knn_temperature``) and optionally the L-BFGS linear probe
   on cached ``(features, labels)`` of the train and the test split (``patience``: the L2
-  sweep's early stop, ``linear.linear_probe``; None sweeps the whole grid).
+  sweep's early stop, ``linear.linear_probe``; None sweeps the whole grid). ``knn_features``
+  picks the columns kNN compares (``Method.knn_features``; default all), the probe reads all.
 
   Returns:
     ``{"knn": {"top1", "k", "temperature", "seconds"}, "linear_probe": {...}}``, or ``{}``
@@ -185,8 +187,15 @@ def frozen_feature_evals(
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   k, temperature = config.evals.knn_k, config.evals.knn_temperature
   t0 = time.time()
+  columns = knn_features or (lambda x: x)
   top1 = knn.knn_accuracy(
-    train_x, train_y, test_x, test_y, num_classes=num_classes, k=k, temperature=temperature
+    columns(train_x),
+    train_y,
+    columns(test_x),
+    test_y,
+    num_classes=num_classes,
+    k=k,
+    temperature=temperature,
   )
   out = {"knn": {"top1": top1, "k": k, "temperature": temperature}}
   out["knn"]["seconds"] = time.time() - t0
@@ -300,6 +309,7 @@ def evaluate_state(
     max_steps=linear_max_steps,
     patience=linear_patience,
     name=title or "encoder",
+    knn_features=method.knn_features,
   )
   result.update(evals)
   eval_source = sources.create_source(config.data, "eval")
@@ -511,6 +521,7 @@ def evaluate_baselines(
       max_steps=linear_max_steps,
       patience=linear_patience,
       name=name,
+      knn_features=r.method.knn_features if name == "random_init" else None,
     )
     logging.info("Baseline %s: %.0fs.", name, time.perf_counter() - t0)
     if evals:

@@ -30,7 +30,13 @@ from cljax.losses.contrastive import (
 )
 from cljax.losses.debiased import debiased_nt_xent, decoupled_nt_xent, hard_negative_nt_xent
 from cljax.losses.dino import dino_center_update, dino_loss, teacher_temperature_schedule
-from cljax.losses.dinov2 import dinov2_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher
+from cljax.losses.dinov2 import (
+  dinov2_loss,
+  ibot_masked_patch_loss,
+  ibot_patch_loss,
+  koleo_loss,
+  sinkhorn_knopp_teacher,
+)
 from cljax.losses.moco import moco_v2_loss, moco_v3_loss
 from cljax.losses.regression import byol_loss, simsiam_loss
 from cljax.losses.schedules import cosine_ramp, ema_update
@@ -51,6 +57,7 @@ __all__ = [
   "dinov2_loss",
   "ema_update",
   "hard_negative_nt_xent",
+  "ibot_masked_patch_loss",
   "ibot_patch_loss",
   "info_nce",
   "info_nce_blockwise",

@@ -344,3 +344,68 @@ def koleo_loss(
   distance = jnp.linalg.norm(x - x[neighbour] + eps, axis=-1)
   loss = -jnp.mean(jnp.log(distance + eps))
   return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
+
+
+def ibot_masked_patch_loss(
+  student_logits: jax.Array,
+  teacher_probs: jax.Array,
+  token_weights: jax.Array,
+  num_images: int,
+  student_temperature: jax.Array | float = 0.1,
+  axis_name: str | None = None,
+) -> jax.Array:
+  r""":func:`ibot_patch_loss` on the masked tokens alone, gathered into a fixed-size buffer.
+
+  The official ``iBOTPatchLoss.forward_masked``: the student and teacher outputs of the
+  masked patch tokens only (``mask_indices_list``), each token weighted by
+  ``1 / max(m_i, 1)`` of its image (``masks_weight``), summed and divided by the number of
+  images. The head then runs on the masked tokens, not on every patch: with K = 65,536
+  prototypes the dense (n, P, K) logits of :func:`ibot_patch_loss` would not fit.
+
+  .. math::
+     L = \frac{1}{N} \sum_{u} w_u \Big(-\sum_{k} P_t[u, k]
+       \log \mathrm{softmax}(g_s[u] / \tau_s)_k\Big),
+
+  with N the images (crops) of the global batch; padding rows have weight 0 and add
+  nothing (their teacher rows are ignored). With ``w_u = 1 / m_i`` for the tokens of image
+  i it equals :func:`ibot_patch_loss` on the dense arrays
+  (``tests/test_losses_dinov2.py``).
+
+  Args:
+    student_logits: (U, K) student head outputs of the gathered tokens (local rows).
+    teacher_probs: (U, K) teacher targets of the same tokens; no gradient flows into them.
+    token_weights: (U,) float weights, 0 on padding rows.
+    num_images: the images (crops) of this device's batch, n, including unmasked ones;
+      every device holds the same number.
+    student_temperature: :math:`\tau_s` > 0.
+    axis_name: mapped mesh axis of the batch, or None.
+
+  Returns:
+    The scalar float32 loss over the global batch, identical on every device.
+
+  Raises:
+    ValueError: on shapes that disagree, ``num_images`` < 1 or a temperature <= 0.
+  """
+  _check_2d("student_logits", student_logits)
+  if teacher_probs.shape != student_logits.shape:
+    raise ValueError(
+      f"teacher_probs must have the shape of student_logits {student_logits.shape}, got "
+      f"{teacher_probs.shape}."
+    )
+  if token_weights.shape != student_logits.shape[:1]:
+    raise ValueError(
+      f"token_weights must have shape ({student_logits.shape[0]},), got {token_weights.shape}."
+    )
+  if num_images < 1:
+    raise ValueError(f"num_images must be >= 1, got {num_images}.")
+  _check_positive("student_temperature", student_temperature)
+  student_log_probs = jax.nn.log_softmax(
+    student_logits.astype(jnp.float32) / student_temperature, axis=-1
+  )
+  weights = token_weights.astype(jnp.float32)
+  # Zeroed rather than multiplied: a NaN in a padding row must not reach the gradient.
+  teacher = jnp.where(
+    weights[:, None] > 0, jax.lax.stop_gradient(teacher_probs).astype(jnp.float32), 0.0
+  )
+  cross_entropy = -jnp.sum(teacher * student_log_probs, axis=-1)
+  return _mean_over_batch(jnp.sum(weights * cross_entropy)[None] / num_images, axis_name)

@@ -15,6 +15,7 @@ from cljax.methods.barlow_twins import BarlowTwins
 from cljax.methods.base import Method, StepOutput
 from cljax.methods.clip import CLIP
 from cljax.methods.dino import DINO
+from cljax.methods.dinov2 import DINOv2
 from cljax.methods.momentum import BYOL, MoCoV2, MoCoV3
 from cljax.methods.simclr import SimCLR
 from cljax.methods.simsiam import SimSiam
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Method]] = {
     BYOL,
     SimSiam,
     DINO,
+    DINOv2,
     CLIP,
     SwAV,
     BarlowTwins,

@@ -257,6 +257,11 @@ class Method:
     the online network's, but for methods whose papers evaluate another (DINO's teacher)."""
     return {"params": state.params, "batch_stats": state.batch_stats}
 
+  def knn_features(self, features: Any) -> Any:
+    """The columns of the (n, f) evaluation features that kNN compares (all of them; DINOv2:
+    the class token of its class-token + pooled-patch features)."""
+    return features
+
   def check_data(self, source: Any, num_classes: int) -> None:
     """Raises ``ValueError`` before anything compiles if the method cannot train on ``source``
     (``num_classes``: the number of class names it has, 0 for unlabelled data)."""

@@ -9,9 +9,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from cljax.models import heads, resnet, vit
+from cljax.models import heads, resnet, vit, vit_dinov2
 
-ENCODERS = ("resnet", "vit")  # The values of model.name.
+ENCODERS = ("resnet", "vit", "vit_dinov2")  # The values of model.name.
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -45,7 +45,8 @@ def dtype_from_name(name: str) -> Any:
 
 
 def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
-  """The encoder trunk named by ``model_config.name``: "resnet" or "vit".
+  """The encoder trunk named by ``model_config.name``: "resnet", "vit" or "vit_dinov2" (its
+  class token, ``ClassToken``).
 
   A ViT's size comes from ``model.variant``: "Ti/16", "S/16", "B/16", "L/16", "H/14",
   "g/14" (the number is the patch size), or for tests and toy models an explicit
@@ -63,6 +64,8 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
       remat=bool(model_config.get("remat", False)),
       scan_blocks=bool(model_config.get("scan_blocks", False)),
     )
+  if model_config.name == "vit_dinov2":
+    return ClassToken(create_dinov2_backbone(model_config))
   if model_config.name != "resnet":
     raise ValueError(f"Unknown model.name {model_config.name!r}; available: {ENCODERS}.")
   kwargs = dict(
@@ -80,11 +83,41 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
   return resnet.create_resnet(model_config.depth, **kwargs)
 
 
+class ClassToken(nn.Module):
+  """A DINOv2 ViT as an encoder of the other methods: its class token after the final norm."""
+
+  backbone: vit_dinov2.DinoV2ViT
+
+  def __call__(self, x, train: bool = True):
+    return self.backbone(x, train=train)["cls"]
+
+
+def create_dinov2_backbone(model_config: ml_collections.ConfigDict) -> vit_dinov2.DinoV2ViT:
+  """DINOv2's ViT (``models.vit_dinov2``) for ``model.variant`` and the DINOv2 keys of the
+  ``model`` section (``img_size``, ``drop_path_rate``, ``layerscale``, ``num_register_tokens``,
+  ``ffn_layer``, ``dtype``, ``remat``, ``scan_blocks``); its outputs are token dicts."""
+  kwargs = dict(
+    img_size=model_config.img_size,
+    drop_path_rate=model_config.drop_path_rate,
+    init_values=model_config.layerscale or None,
+    num_register_tokens=model_config.num_register_tokens,
+    dtype=dtype_from_name(model_config.dtype),
+    remat=bool(model_config.get("remat", False)),
+  )
+  if model_config.get("scan_blocks", False):
+    kwargs["scan_blocks"] = True
+  if model_config.ffn_layer != "default":
+    kwargs["ffn_layer"] = model_config.ffn_layer
+  return vit_dinov2.create_dinov2_vit(model_config.variant, **kwargs)
+
+
 def encoder_feature_dim(config: ml_collections.ConfigDict) -> int:
   """Width of the encoder's output features (the input of the projection head)."""
   encoder = create_encoder(config.model)
   if isinstance(encoder, vit.ViT):
     return vit.feature_dim(encoder)
+  if isinstance(encoder, ClassToken):
+    return encoder.backbone.embed_dim
   return resnet.feature_dim(encoder)
 
 

@@ -9,12 +9,15 @@ the input's patch grid. ``DinoV2ViT.__call__`` returns what the official
 
 Images are NHWC (the official code takes NCHW). Parameter names follow the official
 modules where Flax allows: ``patch_embed``, ``cls_token``, ``register_tokens``,
-``pos_embed``, ``mask_token``, ``blocks_{i}/{norm1,attn,ls1,norm2,mlp,ls2}`` and ``norm``.
+``pos_embed``, ``mask_token``, ``blocks_{i}/{norm1,attn,ls1,norm2,mlp,ls2}`` and ``norm``;
+with ``scan_blocks`` the blocks are ``scan_blocks/block/...``, each parameter stacked over a
+leading axis of size ``depth`` (``stack_blocks`` converts the first layout to it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +37,14 @@ VARIANTS = {
 # "swiglu" and "swiglufused" are the same layer in the official code (SwiGLUFFNFused).
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 DEFAULT_PATCH_SIZE = 14
+# Keys of a "custom:..." variant and the attributes they set; "ffn" is optional ("mlp").
+_CUSTOM_PREFIX = "custom:"
+_CUSTOM_SIZES = {"dim": "embed_dim", "depth": "depth", "heads": "num_heads", "patch": "patch_size"}
+_CUSTOM_FFN = "ffn"
+# The module holding the stacked blocks of ``DinoV2ViT(scan_blocks=True)``: its prefix tells
+# the optimiser (``cljax.optim``) and the FSDP train step (``step.left_to_the_model``) that
+# its parameters carry a leading layer axis.
+SCANNED_BLOCKS = vit.STACKED_PREFIX + "blocks"
 
 # The official init_weights_vit_timm draws Linear weights with trunc_normal_(std=0.02),
 # whose bounds (a=-2, b=2) are absolute, i.e. 100 standard deviations: a plain normal.
@@ -242,6 +253,45 @@ class Block(nn.Module):
     return x + drop_path(ls2(y) if ls2 else y, self.drop_path_rate, rng())
 
 
+class _ScannedBlock(nn.Module):
+  """One ``Block`` as a ``nn.scan`` body: (carry, unused) -> (carry, None).
+
+  As ``vit._ScannedBlock``: under FSDP (inside ``shard_map``) the stacked parameters reach
+  the loop split over the devices along one dimension, and each iteration all-gathers its
+  own layer's parameters just before the block uses them (``vit._whole``): ZeRO-3 per
+  layer, one layer whole at a time (with ``remat`` the backward pass gathers it again
+  instead of keeping it). Whole parameters (data parallelism, evaluation) pass through
+  unchanged. The scan splits the 'dropout' stream per iteration, so each layer draws its
+  own stochastic-depth masks.
+  """
+
+  num_heads: int
+  mlp_ratio: float
+  ffn_layer: str
+  init_values: float | None
+  drop_path_rate: float
+  deterministic: bool
+  dtype: Any
+  remat: bool
+  axis_name: str = "data"
+
+  @nn.compact
+  def __call__(self, x, _):
+    args = (self.num_heads, self.mlp_ratio, self.ffn_layer, self.init_values)
+    # One layer's parameter shapes (evaluation mode: no 'dropout' stream needed to trace).
+    expected = jax.eval_shape(lambda: Block(*args).init(jax.random.key(0), x[:1]))["params"]
+    block = nn.map_variables(
+      Block,
+      "params",
+      trans_in_fn=lambda vs: vit._whole(vs, expected, self.axis_name),
+      init=self.is_initializing(),
+      mutable=self.is_initializing(),
+    )
+    block = nn.remat(block) if self.remat else block
+    block = block(*args, self.drop_path_rate, self.deterministic, dtype=self.dtype, name="block")
+    return block(x), None
+
+
 class DinoV2ViT(nn.Module):
   """DINOv2's ViT trunk: class, register and patch tokens after the final LayerNorm.
 
@@ -265,7 +315,15 @@ class DinoV2ViT(nn.Module):
     interpolate_offset: added to the wanted grid side in the interpolation's scale factor.
     interpolate_antialias: antialiased bicubic interpolation of position embeddings.
     dtype: compute dtype; parameters and outputs stay float32.
-    remat: recompute each block's activations in the backward pass (``nn.remat``).
+    remat: recompute each block's activations in the backward pass (``nn.remat``):
+      activation memory of about one block instead of ``depth``, for about one more
+      forward pass. Parameters are unchanged.
+    scan_blocks: the blocks run as one ``nn.scan`` loop over parameters stacked along a
+      leading axis of size ``depth`` (module ``scan_blocks/block``): XLA compiles one block
+      instead of ``depth``, and under FSDP each layer is gathered only while it is used
+      (``_ScannedBlock``). Another parameter tree: checkpoints of one layout do not restore
+      into the other (``stack_blocks`` converts unscanned parameters). Every block must
+      then have the same drop path rate: ``drop_path_uniform``, a rate of 0 or one block.
   """
 
   embed_dim: int = 384
@@ -283,6 +341,7 @@ class DinoV2ViT(nn.Module):
   interpolate_antialias: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(
@@ -301,22 +360,32 @@ class DinoV2ViT(nn.Module):
 
     Raises:
       ValueError: on image sides not divisible by the patch size, a mask of another
-        shape or dtype, or an unknown ``ffn_layer``.
+        shape or dtype, an unknown ``ffn_layer``, or ``scan_blocks`` with drop path rates
+        that differ between blocks.
     """
-    x = self._prepare_tokens(x, masks)
-    block = nn.remat(Block) if self.remat else Block
     rates = drop_path_rates(self.drop_path_rate, self.depth, self.drop_path_uniform)
-    for i, rate in enumerate(rates):
-      x = block(
-        self.num_heads,
-        self.mlp_ratio,
-        self.ffn_layer,
-        self.init_values,
-        rate,
-        deterministic=not train,
-        dtype=self.dtype,
-        name=f"blocks_{i}",
-      )(x)
+    if self.scan_blocks and len(set(rates)) > 1:
+      raise ValueError(
+        f"scan_blocks runs one block {self.depth} times, so every block needs the same drop "
+        f"path rate; got rates rising from 0 to {self.drop_path_rate} (drop_path_uniform="
+        "False). Set drop_path_uniform=True, drop_path_rate=0 or scan_blocks=False."
+      )
+    x = self._prepare_tokens(x, masks)
+    args = (self.num_heads, self.mlp_ratio, self.ffn_layer, self.init_values)
+    if self.scan_blocks:
+      blocks = nn.scan(
+        _ScannedBlock,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},  # Each layer its own init and masks.
+        length=self.depth,
+      )
+      rate = rates[0] if rates else 0.0  # One rate for all (checked above).
+      blocks = blocks(*args, rate, not train, self.dtype, self.remat, name=SCANNED_BLOCKS)
+      x, _ = blocks(x, None)
+    else:
+      block = nn.remat(Block) if self.remat else Block
+      for i, rate in enumerate(rates):
+        x = block(*args, rate, deterministic=not train, dtype=self.dtype, name=f"blocks_{i}")(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x).astype(jnp.float32)
     r = self.num_register_tokens
     return {"cls": x[:, 0], "registers": x[:, 1 : 1 + r], "patches": x[:, 1 + r :]}
@@ -365,19 +434,28 @@ def parse_variant(variant: str) -> dict[str, Any]:
   """The size attributes of the DINOv2 ViT named ``variant``.
 
   Args:
-    variant: "S", "B", "L" or "g", optionally with a patch size: "S/14" (14 if none).
+    variant: "S", "B", "L" or "g", optionally with a patch size: "S/14" (14 if none); or,
+      for tests and small CPU recipes, "custom:" followed by comma-separated ``key=value``
+      pairs with the positive integers dim, depth, heads (dividing dim) and patch, and
+      optionally ffn (one of ``FFN_LAYERS``, "mlp" if absent), e.g.
+      "custom:dim=64,depth=4,heads=4,patch=4" or "custom:dim=64,...,ffn=swiglufused".
 
   Returns:
     ``{"embed_dim", "depth", "num_heads", "ffn_layer", "patch_size"}``.
 
   Raises:
-    ValueError: on an unknown name or a patch size that is not a positive integer.
+    ValueError: on an unknown name or a patch size that is not a positive integer; for a
+      custom variant, on an unknown, repeated or missing key, a size that is not a
+      positive integer, an unknown ffn, or a dim not divisible by heads.
   """
+  if variant.startswith(_CUSTOM_PREFIX):
+    return _parse_custom_variant(variant)
   name, sep, patch = variant.partition("/")
   if name not in VARIANTS or (sep and not patch.isdigit()) or patch == "0":
     raise ValueError(
       f"Unknown DINOv2 ViT variant {variant!r}; expected NAME or NAME/PATCH with NAME one "
-      f"of {sorted(VARIANTS)} (e.g. 'g/14')."
+      f"of {sorted(VARIANTS)} (e.g. 'g/14'), or "
+      "'custom:dim=..,depth=..,heads=..,patch=..[,ffn=mlp|swiglufused]'."
     )
   embed_dim, depth, num_heads, ffn_layer = VARIANTS[name]
   return dict(
@@ -387,6 +465,84 @@ def parse_variant(variant: str) -> dict[str, Any]:
     ffn_layer=ffn_layer,
     patch_size=int(patch) if sep else DEFAULT_PATCH_SIZE,
   )
+
+
+def _parse_custom_variant(variant: str) -> dict[str, Any]:
+  """``parse_variant`` of a "custom:key=value,..." variant."""
+  keys = sorted(_CUSTOM_SIZES) + [_CUSTOM_FFN]
+  found: dict[str, str] = {}
+  for item in filter(None, variant[len(_CUSTOM_PREFIX) :].split(",")):
+    key, sep, value = (part.strip() for part in item.partition("="))
+    if not sep or key not in keys:
+      raise ValueError(
+        f"Bad item {item!r} in DINOv2 ViT variant {variant!r}; expected key=value with keys "
+        f"{keys} (ffn optional)."
+      )
+    if key in found:
+      raise ValueError(f"DINOv2 ViT variant {variant!r} sets {key!r} twice.")
+    found[key] = value
+  missing = [k for k in sorted(_CUSTOM_SIZES) if k not in found]
+  if missing:
+    raise ValueError(f"DINOv2 ViT variant {variant!r} lacks {missing}.")
+  sizes = {}
+  for key, attribute in _CUSTOM_SIZES.items():
+    value = found[key]
+    # isascii: str.isdigit also accepts digits such as "²", which int() refuses.
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
+      raise ValueError(
+        f"{key} must be a positive integer in DINOv2 ViT variant {variant!r}, got {value!r}."
+      )
+    sizes[attribute] = int(value)
+  ffn_layer = found.get(_CUSTOM_FFN, "mlp")
+  if ffn_layer not in FFN_LAYERS:
+    raise ValueError(
+      f"ffn must be one of {FFN_LAYERS} in DINOv2 ViT variant {variant!r}, got {ffn_layer!r}."
+    )
+  if sizes["embed_dim"] % sizes["num_heads"]:
+    raise ValueError(
+      f"dim={sizes['embed_dim']} is not divisible by heads={sizes['num_heads']} in DINOv2 "
+      f"ViT variant {variant!r}."
+    )
+  return dict(
+    embed_dim=sizes["embed_dim"],
+    depth=sizes["depth"],
+    num_heads=sizes["num_heads"],
+    ffn_layer=ffn_layer,
+    patch_size=sizes["patch_size"],
+  )
+
+
+def stack_blocks(params: Mapping[str, Any], depth: int) -> dict[str, Any]:
+  """Unscanned ``DinoV2ViT`` parameters in the layout of ``scan_blocks=True``.
+
+  ``blocks_0`` ... ``blocks_{depth-1}`` become ``scan_blocks/block``, each leaf stacked
+  along a new leading axis of size ``depth``; the other entries are kept. To load
+  unscanned checkpoints (or official weights converted to this module's names) into a
+  scanned model; any tree laid out as the parameters (gradients, optimiser moments)
+  converts alike.
+
+  Args:
+    params: the ``"params"`` collection of an unscanned ``DinoV2ViT``.
+    depth: the model's number of blocks.
+
+  Returns:
+    A new dict; ``params`` is not modified.
+
+  Raises:
+    ValueError: if ``params`` does not hold exactly the blocks ``blocks_0`` to
+      ``blocks_{depth-1}`` (``depth`` >= 1).
+  """
+  names = [f"blocks_{i}" for i in range(depth)]
+  have = {k for k in params if k.startswith("blocks_")}
+  if depth < 1 or have != set(names):
+    raise ValueError(
+      f"stack_blocks(depth={depth}) needs the blocks blocks_0 to blocks_{depth - 1}, got "
+      f"{sorted(have, key=lambda k: (len(k), k))}."
+    )
+  stacked = {k: v for k, v in params.items() if k not in names}
+  blocks = jax.tree.map(lambda *layers: jnp.stack(layers), *(params[n] for n in names))
+  stacked[SCANNED_BLOCKS] = {"block": blocks}
+  return stacked
 
 
 def create_dinov2_vit(variant: str, **kwargs) -> DinoV2ViT:
