@@ -4,10 +4,11 @@
     python benchmarks/sharded_memory.py --compile  # + activations from CPU compiles (minutes)
 
 For CLIP ViT-B/16, L/14, H/14 and g/14 (open_clip's towers, each at its published batch)
-and DINO's ViT-g/14 recipe, prints a Markdown table: parameters, the train state per device
-under each layout (from each leaf's shape and ``step.state_specs``: exact, any device count,
-nothing allocated), the step's floor (the state, plus the float32 gradients each device
-computes whole before they are summed and, under FSDP, the parameters it gathers whole; a
+and the ViT-g/14 recipes of DINO and DINOv2, prints a Markdown table: parameters, the train
+state per device under each layout (from each leaf's shape and ``step.state_specs``: exact,
+any device count, nothing allocated), the step's floor (the state, plus the float32
+gradients each device computes whole before they are summed and, under FSDP, the parameters
+it gathers whole; a
 scanned tower's only one layer at a time: ``docs/design.md``), and whether the step fits a
 TPU v5e (16 GiB), v4 (32 GiB) and H100 (80 GiB) at the recipe's global batch. With
 ``--compile``, the bytes one more example costs a device, and the step's other
@@ -55,10 +56,11 @@ def _configs():
     # Offline: the built-in tokenizer and template captions build the same (n, 77) tokens.
     c.clip.tokenizer, c.clip.captions, c.clip.eot_id = "builtin", "templates", 2
     yield name, c
-  yield (
-    "DINO ViT-g/14",
-    runpy.run_path(os.path.join(REPO, "configs/dino_vitg14.py"))["get_config"](),
-  )
+  for name, recipe in (
+    ("DINO ViT-g/14", "dino_vitg14.py"),
+    ("DINOv2 ViT-g/14", "dinov2_vitg14.py"),
+  ):
+    yield name, runpy.run_path(os.path.join(REPO, "configs", recipe))["get_config"]()
 
 
 def _activations(config) -> tuple[int, int]:

@@ -139,7 +139,12 @@ def evaluate(r: run.Run, state: Any, *, linear_probe: bool, linear_max_steps: in
     features.split_features(r.config, r.method, state, split, r.mesh) for split in ("train", "eval")
   )
   result = runner.frozen_feature_evals(
-    r.config, train, test, linear_probe=linear_probe, max_steps=linear_max_steps
+    r.config,
+    train,
+    test,
+    linear_probe=linear_probe,
+    max_steps=linear_max_steps,
+    knn_features=r.method.knn_features,
   )
   if not result:
     raise ValueError("time_to_accuracy needs labelled train and eval splits for kNN.")

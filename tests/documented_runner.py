@@ -47,6 +47,8 @@ def shrink(config) -> None:
   c.model.dtype = "float32"
   if c.model.name == "resnet":
     c.model.stage_sizes, c.model.num_filters, c.model.width_multiplier = (1,), 8, 1
+  elif c.model.name == "vit_dinov2":
+    c.model.variant, c.model.img_size = "custom:dim=16,depth=1,heads=2,patch=8", 32
   else:
     c.model.variant = "custom:hidden=16,depth=1,heads=2,mlp=32,patch=8"
   for section in ("head", "predictor"):
@@ -66,6 +68,9 @@ def shrink(config) -> None:
     for key, value in values.items():
       if section in c and key in c[section]:
         c[section][key] = value
+  if "dinov2" in c:
+    for head in (c.dinov2.head, c.dinov2.ibot_head):
+      head.out_dim, head.hidden_dim, head.bottleneck_dim = 64, 32, 16
 
 
 def _parse(program: str, module, argv: list[str], define: dict | None):

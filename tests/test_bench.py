@@ -154,6 +154,8 @@ def test_model_names():
   c.model.variant = "custom:hidden=32,depth=2,heads=2,mlp=64,patch=4"
   assert run.model_name(c.model) == "vit_custom:hidden=32,depth=2,heads=2,mlp=64,patch=4"
   assert run.env_row(c)["model"] == run.model_name(c.model)
+  c.model.name, c.model.variant = "vit_dinov2", "g/14"
+  assert run.model_name(c.model) == "vit_dinov2_g14"
 
 
 def test_unknown_parts_and_modes_are_refused():

@@ -10,7 +10,7 @@ from helpers import tiny_config
 from method_steps import _assert_8_devices_equal_1
 from test_methods_dino import _batch
 
-from cljax import losses, methods, optim
+from cljax import losses, methods, models, optim
 from cljax.evaluate import features as features_lib
 from cljax.evaluate import knn
 from cljax.methods import dinov2
@@ -98,7 +98,8 @@ def test_last_layers_have_learning_rate_zero_during_the_freeze(float64_runs):
   # The rest of the network trained from the first step.
   assert (
     np.abs(
-      states[1].params["backbone"]["cls_token"] - states[0].params["backbone"]["cls_token"]
+      states[1].params["encoder"]["backbone"]["cls_token"]
+      - states[0].params["encoder"]["backbone"]["cls_token"]
     ).max()
     > 0
   )
@@ -175,7 +176,7 @@ def test_running_centres_are_emas_of_the_teachers_class_and_masked_patch_logits(
 def test_separate_ibot_head_trains_and_the_loss_adds_its_terms(centering_run):
   config, states, history = (centering_run[k] for k in ("config", "states", "history"))
   params = states[-1].params
-  assert set(params) == {"backbone", "dino_head", "ibot_head"}
+  assert set(params) == {"encoder", "dino_head", "ibot_head"}
   assert params["ibot_head"]["last_layer"]["kernel"].shape == (16, 24)
   moved = np.abs(
     params["ibot_head"]["mlp_0"]["kernel"] - states[0].params["ibot_head"]["mlp_0"]["kernel"]
@@ -206,7 +207,8 @@ def _official_lr_multiplier(name, decay, depth, patch_embed_mult):
 
 def _official_name(path):
   names = [str(getattr(e, "key", "")) for e in path]
-  # Flax's blocks_3 is PyTorch's blocks.3.
+  # Flax's encoder/backbone/blocks_3 is PyTorch's backbone.blocks.3.
+  names = names[1:] if names[0] == "encoder" else names
   return ".".join(n.replace("blocks_", "blocks.") for n in names)
 
 
@@ -236,7 +238,8 @@ def test_weight_decay_skips_biases_norms_and_layerscale_only():
     # The official: name.endswith(".bias") or "norm" in name or "gamma" in name.
     official = not (name.endswith(".bias") or "norm" in name or "gamma" in name)
     assert decayed == official, name
-  assert mask["backbone"]["cls_token"] and mask["backbone"]["register_tokens"]
+  vit = mask["encoder"]["backbone"]
+  assert vit["cls_token"] and vit["register_tokens"]
   assert mask["dino_head"]["last_layer"]["scale"]  # The official weight_g is decayed too.
 
 
@@ -337,3 +340,22 @@ def test_masked_patch_loss_on_gathered_tokens_equals_the_dense_loss():
   flat = lambda a: a.reshape(n * p, k)[idx]
   gathered = losses.ibot_masked_patch_loss(flat(student), flat(teacher), w, n, 0.1)
   np.testing.assert_allclose(gathered, dense, rtol=1e-6)
+
+
+def test_fine_tuning_finds_the_teachers_vit_as_the_encoder():
+  """The classifier of ``cljax.evaluate`` (SGD probe, fine-tuning) builds the encoder from
+  ``model`` and takes ``params["encoder"]``: the teacher's ViT, its class token."""
+  from cljax.evaluate import classifier
+
+  config = _config()
+  config.model.drop_path_rate = 0.3  # No 'dropout' stream in the classifier: deterministic.
+  method = methods.create_method(config)
+  params = method.init_variables(jax.random.key(0), (SIZE, SIZE, 3))["params"]
+  state = type("S", (), {"params": params, "method_state": {"teacher_params": params}})()
+  model = classifier.Classifier(models.create_encoder(config.model), 3, False)
+  trainable, fixed, stats = classifier._initial_variables(
+    model, method.eval_variables(state), config, frozen=False
+  )
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)), jnp.float32)
+  logits = model.apply({"params": {**trainable, **fixed}, "batch_stats": stats}, x, train=True)
+  assert logits.shape == (2, 3) and np.all(np.isfinite(logits))

@@ -283,15 +283,16 @@ def bench_matmul(size: int = 8192, repeats: int = 20) -> Row:
 
 
 def model_name(model_config: ml_collections.ConfigDict) -> str:
-  """The encoder's short name: "resnet50", "resnet50x2", "resnet18_cifar", "vit_b16".
+  """The encoder's short name: "resnet50", "resnet50x2", "resnet18_cifar", "vit_b16",
+  "vit_dinov2_g14".
 
   A ViT is named by ``model.variant`` ("S/16": "vit_s16"; a "custom:..." variant keeps its
   sizes). A ResNet by its depth, then "x" and the width multiplier when it is not 1 (SimCLR's
   ResNet-50 (2x)), "_cifar" for the CIFAR stem, and a toy model's ``stage_sizes`` and a
   ``num_filters`` other than 64.
   """
-  if model_config.name == "vit":
-    return "vit_" + model_config.variant.replace("/", "").lower()
+  if model_config.name in ("vit", "vit_dinov2"):
+    return model_config.name + "_" + model_config.variant.replace("/", "").lower()
   name = f"resnet{model_config.depth}"
   if model_config.width_multiplier != 1:
     name += f"x{model_config.width_multiplier}"

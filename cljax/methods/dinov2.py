@@ -69,7 +69,8 @@ def _head_config(out_dim: int = 65536) -> ml_collections.ConfigDict:
 
 
 class DINOv2Model(nn.Module):
-  """DINOv2's ViT with its DINO head and (optionally separate) iBOT head.
+  """DINOv2's ViT (under ``encoder``, as the other methods' encoders: fine-tuning and the
+  linear probes find it there) with its DINO head and (optionally separate) iBOT head.
 
   ``apply`` returns ``(features, z)``: the evaluation features (``eval_features``: the
   class token, or the class token and the mean of the patch tokens concatenated, as
@@ -78,13 +79,13 @@ class DINOv2Model(nn.Module):
   ``ibot_head_outputs``.
   """
 
-  backbone: vit_dinov2.DinoV2ViT
+  encoder: models.ClassToken
   dino_head: DINOHead
   ibot_head: DINOHead | None = None
   eval_features: str = "cls_avgpool"
 
   def __call__(self, x: jax.Array, train: bool = False):
-    tokens = self.backbone(x, train=train)
+    tokens = self.encoder.tokens(x, train=train)
     if self.is_initializing() and self.ibot_head is not None:
       self.ibot_head(tokens["patches"][:, 0])
     z, _ = self.dino_head(tokens["cls"])
@@ -93,7 +94,7 @@ class DINOv2Model(nn.Module):
     return jnp.concatenate([tokens["cls"], jnp.mean(tokens["patches"], axis=1)], axis=-1), z
 
   def tokens(self, x: jax.Array, masks: jax.Array | None = None, train: bool = True) -> dict:
-    return self.backbone(x, masks, train=train)
+    return self.encoder.tokens(x, masks, train=train)
 
   def dino_head_outputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.dino_head(x)
@@ -105,16 +106,16 @@ class DINOv2Model(nn.Module):
 def layerwise_multipliers(params: Any, decay: float, patch_embed_mult: float, depth: int) -> Any:
   """DINOv2's learning-rate multiplier of each parameter (``get_params_groups_with_decay``).
 
-  In the backbone, ``decay ** (depth + 1 - layer)`` with layer 0 for the patch embedding,
-  position embeddings, class and mask tokens, ``i + 1`` for block i and ``depth + 1`` for
-  the rest (final norm, register tokens); the patch embedding's is also multiplied by
-  ``patch_embed_mult``. 1 for the heads. Stacked (scanned) blocks get one value per layer,
-  shaped to broadcast over the leaf.
+  In the ViT (``encoder/backbone``, the official ``backbone``): ``decay ** (depth + 1 -
+  layer)``, with layer 0 for the patch embedding, position embeddings, class and mask
+  tokens, ``i + 1`` for block i and ``depth + 1`` for the rest (final norm, register
+  tokens); the patch embedding's is also multiplied by ``patch_embed_mult``. 1 for the
+  heads. Stacked (scanned) blocks get one value per layer, shaped to broadcast over the leaf.
   """
 
   def multiplier(path, p):
     names = [str(getattr(e, "key", "")) for e in path]
-    if names[0] != "backbone":
+    if "backbone" not in names:
       return 1.0
     stacked = next((n for n in names if n.startswith(vit.STACKED_PREFIX)), None)
     block = next((n for n in names if n.startswith("blocks_")), None)
@@ -218,7 +219,7 @@ class DINOv2(Method):
       dtype=dtype,
     )
     return DINOv2Model(
-      backbone=models.create_dinov2_backbone(self.config.model),
+      encoder=models.ClassToken(models.create_dinov2_backbone(self.config.model)),
       dino_head=head(cfg.head),
       ibot_head=head(cfg.ibot_head) if cfg.ibot_separate_head else None,
       eval_features=cfg.eval_features,
@@ -254,7 +255,7 @@ class DINOv2(Method):
   def describe(self) -> str:
     cfg = self.config.dinov2
     heads = "separate" if cfg.ibot_separate_head else "shared"
-    return f"{cfg.centering} centring, {heads} DINO/iBOT heads"
+    return f"; {cfg.centering} centring, {heads} DINO/iBOT heads"
 
   # ---- Schedules and the optimiser.
 
@@ -397,6 +398,11 @@ class DINOv2(Method):
     tau_s = cfg.student_temperature
     dino = losses.dinov2_loss(s_cls.reshape(-1, n, s_cls.shape[-1]), t_cls_probs, tau_s, axis)
     koleo = jnp.zeros((), jnp.float32)
+    if cfg.koleo_loss_weight > 0 and n < 2:
+      raise ValueError(
+        f"KoLeo needs 2 or more images per device to find a neighbour (the official computes "
+        f"it per GPU), got {n}: raise data.global_batch_size or set dinov2.koleo_loss_weight=0."
+      )
     if cfg.koleo_loss_weight > 0:
       # Per global crop (never between the two crops of an image), per device: the official.
       koleo = sum(losses.koleo_loss(c, axis_name=axis) for c in jnp.split(s_global["cls"], 2))

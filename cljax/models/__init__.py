@@ -84,12 +84,19 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
 
 
 class ClassToken(nn.Module):
-  """A DINOv2 ViT as an encoder of the other methods: its class token after the final norm."""
+  """A DINOv2 ViT as an encoder: its class token after the final norm (``tokens``: all).
+
+  Stochastic depth runs where the caller passes a 'dropout' stream (the DINOv2 method);
+  without one (the other methods' steps, fine-tuning) the blocks are deterministic.
+  """
 
   backbone: vit_dinov2.DinoV2ViT
 
   def __call__(self, x, train: bool = True):
-    return self.backbone(x, train=train)["cls"]
+    return self.tokens(x, train=train)["cls"]
+
+  def tokens(self, x, masks=None, train: bool = True) -> dict:
+    return self.backbone(x, masks, train=train and self.has_rng("dropout"))
 
 
 def create_dinov2_backbone(model_config: ml_collections.ConfigDict) -> vit_dinov2.DinoV2ViT:
