@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 10.0
 
   c.data = ml_collections.ConfigDict()
+  # What the data is: "image" | "series" (cljax.modalities): its sources, views, evaluation.
+  c.data.modality = "image"
   # "tfds" | "folder" | "npz" | "idx" | "encoded_npz" | "synthetic" | "embedded" | "prepared"
   c.data.source = "tfds"
   c.data.name = "imagenet2012"

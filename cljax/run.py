@@ -26,17 +26,13 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import errors, methods, optim, sharding, step, validate
+from cljax import errors, methods, modalities, optim, sharding, step, validate
 from cljax.data import sources
 from cljax.data import views as views_lib
 from cljax.state import TrainState
 
-# The batch entries the train step reads; host batches may hold more (an index, a mask).
-BATCH_KEYS = (
-  *("view_a", "view_b", "aug_seed", "label", "local_views", "tokens"),
-  # The decode-only path's images and draws; the step cuts the views (data.decode).
-  *("canvas", "image_hw", "boxes", "flips"),
-)
+# The image batch entries the train step reads (``Modality.batch_keys`` of each modality).
+BATCH_KEYS = modalities.IMAGE.batch_keys
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -128,8 +124,14 @@ class Run:
   iterator: Any
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return (self.views.image_size, self.views.image_size, 3)
+  def input_shape(self) -> tuple[int, ...]:
+    """One network input's shape (``Modality.input_shape``)."""
+    return self.method.modality.input_shape(self.config, self.source)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    """``input_shape`` (the name from before there were other modalities)."""
+    return self.input_shape
 
   @property
   def views_per_step(self) -> int:
@@ -142,7 +144,7 @@ class Run:
       self.method,
       self.init_rng,
       self.learning_rate_fn,
-      self.image_shape,
+      self.input_shape,
       mesh=self.mesh,
       num_classes=self.num_classes if with_probe else 0,
     )
@@ -151,7 +153,7 @@ class Run:
   def global_batch(self, batch: dict) -> dict:
     """The step's entries of ``batch`` as global arrays: a host batch (NumPy, this
     process's rows) is assembled from every process; device-resident batches already are."""
-    batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
+    batch = {k: batch[k] for k in self.method.modality.batch_keys if k in batch}
     if all(isinstance(x, jax.Array) for x in batch.values()):
       return batch
     return sharding.host_to_global(batch, self.mesh)

@@ -19,8 +19,6 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cljax import collapse, models, optim, probe, sharding, xla_options
-from cljax.data import decode
-from cljax.data import views as views_lib
 from cljax.methods import Method, StepOutput
 from cljax.state import TrainState
 
@@ -31,7 +29,7 @@ def create_train_state(
   method: Method,
   rng: jax.Array,
   learning_rate_fn: optax.Schedule,
-  image_shape: tuple[int, int, int],
+  input_shape: tuple[int, ...],
   *,
   mesh: Mesh | None = None,
   num_classes: int = 0,
@@ -43,7 +41,8 @@ def create_train_state(
       has one.
     rng: the initialisation key.
     learning_rate_fn: the optimiser's schedule.
-    image_shape: (H, W, 3) of the global views.
+    input_shape: one network input's shape ((H, W, 3) of the global views for images;
+      ``Modality.input_shape``).
     mesh: the mesh the step runs on: BatchNorm averages over its 'data' axis, except on one
       device (``sharding.bn_axis_name``); None keeps the axis (right on any mesh).
     num_classes: >= 2 with ``evals.online_probe`` adds the online linear probe on the
@@ -54,7 +53,7 @@ def create_train_state(
   """
   config = method.config
   model_rng, probe_rng, method_rng = jax.random.split(rng, 3)
-  variables = method.init_variables(model_rng, image_shape)
+  variables = method.init_variables(model_rng, input_shape)
   tx = method.create_optimizer(learning_rate_fn)
   probe_params = probe_tx = None
   if num_classes >= 2 and config.evals.online_probe:
@@ -250,8 +249,8 @@ def train_step(
   Returns:
     The new state and a dict of global scalar metrics.
   """
-  # Decode-only batches carry images on a canvas and each view's box: cut the views here.
-  batch = decode.views_from_canvas(batch, views_lib.ViewSpec.from_config(method.config.data))
+  # What the host left to the device (decode-only images: the views are cut here).
+  batch = method.modality.prepare_batch(method.config, batch)
   views = method.views(batch, rng, state.step)
 
   whole = gathered(state, method, specs)

@@ -43,6 +43,7 @@ NAMES: dict[str, tuple[str, ...]] = {
   "clip.loss": ("clip", "siglip"),  # cljax.methods.clip.DEFAULT_INIT_LOGIT_SCALE
   "clip.captions": ("templates", "file"),  # cljax.data.captions.CAPTION_SOURCES
   "mesh.state_sharding": ("replicated", "fsdp"),  # cljax.sharding.STATE_SHARDINGS
+  "data.modality": ("image",),  # cljax.modalities.MODALITIES
   "dinov2.centering": ("centering", "sinkhorn_knopp"),  # cljax.methods.dinov2.CENTERINGS
   "dinov2.eval_features": ("cls", "cls_avgpool"),  # cljax.methods.dinov2.EVAL_FEATURES
 }

@@ -7,7 +7,7 @@ import sys
 import pytest
 from helpers import tiny_config
 
-from cljax import methods, models, optim, sharding, validate
+from cljax import methods, modalities, models, optim, sharding, validate
 from cljax.data import captions, sources
 from cljax.methods import base, simclr
 from cljax.methods import clip as clip_method
@@ -40,6 +40,7 @@ def test_names_equal_the_registries_and_branches_of_the_dispatching_code():
     "clip.loss": clip_method.DEFAULT_INIT_LOGIT_SCALE,
     "clip.captions": captions.CAPTION_SOURCES,
     "mesh.state_sharding": sharding.STATE_SHARDINGS,
+    "data.modality": modalities.MODALITIES,
     "dinov2.centering": dinov2_method.CENTERINGS,
     "dinov2.eval_features": dinov2_method.EVAL_FEATURES,
   }

@@ -39,10 +39,10 @@ CHIPS = {"tpu_v5e": 16 * GiB, "tpu_v4": 32 * GiB, "h100": 80 * GiB}
 
 def abstract_state(method: methods.Method, mesh: Mesh) -> Any:
   """The initial TrainState as ``jax.ShapeDtypeStruct``s laid out on ``mesh`` (no probe)."""
-  size = method.config.data.image_size
+  shape = method.modality.input_shape(method.config)
   lr_fn = optax.constant_schedule(0.0)  # Any schedule gives the optimiser state its shapes.
   shapes = jax.eval_shape(
-    lambda key: step.create_train_state(method, key, lr_fn, (size, size, 3), mesh=mesh),
+    lambda key: step.create_train_state(method, key, lr_fn, shape, mesh=mesh),
     jax.random.key(0),
   )
   specs = step.state_specs(shapes, method, mesh.devices.size)
@@ -62,10 +62,10 @@ def state_table(config: ml_collections.ConfigDict, num_devices: int) -> dict[str
     per device is what each device holds under ``mesh.state_sharding``.
   """
   method = methods.create_method(config, max(config.train.num_steps, 1), 1)
-  size = config.data.image_size
+  shape = method.modality.input_shape(config)
   lr_fn = optax.constant_schedule(0.0)
   shapes = jax.eval_shape(
-    lambda key: step.create_train_state(method, key, lr_fn, (size, size, 3)), jax.random.key(0)
+    lambda key: step.create_train_state(method, key, lr_fn, shape), jax.random.key(0)
   )
   specs = step.state_specs(shapes, method, num_devices)
   nbytes = lambda x: math.prod(x.shape) * np.dtype(x.dtype).itemsize

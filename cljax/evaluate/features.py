@@ -22,8 +22,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import sharding, xla_options
-from cljax.data import augment, pipeline, sources
+from cljax import modalities, sharding, xla_options
+from cljax.data import augment, sources
 
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, **kwargs):
@@ -38,9 +38,10 @@ def progress(iterable: Iterable | None = None, *, desc: str, total: int | None =
   )
 
 
-def encoder_features(apply_fn: Callable) -> Callable:
-  """``(variables, uint8 images) -> encoder features`` (the model's output before the head)."""
-  return lambda v, images: apply_fn(v, augment.network_inputs(images), train=False)[0]
+def encoder_features(apply_fn: Callable, prepare: Callable = augment.network_inputs) -> Callable:
+  """``(variables, inputs) -> encoder features`` (the model's output before the head);
+  ``prepare`` makes network inputs of a batch's (default: uint8 images, normalised)."""
+  return lambda v, x: apply_fn(v, prepare(x), train=False)[0]
 
 
 def embeddings(apply_fn: Callable) -> Callable:
@@ -50,16 +51,11 @@ def embeddings(apply_fn: Callable) -> Callable:
 
 def eval_batches(
   config: ml_collections.ConfigDict, split: str, *, source: Any = None, num_workers: int = 0
-) -> pipeline.BatchIterator:
-  """This process's centre-crop batches of ``split`` (or of ``source``), once, in order."""
-  return pipeline.create_eval_iterator(
-    sources.create_source(config.data, split) if source is None else source,
-    batch_size=config.evals.batch_size,
-    image_size=config.data.image_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_workers=num_workers,
-  )
+) -> Any:
+  """This process's batches of ``split`` (or of ``source``), once, in order: the modality's
+  (``Modality.eval_iterator``; images: centre crops)."""
+  source = sources.create_source(config.data, split) if source is None else source
+  return modalities.get(config).eval_iterator(config, source, num_workers=num_workers)
 
 
 def num_batches(config: ml_collections.ConfigDict, source: Any) -> int:
@@ -75,12 +71,14 @@ def extract(
   *,
   desc: str = "features",
   total: int | None = None,
+  input_key: str = "image",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """``fn(variables, uint8 images)`` of every real (unpadded) example in ``batches``.
+  """``fn(variables, inputs)`` of every real (unpadded) example in ``batches``.
 
-  Each element of ``batches`` is this process's ``{"image", "label", "mask", "index"}``
-  (``eval_batches``); ``fn`` runs jitted on batches sharded over ``mesh``, and the result
-  holds the examples of all processes, in process order.
+  Each element of ``batches`` is this process's ``{input_key, "label", "mask", "index"}``
+  (``eval_batches``; ``input_key``: the modality's, "image" for images); ``fn`` runs
+  jitted on batches sharded over ``mesh``, and the result holds the examples of all
+  processes, in process order.
 
   Returns:
     ``(outputs, labels, indices)``: float32 (n, ...) outputs, the labels and the source
@@ -95,9 +93,9 @@ def extract(
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
   outputs, labels, indices = [], [], []
   for batch in progress(batches, desc=desc, total=total, unit="batch"):
-    images = sharding.host_to_global({"image": batch["image"]}, mesh)["image"]
+    inputs = sharding.host_to_global({"x": batch[input_key]}, mesh)["x"]
     keep = gather(np.asarray(batch["mask"], bool))
-    outputs.append(gather(jitted(variables, images))[keep])
+    outputs.append(gather(jitted(variables, inputs))[keep])
     labels.append(gather(np.asarray(batch["label"]))[keep])
     indices.append(gather(np.asarray(batch["index"]))[keep])
   return np.concatenate(outputs), np.concatenate(labels), np.concatenate(indices)
@@ -131,14 +129,15 @@ def split_features(
   variables = method.eval_variables(state)
   t0 = time.perf_counter()
   x, y, _ = extract(
-    encoder_features(state.apply_fn),
+    encoder_features(state.apply_fn, method.modality.network_inputs),
     variables,
     batches,
     mesh,
     desc=f"{split} features",
     total=num_batches(config, source),
+    input_key=method.modality.input_key,
   )
-  logging.info("Encoded %d %s images in %.1fs.", len(y), split, time.perf_counter() - t0)
+  logging.info("Encoded %d %s examples in %.1fs.", len(y), split, time.perf_counter() - t0)
   if cache_path and jax.process_index() == 0:
     save_features(cache_path, x, y, step=int(state.step), network=method.eval_network)
   return x, y

@@ -29,8 +29,19 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cljax import checkpoint, collapse, errors, methods, metrics, run, sharding, step, xla_options
-from cljax.data import augment, pipeline, sources
+from cljax import (
+  checkpoint,
+  collapse,
+  errors,
+  methods,
+  metrics,
+  modalities,
+  run,
+  sharding,
+  step,
+  xla_options,
+)
+from cljax.data import sources
 from cljax.data import views as views_lib
 from cljax.evaluate import classifier, features, knn, linear, plots
 
@@ -43,10 +54,12 @@ def abstract_state(method: methods.Method, mesh: Mesh, num_classes: int = 0) -> 
 
   ``num_classes >= 2`` includes the online probe (as training does for labelled data).
   """
-  size = method.config.data.image_size
   # Any callable schedule gives the optimiser state the saved structure; its values are unused.
   create = functools.partial(
-    step.create_train_state, method, learning_rate_fn=lambda _: 0.0, image_shape=(size, size, 3)
+    step.create_train_state,
+    method,
+    learning_rate_fn=lambda _: 0.0,
+    input_shape=method.modality.input_shape(method.config),
   )
   shapes = jax.eval_shape(
     lambda key: create(key, mesh=mesh, num_classes=num_classes), jax.random.key(0)
@@ -133,30 +146,30 @@ def two_view_embeddings(
   config = method.config
   devices = mesh.devices.size
   batch = min(num_examples, len(source)) // devices * devices
-  aug = config.data.augment
-  it = pipeline.create_pretrain_iterator(
-    source,
-    views_lib.ViewSpec.from_config(config.data).replace(num_local_crops=0),
-    seed=seed,
-    global_batch_size=batch,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  # The method's own training views (its modality's), as a step draws them, without local
+  # crops, at this batch size.
+  config = config.copy_and_resolve_references()
+  config.data.global_batch_size, config.data.num_workers = batch, 0
+  spec = views_lib.ViewSpec.from_config(config.data).replace(num_local_crops=0)
+  it = method.modality.train_iterator(config, source, mesh, spec, device_resident=False)
   host = next(it)
-  views = sharding.host_to_global({k: host[k] for k in ("view_a", "view_b")}, mesh)
+  keys = [k for k in method.modality.batch_keys if k in host and k not in ("local_views",)]
+  batch_arrays = sharding.host_to_global({k: host[k] for k in keys}, mesh)
+  modality = method.modality
 
   @functools.partial(jax.jit, compiler_options=xla_options.for_mesh(mesh))
-  def embed(variables, view, key):
-    return state.apply_fn(variables, augment.network_inputs(view, aug, key), train=False)
+  def embed(variables, arrays, key):
+    arrays = modality.prepare_batch(config, arrays)
+    x = modality.views(config, arrays, key, jnp.zeros((), jnp.int32))["global"]
+    return state.apply_fn(variables, x, train=False)
 
   variables = method.eval_variables(state)
-  rng = jax.random.key(seed)
-  out = {}
-  for i, name in enumerate(("a", "b")):
-    f, z = embed(variables, views[f"view_{name}"], jax.random.fold_in(rng, i))
-    # Gathered so that every process holds all rows (multi-host arrays are not addressable).
-    f, z = multihost_utils.process_allgather((f, z), tiled=True)
-    out[f"features_{name}"], out[f"z_{name}"] = np.asarray(f, np.float32), np.asarray(z)
+  f, z = embed(variables, batch_arrays, jax.random.key(seed))
+  # Gathered so that every process holds all rows (multi-host arrays are not addressable).
+  f, z = multihost_utils.process_allgather((f, z), tiled=True)
+  f, z = np.asarray(f, np.float32), np.asarray(z)
+  n = len(f) // 2
+  out = {"features_a": f[:n], "features_b": f[n:], "z_a": z[:n], "z_b": z[n:]}
   return out
 
 
@@ -453,23 +466,30 @@ def evaluate_checkpoint(
 def pixel_features(
   config: ml_collections.ConfigDict, mesh: Mesh
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Raw pixels of the train and eval splits' centre crops: the no-learning baseline.
+  """Raw inputs of the train and eval splits (images: centre crops): the no-learning baseline.
 
-  Flattened, in [0, 1]. Where every image of both splits is grey (R = G = B, as Fashion-MNIST
-  is stored), one channel is kept: the kNN's cosine similarities are exactly those of the
-  three copies, and a linear probe on three copies is one on a single copy with a third of
-  its L2 penalty (the grid's choice absorbs that), at a third of the cost.
+  Flattened, as the modality gives them (``Modality.raw_features``; pixels in [0, 1]). Where
+  every image of both splits is grey (R = G = B, as Fashion-MNIST is stored), one channel
+  is kept: the kNN's cosine similarities are exactly those of the three copies, and a
+  linear probe on three copies is one on a single copy with a third of its L2 penalty (the
+  grid's choice absorbs that), at a third of the cost.
 
   Returns:
     ``{"train": (x, y), "eval": (x, y)}``.
   """
-  out, grey = {}, True
+  modality = modalities.get(config)
+  raw = lambda variables, x: modality.raw_features(x)
+  out = {}
   for split in ("train", "eval"):
     batches = features.eval_batches(config, split)
-    x, y, _ = features.extract(features.pixels, None, batches, mesh, desc=f"{split} pixels")
-    x = x.reshape(len(x), -1, 3)
-    grey = grey and bool(np.all(x[..., :1] == x[..., 1:]))
+    x, y, _ = features.extract(
+      raw, None, batches, mesh, desc=f"{split} raw inputs", input_key=modality.input_key
+    )
     out[split] = (x, y)
+  if modality.name != "image":
+    return out
+  out = {k: (x.reshape(len(x), -1, 3), y) for k, (x, y) in out.items()}
+  grey = all(bool(np.all(x[..., :1] == x[..., 1:])) for x, _ in out.values())
   return {k: (x[..., 0] if grey else x.reshape(len(x), -1), y) for k, (x, y) in out.items()}
 
 

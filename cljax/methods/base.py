@@ -37,9 +37,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec
 
-from cljax import models, optim, sharding
-from cljax.data import augment, decode
-from cljax.data import device as device_data
+from cljax import modalities, models, optim, sharding
 from cljax.data import views as views_lib
 from cljax.losses import schedules
 
@@ -215,6 +213,8 @@ class Method:
     self.steps_per_epoch = steps_per_epoch
     self.axis_name = sharding.DATA_AXIS
     self.bn_views = self._bn_views(config.model.get("bn_views", "default"))
+    # What the data is (images, series): its iterators, views and evaluation inputs.
+    self.modality = modalities.get(config)
 
   def _bn_views(self, choice: str) -> str:
     if choice == "default":
@@ -230,12 +230,13 @@ class Method:
     """The online network; ``apply`` returns ``(features, embeddings)``."""
     return models.create_model(self.config, bn_axis_name)
 
-  def init_variables(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict:
-    """The online network's initial ``{"params", "batch_stats"}``."""
+  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
+    """The online network's initial ``{"params", "batch_stats"}`` for inputs of
+    ``input_shape`` (one example: (H, W, 3) images, (T, C) series)."""
     model = self.create_model()
     kwargs = {"predict": True} if self.config.predictor.num_layers > 0 else {}
     init = jax.jit(functools.partial(model.init, train=False, **kwargs))
-    variables = init(rng, jnp.zeros((2, *image_shape), jnp.float32))
+    variables = init(rng, jnp.zeros((2, *input_shape), jnp.float32))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
   def create_optimizer(self, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
@@ -278,32 +279,14 @@ class Method:
     device_resident: bool,
     read_threads: int | None = None,
   ) -> Any:
-    """The training batches: two views (+ local crops) from grain, or device-resident.
-
-    With ``device_resident`` (``data.device_resident`` in a run) the whole uint8 data set is
-    copied to every device once and crops and flips happen there too
-    (``cljax.data.device``); its batches are already global device arrays. Otherwise each
-    process reads its share on the host: decoded and cropped there, or with
-    ``data.crop_on_device`` only decoded there and cropped inside the step
-    (``cljax.data.decode``). ``read_threads``: the host pipeline's threads building batches
-    (default 2; the benchmark's one-core row reads with 1).
-    """
-    config = self.config
-    if device_resident:
-      return device_data.create_device_iterator(
-        source, mesh, views, seed=config.train.seed, global_batch_size=config.data.global_batch_size
-      )
-    return decode.create_host_iterator(
+    """The training batches: the modality's (``Modality.train_iterator``; images: two views
+    and local crops from grain, or device-resident). CLIP adds captions."""
+    return self.modality.train_iterator(
+      self.config,
       source,
+      mesh,
       views,
-      crop_on_device=config.data.crop_on_device,
-      canvas=config.data.canvas_size,
-      jpeg_fast_dct=config.data.jpeg_fast_dct,
-      seed=config.train.seed,
-      global_batch_size=config.data.global_batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      num_workers=config.data.num_workers,
+      device_resident=device_resident,
       read_threads=read_threads,
     )
 
@@ -314,35 +297,11 @@ class Method:
   # ---- One step.
 
   def views(self, batch: dict, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
-    """The augmented, normalised float views of this device's batch.
-
-    Returns ``{"global": (2n, h, w, 3)}`` ordered ``[view_a; view_b]``, and
-    with multi-crop also ``{"local": (L * n, s, s, 3)}`` ordered crop by crop.
-    Each example's photometric keys come from its ``aug_seed`` (drawn by the
-    pipeline from the record's place in the shuffled stream), so
-    augmentations do not depend on how the batch is split over devices.
-    """
-    aug = self.config.data.augment
-
-    def augmented(images, v, **probs):
-      view_rng = jax.random.fold_in(rng, v)
-      return augment.network_inputs(images, aug, view_rng, step, batch["aug_seed"], **probs)
-
-    second = {
-      "blur_prob": aug.blur_prob_b if aug.blur_prob_b >= 0 else None,
-      "solarize_prob": aug.solarize_prob_b if aug.solarize_prob_b >= 0 else None,
-    }
-    views = {
-      "global": jnp.concatenate(
-        [augmented(batch["view_a"], 0), augmented(batch["view_b"], 1, **second)]
-      )
-    }
-    if "local_views" in batch:
-      local = batch["local_views"]  # (n, L, s, s, 3)
-      probs = {"blur_prob": aug.blur_prob_local} if aug.blur_prob_local >= 0 else {}
-      crops = [augmented(local[:, j], 2 + j, **probs) for j in range(local.shape[1])]
-      views["local"] = jnp.concatenate(crops)
-    return views
+    """The augmented network inputs of this device's batch: the modality's
+    (``Modality.views``; images: ``{"global": (2n, h, w, 3)}`` ordered ``[view_a; view_b]``
+    and with multi-crop ``{"local": (L * n, s, s, 3)}``, each example's photometric keys
+    from its ``aug_seed``, so augmentations do not depend on how the batch is split)."""
+    return self.modality.views(self.config, batch, rng, step)
 
   def forward(self, apply_fn, params, batch_stats, x, num_views: int = 1, **kwargs) -> tuple:
     """:func:`forward` with the config's ``train.grad_chunks`` and ``model.bn_views``.

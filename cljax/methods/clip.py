@@ -217,11 +217,11 @@ class CLIP(Method):
   def create_model(self, bn_axis_name: str | None = None):
     return create_model(self.config, bn_axis_name)
 
-  def init_variables(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict:
+  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
     model = self.create_model()
     init = jax.jit(functools.partial(model.init, train=False, method="init_all"))
     tokens = jnp.zeros((2, self.config.clip.context_length), jnp.int32)
-    variables = init(rng, jnp.zeros((2, *image_shape), jnp.float32), tokens)
+    variables = init(rng, jnp.zeros((2, *input_shape), jnp.float32), tokens)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
   def project_params(self, params: Any) -> Any:

@@ -225,10 +225,10 @@ class DINOv2(Method):
       eval_features=cfg.eval_features,
     )
 
-  def init_variables(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict:
+  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
     model = self.create_model()
     init = jax.jit(functools.partial(model.init, train=False))
-    variables = init(rng, jnp.zeros((2, *image_shape), jnp.float32))
+    variables = init(rng, jnp.zeros((2, *input_shape), jnp.float32))
     return {"params": variables["params"], "batch_stats": {}}
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -11,7 +13,6 @@ import ml_collections
 
 from cljax.models import heads, resnet, vit, vit_dinov2
 
-ENCODERS = ("resnet", "vit", "vit_dinov2")  # The values of model.name.
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -44,30 +45,31 @@ def dtype_from_name(name: str) -> Any:
   return _DTYPES[name]
 
 
-def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
-  """The encoder trunk named by ``model_config.name``: "resnet", "vit" or "vit_dinov2" (its
-  class token, ``ClassToken``).
+def _vit(model_config: ml_collections.ConfigDict, bn_axis_name: str | None) -> nn.Module:
+  """A ViT from ``model.variant``: "Ti/16", "S/16", "B/16", "L/16", "H/14", "g/14" (the number
+  is the patch size), or for tests and toy models "custom:hidden=32,depth=2,heads=2,mlp=64,
+  patch=4" (``vit.parse_variant``); also ``model.posemb``, ``freeze_patch_embed``, ``dtype``,
+  ``remat``, ``scan_blocks``. No BatchNorm: ``bn_axis_name`` does not apply."""
+  del bn_axis_name
+  return vit.create_vit(
+    model_config.variant,
+    posemb=model_config.get("posemb", "sincos2d"),
+    freeze_patch_embed=bool(model_config.get("freeze_patch_embed", False)),
+    dtype=dtype_from_name(model_config.dtype),
+    remat=bool(model_config.get("remat", False)),
+    scan_blocks=bool(model_config.get("scan_blocks", False)),
+  )
 
-  A ViT's size comes from ``model.variant``: "Ti/16", "S/16", "B/16", "L/16", "H/14",
-  "g/14" (the number is the patch size), or for tests and toy models an explicit
-  "custom:hidden=32,depth=2,heads=2,mlp=64,patch=4" (see ``vit.parse_variant``).
-  It also reads ``model.posemb``, ``model.freeze_patch_embed``, ``model.dtype``,
-  ``model.remat`` and ``model.scan_blocks``;
-  it has no BatchNorm, so ``bn_axis_name`` does not apply to it.
-  """
-  if model_config.name == "vit":
-    return vit.create_vit(
-      model_config.variant,
-      posemb=model_config.get("posemb", "sincos2d"),
-      freeze_patch_embed=bool(model_config.get("freeze_patch_embed", False)),
-      dtype=dtype_from_name(model_config.dtype),
-      remat=bool(model_config.get("remat", False)),
-      scan_blocks=bool(model_config.get("scan_blocks", False)),
-    )
-  if model_config.name == "vit_dinov2":
-    return ClassToken(create_dinov2_backbone(model_config))
-  if model_config.name != "resnet":
-    raise ValueError(f"Unknown model.name {model_config.name!r}; available: {ENCODERS}.")
+
+def _vit_dinov2(model_config: ml_collections.ConfigDict, bn_axis_name: str | None) -> nn.Module:
+  """DINOv2's ViT (``create_dinov2_backbone``), its class token as the features."""
+  del bn_axis_name
+  return ClassToken(create_dinov2_backbone(model_config))
+
+
+def _resnet(model_config: ml_collections.ConfigDict, bn_axis_name: str | None) -> nn.Module:
+  """A ResNet of ``model.depth`` (or toy ``stage_sizes``), ``width_multiplier``, ``stem``,
+  with BatchNorm averaged over ``bn_axis_name``."""
   kwargs = dict(
     width_multiplier=model_config.width_multiplier,
     num_filters=model_config.num_filters,
@@ -81,6 +83,49 @@ def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | 
     block = resnet.BottleneckBlock if model_config.depth >= 50 else resnet.BasicBlock
     return resnet.ResNet(stage_sizes=tuple(model_config.stage_sizes), block_cls=block, **kwargs)
   return resnet.create_resnet(model_config.depth, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """A registry entry: how to build the encoder named by ``model.name`` from the ``model``
+  section, and the width of its features (the online probe's input)."""
+
+  build: Callable[[ml_collections.ConfigDict, str | None], nn.Module]
+  feature_dim: Callable[[nn.Module], int]
+
+
+# model.name -> its encoder. A modality's encoder joins with one line (``register_encoder``).
+ENCODERS: dict[str, Encoder] = {}
+
+
+def register_encoder(name: str, build, feature_dim) -> None:
+  """Adds an encoder under ``name`` (a value of ``model.name``).
+
+  Args:
+    name: the ``model.name`` that selects it.
+    build: ``(model_config, bn_axis_name) -> flax module`` whose ``__call__(x, train)``
+      returns (n, feature_dim) features.
+    feature_dim: ``module -> int``, the width of those features.
+
+  Raises:
+    ValueError: another encoder is registered under ``name``.
+  """
+  if name in ENCODERS and ENCODERS[name].build is not build:
+    raise ValueError(f"an encoder is already registered as model.name={name!r}.")
+  ENCODERS[name] = Encoder(build, feature_dim)
+
+
+register_encoder("resnet", _resnet, resnet.feature_dim)
+register_encoder("vit", _vit, vit.feature_dim)
+register_encoder("vit_dinov2", _vit_dinov2, lambda m: m.backbone.embed_dim)
+
+
+def create_encoder(model_config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
+  """The encoder trunk named by ``model_config.name`` (``ENCODERS``: "resnet", "vit",
+  "vit_dinov2", ...), BatchNorm, where it has some, averaged over ``bn_axis_name``."""
+  if model_config.name not in ENCODERS:
+    raise ValueError(f"Unknown model.name {model_config.name!r}; available: {sorted(ENCODERS)}.")
+  return ENCODERS[model_config.name].build(model_config, bn_axis_name)
 
 
 class ClassToken(nn.Module):
@@ -121,11 +166,7 @@ def create_dinov2_backbone(model_config: ml_collections.ConfigDict) -> vit_dinov
 def encoder_feature_dim(config: ml_collections.ConfigDict) -> int:
   """Width of the encoder's output features (the input of the projection head)."""
   encoder = create_encoder(config.model)
-  if isinstance(encoder, vit.ViT):
-    return vit.feature_dim(encoder)
-  if isinstance(encoder, ClassToken):
-    return encoder.backbone.embed_dim
-  return resnet.feature_dim(encoder)
+  return ENCODERS[config.model.name].feature_dim(encoder)
 
 
 def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
