@@ -61,6 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.layerscale = 1e-5
   c.model.num_register_tokens = 0
   c.model.ffn_layer = "default"
+  # TS2Vec's series encoder (model.name = "ts2vec", cljax.models.ts2vec): the official sizes.
+  c.model.tsencoder = ml_collections.ConfigDict()
+  c.model.tsencoder.hidden_dims = 64
+  c.model.tsencoder.output_dims = 320
+  c.model.tsencoder.depth = 10  # Hidden blocks; one more block maps to output_dims.
+  c.model.tsencoder.mask_mode = "binomial"  # Timestamp masking in training.
+  c.model.tsencoder.dropout = 0.1
 
   c.head = ml_collections.ConfigDict()
   c.head.num_layers = 2  # SimCLR v1: 2, v2: 3.
@@ -118,6 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999  # AdamW's second-moment decay (CLIP: 0.98).
   c.optim.eps = 1e-8  # AdamW's epsilon (CLIP: 1e-6).
   c.optim.warmup_epochs = 10.0
+  c.optim.lr_schedule = "warmup_cosine"  # | "constant" (the peak throughout: TS2Vec)
 
   c.data = ml_collections.ConfigDict()
   # What the data is: "image" | "series" (cljax.modalities): its sources, views, evaluation.

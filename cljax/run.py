@@ -31,6 +31,8 @@ from cljax.data import sources
 from cljax.data import views as views_lib
 from cljax.state import TrainState
 
+# The values of optim.lr_schedule (create_learning_rate_fn).
+LR_SCHEDULES = ("warmup_cosine", "constant")
 # The image batch entries the train step reads (``Modality.batch_keys`` of each modality).
 BATCH_KEYS = modalities.IMAGE.batch_keys
 
@@ -77,10 +79,13 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[i
 def create_learning_rate_fn(
   config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
 ) -> tuple[float, optax.Schedule]:
-  """``(peak_lr, schedule)``: the scaled peak, linear warm-up, then cosine to the end."""
+  """``(peak_lr, schedule)``: the scaled peak, linear warm-up, then cosine to the end
+  (``optim.lr_schedule = "warmup_cosine"``), or the peak throughout ("constant": TS2Vec)."""
   peak_lr = optim.scaled_learning_rate(
     config.optim.base_lr, config.data.global_batch_size, config.optim.lr_scaling
   )
+  if config.optim.get("lr_schedule", "warmup_cosine") == "constant":
+    return peak_lr, optax.constant_schedule(peak_lr)
   warmup_steps = int(round(config.optim.warmup_epochs * max(steps_per_epoch, 1)))
   return peak_lr, optim.create_learning_rate_fn(peak_lr, warmup_steps, num_steps)
 
@@ -174,7 +179,7 @@ class Run:
     c = self.config
     return (
       f"cljax {c.method}: {jax.process_count()} process(es), {jax.device_count()} device(s) "
-      f"({jax.devices()[0].platform}); global batch {c.data.global_batch_size} images"
+      f"({jax.devices()[0].platform}); global batch {c.data.global_batch_size} examples"
       f"{self.method.describe()}; {len(self.source)} examples, {self.steps_per_epoch} steps "
       f"per epoch, {self.num_steps} steps; peak LR {self.peak_lr:.4g}."
     )

@@ -184,6 +184,12 @@ def global_norm(tree: Any, axis: str | None = DATA_AXIS) -> jax.Array:
   return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
 
 
+def device_index(axis: str = DATA_AXIS) -> jax.Array | int:
+  """This device's position on ``axis`` inside ``shard_map`` over it (0 outside: one device
+  holding the global batch)."""
+  return jax.lax.axis_index(axis) if _in_shard_map(axis) else 0
+
+
 def _in_shard_map(axis: str) -> bool:
   """Whether ``axis`` is a mapped axis here (inside ``shard_map`` over it)."""
   try:

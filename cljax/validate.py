@@ -18,10 +18,10 @@ from typing import Any
 NAMES: dict[str, tuple[str, ...]] = {
   "method": (
     *("simclr", "moco_v2", "moco_v3", "byol", "simsiam", "dino", "dinov2", "swav"),
-    "barlow_twins",
+    *("barlow_twins", "ts2vec"),
     *("supcon", "clip", "supervised"),
   ),  # cljax.methods.METHODS
-  "model.name": ("resnet", "vit", "vit_dinov2"),  # cljax.models.ENCODERS
+  "model.name": ("resnet", "vit", "vit_dinov2", "ts2vec"),  # cljax.models.ENCODERS
   "model.stem": ("imagenet", "cifar"),  # cljax.models.resnet.STEMS
   "model.dtype": ("float32", "bfloat16", "float16"),  # cljax.models._DTYPES
   "model.posemb": ("sincos2d", "learn"),  # cljax.models.vit.POSEMBS
@@ -35,15 +35,20 @@ NAMES: dict[str, tuple[str, ...]] = {
   "optim.name": ("lars", "sgd", "adamw"),  # cljax.optim.OPTIMIZERS
   "optim.lr_scaling": ("linear", "sqrt", "sqrt_wrt_1024", "none"),  # cljax.optim.LR_SCALINGS
   "optim.decay_mask": ("kernels", "matrices", "all", "dinov2"),  # cljax.optim.DECAY_MASKS
-  "optim.lars_order": ("lr_then_momentum", "momentum_then_lr"),  # cljax.optim.LARS_ORDERS
+  "optim.lars_order": ("lr_then_momentum", "momentum_then_lr"),
+  "optim.lr_schedule": (
+    "warmup_cosine",
+    "constant",
+  ),  # cljax.run.LR_SCHEDULES  # cljax.optim.LARS_ORDERS
   "data.source": (
     *("tfds", "folder", "npz", "encoded_npz", "idx", "synthetic", "embedded", "prepared"),
+    "timeseries",
   ),  # cljax.data.sources._FACTORIES
   "ema.schedule": ("cosine", "constant"),  # cljax.methods.base.EMA_SCHEDULES
   "clip.loss": ("clip", "siglip"),  # cljax.methods.clip.DEFAULT_INIT_LOGIT_SCALE
   "clip.captions": ("templates", "file"),  # cljax.data.captions.CAPTION_SOURCES
   "mesh.state_sharding": ("replicated", "fsdp"),  # cljax.sharding.STATE_SHARDINGS
-  "data.modality": ("image",),  # cljax.modalities.MODALITIES
+  "data.modality": ("image", "series"),  # cljax.modalities.MODALITIES
   "dinov2.centering": ("centering", "sinkhorn_knopp"),  # cljax.methods.dinov2.CENTERINGS
   "dinov2.eval_features": ("cls", "cls_avgpool"),  # cljax.methods.dinov2.EVAL_FEATURES
 }

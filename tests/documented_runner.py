@@ -39,6 +39,11 @@ def shrink(config) -> None:
   c = config
   c.train.num_steps, c.train.log_every_steps = 2, 1
   c.train.checkpoint_every_steps = 1000
+  if c.data.get("modality", "image") == "series":
+    # A bundled time-series set (small: GunPoint's 50 series) and a two-block encoder.
+    c.data.global_batch_size, c.evals.knn_at_end, c.evals.batch_size = 16, False, 32
+    c.model.tsencoder.depth, c.model.tsencoder.hidden_dims, c.model.tsencoder.output_dims = 1, 8, 16
+    return
   c.data.source, c.data.num_examples, c.data.num_classes = "synthetic", 64, 10
   c.data.num_workers, c.data.global_batch_size = 0, 16
   c.data.image_size, c.data.canvas_size = 32, 64

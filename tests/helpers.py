@@ -86,9 +86,9 @@ def initial_state(config, lr_fn, *, image_size=None, rng=0, num_steps=0, steps_p
 
   from cljax import methods, step
 
-  size = image_size or config.data.image_size
   method = methods.create_method(config, num_steps, steps_per_epoch)
-  return step.create_train_state(method, jax.random.key(rng), lr_fn, (size, size, 3))
+  shape = (image_size, image_size, 3) if image_size else method.modality.input_shape(config)
+  return step.create_train_state(method, jax.random.key(rng), lr_fn, shape)
 
 
 VIEW_FIELDS = (

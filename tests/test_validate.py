@@ -8,6 +8,7 @@ import pytest
 from helpers import tiny_config
 
 from cljax import methods, modalities, models, optim, sharding, validate
+from cljax import run as run_lib
 from cljax.data import captions, sources
 from cljax.methods import base, simclr
 from cljax.methods import clip as clip_method
@@ -41,6 +42,7 @@ def test_names_equal_the_registries_and_branches_of_the_dispatching_code():
     "clip.captions": captions.CAPTION_SOURCES,
     "mesh.state_sharding": sharding.STATE_SHARDINGS,
     "data.modality": modalities.MODALITIES,
+    "optim.lr_schedule": run_lib.LR_SCHEDULES,
     "dinov2.centering": dinov2_method.CENTERINGS,
     "dinov2.eval_features": dinov2_method.EVAL_FEATURES,
   }
@@ -64,11 +66,11 @@ def _set(config, key, value):
   [
     ("method", "simclrr", r"^method='simclrr': must be one of simclr, moco_v2, .*, supervised "
      r"\(did you mean 'simclr'\?\)\.$"),
-    ("model.name", "resnte", r"model.name='resnte': must be one of resnet, vit, vit_dinov2 "
-     r"\(did you mean"),
+    ("model.name", "resnte", r"model.name='resnte': must be one of resnet, vit, vit_dinov2, "
+     r"ts2vec \(did you mean"),
     ("optim.name", "adam", r"optim.name='adam': must be one of lars, sgd, adamw \(did you mean "
      r"'adamw'\?\)"),
-    ("data.source", "zzz", r"^data.source='zzz': must be one of tfds, .*, prepared\.$"),
+    ("data.source", "zzz", r"^data.source='zzz': must be one of tfds, .*, prepared, timeseries\.$"),
     ("optim.lr_scaling", "sqr", r"optim.lr_scaling='sqr': .*did you mean 'sqrt'"),
     ("head.output_norm", "bn_noaffine", r"head.output_norm='bn_noaffine': .*'bn_no_affine'"),
     ("model.bn_views", "perview", r"model.bn_views='perview': must be one of default, per_view"),
@@ -129,6 +131,6 @@ def test_the_command_line_refuses_a_mistyped_method_in_one_line_before_making_an
   assert out.returncode == 1
   assert out.stderr.strip().splitlines() == [
     "Error: method='simclrr': must be one of simclr, moco_v2, moco_v3, byol, simsiam, dino, "
-    "dinov2, swav, barlow_twins, supcon, clip, supervised (did you mean 'simclr'?)."
+    "dinov2, swav, barlow_twins, ts2vec, supcon, clip, supervised (did you mean 'simclr'?)."
   ]
   assert not (tmp_path / "run").exists()

@@ -504,7 +504,15 @@ _FACTORIES: dict[str, Callable[[Any, str], ImageSource]] = {
   "synthetic": _synthetic_source,
   "embedded": lambda c, s: ArraySource.embedded("train" if s == "train" else "test"),
   "prepared": lambda c, s: PreparedSource(_data_path(c), _split_name(c, s)),
+  # Time series (data.modality = "series"): a UCR/UEA set, bundled or in data_dir.
+  "timeseries": lambda c, s: _timeseries_source(c, s),
 }
+
+
+def _timeseries_source(data_config: Any, split: str) -> Any:
+  from cljax.data import timeseries  # Here: image runs never import it.
+
+  return timeseries.create_source(data_config, split)
 
 
 def create_source(data_config: Any, split: str) -> ImageSource:

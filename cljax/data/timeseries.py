@@ -16,10 +16,12 @@ form it trains on. Four layers, each usable alone:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -599,3 +601,65 @@ def fit_preprocess(x: np.ndarray, max_train_length: int | None = MAX_TRAIN_LENGT
   if missing[0] or missing[-1]:
     x = centerize_vary_length_series(x)
   return x[~np.isnan(x).all(axis=(1, 2))]
+
+
+# ---------------------------------------------------------------------------------------------
+# A source for the run: one split, as (T, C) series
+
+
+class SeriesSource:
+  """One split of a UCR/UEA set as random-access ``{"series": (T, C), "label"}`` examples.
+
+  The run's source for ``data.modality = "series"`` (``data.source = "timeseries"``): the
+  set's arrays normalised by the archive's rule (``prepare``), time first as the encoders
+  take them (``series``: (n, T, C) float32, NaN where missing or padded). The training split
+  also gets TS2Vec's training preprocessing (``fit_preprocess``) where it keeps every series.
+  """
+
+  def __init__(
+    self, series: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], name: str
+  ):
+    self.series = np.ascontiguousarray(series, np.float32)
+    self.labels = np.asarray(labels, np.int32)
+    self.class_names = tuple(class_names)
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self.series)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"series": self.series[index], "label": self.labels[index]}
+
+  @property
+  def series_shape(self) -> tuple[int, int]:
+    """(T, C) of one example."""
+    return tuple(self.series.shape[1:])
+
+  def __repr__(self) -> str:
+    return f"SeriesSource({self.name}, {len(self)} x {self.series_shape})"
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared(name: str, root: str | None) -> TimeSeriesDataset:
+  return prepare(load_dataset(name, root))
+
+
+def create_source(data_config: Any, split: str) -> SeriesSource:
+  """The ``data.source = "timeseries"`` source: ``data.name`` (a bundled set's name, or the
+  files' NAME) read from ``data.data_dir`` when set, else from the bundled sets; ``split``
+  "train" or "eval" (the archive's TEST split)."""
+  name = data_config.get("name")
+  if not name:
+    raise errors.DataError(
+      "data.name must name a time-series set: one of the bundled "
+      f"{', '.join(BUNDLED)}, or the NAME of NAME_TRAIN.ts/.tsv files in data.data_dir."
+    )
+  dataset = _prepared(name, data_config.get("data_dir") or None)
+  if split == "train":
+    x, y = dataset.x_train, dataset.y_train
+    fitted = fit_preprocess(x)
+    if len(fitted) == len(x):  # Else series were split or dropped: labels no longer apply.
+      x = fitted
+  else:
+    x, y = dataset.x_test, dataset.y_test
+  return SeriesSource(np.transpose(x, (0, 2, 1)), y, dataset.class_names, dataset.name)

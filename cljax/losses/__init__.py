@@ -42,6 +42,11 @@ from cljax.losses.regression import byol_loss, simsiam_loss
 from cljax.losses.schedules import cosine_ramp, ema_update
 from cljax.losses.supcon import supcon_loss
 from cljax.losses.swav import sinkhorn, swav_loss
+from cljax.losses.ts2vec import (
+  hierarchical_contrastive_loss,
+  instance_contrastive_loss,
+  temporal_contrastive_loss,
+)
 
 __all__ = [
   "barlow_twins_loss",
@@ -57,10 +62,12 @@ __all__ = [
   "dinov2_loss",
   "ema_update",
   "hard_negative_nt_xent",
+  "hierarchical_contrastive_loss",
   "ibot_masked_patch_loss",
   "ibot_patch_loss",
   "info_nce",
   "info_nce_blockwise",
+  "instance_contrastive_loss",
   "koleo_loss",
   "l2_normalize",
   "moco_v2_loss",
@@ -77,4 +84,5 @@ __all__ = [
   "supcon_loss",
   "swav_loss",
   "teacher_temperature_schedule",
+  "temporal_contrastive_loss",
 ]

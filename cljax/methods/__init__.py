@@ -22,6 +22,7 @@ from cljax.methods.simsiam import SimSiam
 from cljax.methods.supcon import SupCon
 from cljax.methods.supervised import Supervised
 from cljax.methods.swav import SwAV
+from cljax.methods.ts2vec import TS2Vec
 
 METHODS: dict[str, type[Method]] = {
   m.name: m
@@ -38,6 +39,7 @@ METHODS: dict[str, type[Method]] = {
     BarlowTwins,
     SupCon,
     Supervised,
+    TS2Vec,
   )
 }
 

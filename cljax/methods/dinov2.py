@@ -316,12 +316,12 @@ class DINOv2(Method):
     views = super().views(batch, rng, step)
     # Stochastic depth: this device's own key (its images are its own).
     drop_key = jax.random.fold_in(jax.random.fold_in(rng, _DROP_PATH_STREAM), step)
-    views["drop_path_key"] = jax.random.fold_in(drop_key, _device_index())
+    views["drop_path_key"] = jax.random.fold_in(drop_key, sharding.device_index())
     cfg = self.config.dinov2
     x = views["global"]
     n, side = x.shape[0] // 2, x.shape[1]
     total = self.config.data.global_batch_size
-    rows = _device_index() * n + jnp.arange(n)
+    rows = sharding.device_index() * n + jnp.arange(n)
     index = jnp.concatenate([rows, total + rows])
     key = jax.random.fold_in(jax.random.fold_in(rng, _MASK_STREAM), step)
     views["masks"] = masking.block_masks(
@@ -445,12 +445,6 @@ class DINOv2(Method):
         mean = _masked_mean(out.extra["teacher_patch"], out.extra["valid"], self.axis_name)
         new["ibot_center"] = m * ms["ibot_center"] + (1 - m) * mean
     return new
-
-
-def _device_index() -> jax.Array | int:
-  """This device's position on the 'data' axis (0 outside ``shard_map``)."""
-  axis = sharding.DATA_AXIS
-  return jax.lax.axis_index(axis) if sharding._in_shard_map(axis) else 0
 
 
 def _global_mean(x: jax.Array, axis: str | None) -> jax.Array:

@@ -10,8 +10,9 @@ import ml_collections
 
 from cljax.modalities.base import Modality
 from cljax.modalities.image import IMAGE
+from cljax.modalities.series import SERIES
 
-MODALITIES: dict[str, Modality] = {IMAGE.name: IMAGE}
+MODALITIES: dict[str, Modality] = {IMAGE.name: IMAGE, SERIES.name: SERIES}
 
 
 def register(modality: Modality) -> Modality:
@@ -31,4 +32,4 @@ def get(config: ml_collections.ConfigDict) -> Modality:
   return MODALITIES[name]
 
 
-__all__ = ["IMAGE", "MODALITIES", "Modality", "get", "register"]
+__all__ = ["IMAGE", "MODALITIES", "SERIES", "Modality", "get", "register"]

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from cljax.models import heads, resnet, vit, vit_dinov2
+from cljax.models import heads, resnet, ts2vec, vit, vit_dinov2
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -115,7 +115,38 @@ def register_encoder(name: str, build, feature_dim) -> None:
   ENCODERS[name] = Encoder(build, feature_dim)
 
 
+def create_tsencoder(model_config: ml_collections.ConfigDict) -> ts2vec.TSEncoder:
+  """TS2Vec's dilated-convolution encoder (``models.ts2vec``) from ``model.tsencoder``."""
+  c = model_config.tsencoder
+  return ts2vec.TSEncoder(
+    hidden_dims=c.hidden_dims,
+    output_dims=c.output_dims,
+    depth=c.depth,
+    mask_mode=c.mask_mode,
+    dropout_rate=c.dropout,
+    dtype=dtype_from_name(model_config.dtype),
+  )
+
+
+class MaxPooledSeries(nn.Module):
+  """A series encoder for the instance-level methods: (B, T, C) -> (B, output_dims), the
+  encoder's outputs max-pooled over time (TS2Vec's whole-series representation). Its
+  timestamp masking and dropout run where the caller passes their rng streams."""
+
+  encoder: ts2vec.TSEncoder
+
+  def __call__(self, x, train: bool = True):
+    train = train and self.has_rng("mask") and self.has_rng("dropout")
+    return jnp.max(self.encoder(x, train=train), axis=1)
+
+
+def _ts2vec(model_config: ml_collections.ConfigDict, bn_axis_name: str | None) -> nn.Module:
+  del bn_axis_name
+  return MaxPooledSeries(create_tsencoder(model_config))
+
+
 register_encoder("resnet", _resnet, resnet.feature_dim)
+register_encoder("ts2vec", _ts2vec, lambda m: m.encoder.output_dims)
 register_encoder("vit", _vit, vit.feature_dim)
 register_encoder("vit_dinov2", _vit_dinov2, lambda m: m.backbone.embed_dim)
 
