@@ -38,6 +38,15 @@ _PAIRS = flags.DEFINE_integer(
 _BASELINES = flags.DEFINE_bool(
   "baselines", False, "Also evaluate the randomly initialised encoder and raw pixels."
 )
+_ANOMALY = flags.DEFINE_bool(
+  "anomaly",
+  False,
+  "One-class anomaly detection: each class in turn normal, test examples scored by their "
+  "kNN distance to its training examples; AUROC of the features and of the raw inputs.",
+)
+_SVM = flags.DEFINE_bool(
+  "svm", False, "TS2Vec's classification protocol: an RBF SVM, C by 5-fold cross-validation."
+)
 _LINEAR_SGD_EPOCHS = flags.DEFINE_integer(
   "linear_sgd_epochs", 0, "> 0: also SimCLR's SGD linear protocol (crop+flip) for this many epochs."
 )
@@ -74,6 +83,14 @@ def _summary(result: dict) -> list[str]:
     if "linear_probe" in base:
       parts.append(f"linear {base['linear_probe']['top1']:.2%}")
     lines.append(f"baseline {name}: " + ", ".join(parts))
+  if "svm" in result:
+    lines.append(f"RBF SVM top-1 (C={result['svm']['C']:g}): {result['svm']['top1']:.2%}")
+  if "anomaly" in result:
+    a = result["anomaly"]
+    lines.append(
+      f"anomaly AUROC (one class normal, mean over {len(a['encoder']['per_class'])}): "
+      f"features {a['encoder']['mean']:.3f}, raw inputs {a['raw']['mean']:.3f}"
+    )
   if "zero_shot" in result:
     zs = result["zero_shot"]
     lines.append(
@@ -124,6 +141,8 @@ def _evaluate() -> dict:
     tsne_points=_TSNE_POINTS.value,
     pair_examples=_PAIRS.value,
     baselines=_BASELINES.value,
+    anomaly=_ANOMALY.value,
+    svm_protocol=_SVM.value,
     linear_sgd_epochs=_LINEAR_SGD_EPOCHS.value,
     finetune_fractions=[float(f) for f in _FINETUNE.value],
     finetune_epochs=_FINETUNE_EPOCHS.value,

@@ -43,7 +43,9 @@ from cljax import (
 )
 from cljax.data import sources
 from cljax.data import views as views_lib
+from cljax.evaluate import anomaly as anomaly_lib
 from cljax.evaluate import classifier, features, knn, linear, plots
+from cljax.evaluate import svm as svm_lib
 
 # Rows used for the O(n^2) uniformity of encoder features; the std and rank use all rows.
 _UNIFORMITY_ROWS = 4096
@@ -389,6 +391,8 @@ def evaluate_checkpoint(
   finetune_epochs: int | None = None,
   classifier_batch_size: int = 4096,
   baselines: bool = False,
+  anomaly: bool = False,
+  svm_protocol: bool = False,
   zero_shot: bool | None = None,
   mesh: Mesh | None = None,
   **kwargs: Any,
@@ -407,6 +411,11 @@ def evaluate_checkpoint(
     classifier_batch_size: batch of the SGD linear protocol and of fine-tuning.
     baselines: also evaluate (kNN and linear probe) the encoder at random initialisation
       (the run's seed) and raw pixels.
+    anomaly: one-class anomaly detection (``cljax.evaluate.anomaly``): each class in turn
+      normal, test examples scored by their kNN distance to its training examples; AUROC of
+      the encoder's features and of the raw inputs, into ``result["anomaly"]``.
+    svm_protocol: TS2Vec's RBF-SVM classification protocol (``cljax.evaluate.svm``), into
+      ``result["svm"]``.
     zero_shot: zero-shot classification and image-text retrieval
       (``cljax.evaluate.zero_shot``), into ``result["zero_shot"]`` and ``["retrieval"]``;
       default: where the method has a text tower (``Method.zero_shot``: CLIP).
@@ -443,6 +452,26 @@ def evaluate_checkpoint(
       baselines=_knn_lines(result),
       title=f"{os.path.basename(os.path.abspath(workdir))}, evaluated at step {step}",
     )
+  if anomaly or svm_protocol:
+    cached = lambda split: os.path.join(out_dir, f"features_step{step}_{split}.npz")
+    train, test = (
+      features.split_features(config, method, state, split, mesh, cache_path=cached(split))
+      for split in ("train", "eval")
+    )
+    if svm_protocol:
+      result["svm"] = svm_lib.svm_accuracy(train, test)
+      logging.info("RBF SVM (C by 5-fold CV): top-1 %.4f.", result["svm"]["top1"])
+    if anomaly:
+      raw = pixel_features(config, mesh)
+      result["anomaly"] = {
+        "encoder": anomaly_lib.one_class_auroc(train, test),
+        "raw": anomaly_lib.one_class_auroc(raw["train"], raw["eval"], normalize=False),
+      }
+      logging.info(
+        "One-class AUROC (kNN distance), mean over classes: encoder %.4f, raw inputs %.4f.",
+        result["anomaly"]["encoder"]["mean"],
+        result["anomaly"]["raw"]["mean"],
+      )
   if method.zero_shot if zero_shot is None else zero_shot:
     from cljax.evaluate import zero_shot as zero_shot_lib  # Needs `tokenizers`: CLIP only.
 
