@@ -3,6 +3,7 @@
     python benchmarks/ucr_table.py --workdir=runs/ucr_table            # the 7 bundled sets
     python benchmarks/ucr_table.py --datasets=GunPoint,ArrowHead --seeds=3
     python benchmarks/ucr_table.py --datasets=MySet --data_dir=/path/to/folder
+    python benchmarks/ucr_table.py --redraw=runs/a/ucr_table.json,runs/b/ucr_table.json
 
 For each set (bundled with sktime's wheel, or ``NAME_TRAIN/TEST.ts|.tsv`` in ``--data_dir``)
 and each seed, ``configs/ts2vec_ucr.py`` trains with ``cljax.run.create_run`` (the run
@@ -182,8 +183,16 @@ def main(argv=None) -> None:
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=0, help="<= 0: the official 200 or 600")
   parser.add_argument("--workdir", default="runs/ucr_table")
+  parser.add_argument(
+    "--redraw", default="", help="comma-separated ucr_table.json files: only print and draw"
+  )
   args = parser.parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
+  if args.redraw:
+    rows = [row for path in args.redraw.split(",") for row in json.load(open(path))["rows"]]
+    figure(rows, os.path.join(args.workdir, "ucr_table.png"))
+    print(table(rows))
+    return
   rows = []
   for name in [n for n in args.datasets.split(",") if n]:
     rows.append(evaluate_set(name, args.data_dir, args.seeds, args.steps))

@@ -34,8 +34,8 @@ MARK = "documented-command-result"  # Starts each result line (the programs prin
 
 def shrink(config) -> None:
   """The run at tiny size, whatever the recipe: 2 steps of 16 synthetic 32 px images (time
-  series: 16 of the smallest bundled set), a one-block encoder and small heads. The method, the encoder's kind, the optimiser and
-  every other choice of the recipe stay."""
+  series: 16 of the smallest bundled set), a one-block encoder and small heads. The method,
+  the encoder's kind, the optimiser and every other choice of the recipe stay."""
   c = config
   c.train.num_steps, c.train.log_every_steps = 2, 1
   c.train.checkpoint_every_steps = 1000

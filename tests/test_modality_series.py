@@ -147,3 +147,19 @@ def test_one_class_auroc_scores_by_the_distance_to_the_nearest_normal_example():
     (x_train, np.repeat([0, 1, 2], 5)), (x_test, np.repeat([0, 1, 2], 4))
   )
   assert sep["mean"] == 1.0
+
+
+def test_training_draws_centred_series_and_evaluation_reads_them_as_loaded():
+  """TS2Vec's fit() centres varying-length training series; its evaluation encodes them as
+  loaded. JapaneseVowels' series (7 to 29 timestamps) are NaN-padded at the end."""
+  from cljax.data import timeseries
+
+  config = _config()
+  config.data.name = "JapaneseVowels"
+  source = sources.create_source(config.data, "train")
+  loaded = timeseries.prepare(timeseries.load_dataset("JapaneseVowels"))
+  np.testing.assert_array_equal(source.series, np.transpose(loaded.x_train, (0, 2, 1)))
+  centred = timeseries.centerize_vary_length_series(loaded.x_train)
+  np.testing.assert_array_equal(source.train_series, np.transpose(centred, (0, 2, 1)))
+  assert np.isnan(source.series[:, -1]).any() and not np.isnan(source.series[:, 0]).any()
+  assert np.isnan(source.train_series[:, 0]).any()  # Padding moved to both ends.

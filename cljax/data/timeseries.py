@@ -612,17 +612,30 @@ class SeriesSource:
 
   The run's source for ``data.modality = "series"`` (``data.source = "timeseries"``): the
   set's arrays normalised by the archive's rule (``prepare``), time first as the encoders
-  take them (``series``: (n, T, C) float32, NaN where missing or padded). The training split
-  also gets TS2Vec's training preprocessing (``fit_preprocess``) where it keeps every series.
+  take them (``series``: (n, T, C) float32, NaN where missing or padded), which evaluation
+  reads. ``train_series`` is what training draws from: the training split after TS2Vec's
+  training preprocessing (``fit_preprocess``: varying-length series centred) where that
+  keeps every series, else ``series``; the official code also evaluates the series as
+  loaded, not as centred.
   """
 
   def __init__(
-    self, series: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], name: str
+    self,
+    series: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    name: str,
+    train_series: np.ndarray | None = None,
   ):
     self.series = np.ascontiguousarray(series, np.float32)
     self.labels = np.asarray(labels, np.int32)
     self.class_names = tuple(class_names)
     self.name = name
+    self.train_series = self.series if train_series is None else train_series.astype(np.float32)
+    if self.train_series.shape != self.series.shape:
+      raise ValueError(
+        f"train_series {self.train_series.shape} must have the shape of series {self.series.shape}."
+      )
 
   def __len__(self) -> int:
     return len(self.series)
@@ -655,11 +668,19 @@ def create_source(data_config: Any, split: str) -> SeriesSource:
       f"{', '.join(BUNDLED)}, or the NAME of NAME_TRAIN.ts/.tsv files in data.data_dir."
     )
   dataset = _prepared(name, data_config.get("data_dir") or None)
-  if split == "train":
-    x, y = dataset.x_train, dataset.y_train
-    fitted = fit_preprocess(x)
-    if len(fitted) == len(x):  # Else series were split or dropped: labels no longer apply.
-      x = fitted
-  else:
-    x, y = dataset.x_test, dataset.y_test
-  return SeriesSource(np.transpose(x, (0, 2, 1)), y, dataset.class_names, dataset.name)
+  time_first = lambda x: np.transpose(x, (0, 2, 1))
+  if split != "train":
+    return SeriesSource(
+      time_first(dataset.x_test), dataset.y_test, dataset.class_names, dataset.name
+    )
+  x = dataset.x_train
+  fitted = fit_preprocess(x)
+  # Where series were split or dropped, labels no longer apply: train on them as loaded.
+  fitted = fitted if fitted.shape == x.shape else x
+  return SeriesSource(
+    time_first(x),
+    dataset.y_train,
+    dataset.class_names,
+    dataset.name,
+    train_series=time_first(fitted),
+  )

@@ -56,8 +56,8 @@ def _local_batch(series, labels, step, key, *, batch_size: int, num_shards: int)
 def create_series_iterator(
   source: Any, mesh: Any, *, seed: int, global_batch_size: int
 ) -> device_data.DeviceBatchIterator:
-  """The training batches of a series source, drawn on the device: ``{"series": (B, T, C),
-  "label", "aug_seed"}`` as global arrays, epoch after shuffled epoch.
+  """The training batches of a series source (its ``train_series``), drawn on the device:
+  ``{"series": (B, T, C), "label", "aug_seed"}`` as global arrays, epoch after shuffled epoch.
 
   Raises:
     ValueError: the batch does not split over the devices or exceeds the data set.
@@ -70,7 +70,7 @@ def create_series_iterator(
       "training split's series)."
     )
   rep = sharding.replicated(mesh)
-  series = jax.device_put(source.series, rep)
+  series = jax.device_put(source.train_series, rep)
   labels = jax.device_put(source.labels, rep)
   local = functools.partial(
     _local_batch, batch_size=global_batch_size, num_shards=mesh.devices.size
