@@ -114,9 +114,15 @@ def all_mask(params) -> object:
   return jax.tree_util.tree_map_with_path(lambda path, _: not _frozen(path), params)
 
 
+def _normalisation(name: str) -> bool:
+  """Whether a module name is a normalisation layer's: "norm" in it (DINOv2's ViT: norm1,
+  norm2, norm; Flax's LayerNorm_0) or cljax's BatchNorm modules ("bn...")."""
+  return "norm" in name.lower() or name.startswith("bn")
+
+
 def dinov2_mask(params) -> object:
   """DINOv2's rule (``get_params_groups_with_decay``): every parameter but biases, anything
-  under a normalisation layer (a path entry containing "norm") and LayerScale's ``gamma``.
+  under a normalisation layer (the official ``"norm" in name``) and LayerScale's ``gamma``.
 
   Unlike :func:`matrix_mask` it decays the class, register and mask tokens, the position
   embeddings and the DINO head's weight-norm gain, as the official code does.
@@ -124,7 +130,8 @@ def dinov2_mask(params) -> object:
 
   def decayed(path, _) -> bool:
     names = [_key(entry) for entry in path]
-    return not (_frozen(path) or names[-1] in ("bias", "gamma") or any("norm" in n for n in names))
+    excluded = names[-1] in ("bias", "gamma") or any(_normalisation(n) for n in names)
+    return not (_frozen(path) or excluded)
 
   return jax.tree_util.tree_map_with_path(decayed, params)
 

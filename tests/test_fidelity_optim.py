@@ -99,6 +99,26 @@ OFFICIAL = {
     "pos_embedding": True,
     "trust_norm_bias": None,
   },
+  # facebookresearch/dinov2 utils/param_groups.py get_params_groups_with_decay: wd_multiplier
+  # 0 for name.endswith(".bias"), "norm" in name, "gamma" in name; tokens and position
+  # embeddings are decayed (the layer-wise rates and clipping leave a first step of this
+  # size alone: no "backbone" path here, gradients under the clip).
+  ("dinov2", "adamw"): {
+    "norm": False,
+    "bias": False,
+    "cls_token": True,
+    "pos_embedding": True,
+    "trust_norm_bias": None,
+  },
+  # yuezhihan/ts2vec ts2vec.py: torch.optim.AdamW(self._net.parameters(), lr=self.lr), its
+  # default weight decay 0.01 on every parameter.
+  ("ts2vec", "adamw"): {
+    "norm": True,
+    "bias": True,
+    "cls_token": True,
+    "pos_embedding": True,
+    "trust_norm_bias": None,
+  },
   # mlfoundations/open_clip open_clip_train/optim.py make_wd_exclude: no decay for ndim <= 1
   # (biases, norm gains, logit_scale, the (D,) class_embedding) and the models'
   # no_weight_decay(): positional_embedding, visual.positional_embedding and

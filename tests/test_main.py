@@ -236,15 +236,15 @@ def test_every_config_builds_its_model_and_optimizer():
         module.get_config("tpu")
     for preset in presets:
       config = module.get_config(*preset)
-      size = config.data.image_size
       trees = []
       # The state builds the model's variables and initialises the method's optimiser
       # (cljax.optim.create_optimizer of the config's optim section) on its parameters.
       for num_steps, steps_per_epoch in ((0, 0), (1000, 50)):
         run_method = methods.create_method(config, num_steps, steps_per_epoch)
+        shape = run_method.modality.input_shape(config)
         state = jax.eval_shape(
-          lambda k, m=run_method, s=size: step.create_train_state(
-            m, k, optax.constant_schedule(0.1), (s, s, 3)
+          lambda k, m=run_method, s=shape: step.create_train_state(
+            m, k, optax.constant_schedule(0.1), s
           ),
           jax.random.key(0),
         )

@@ -267,7 +267,7 @@ def test_create_model_builds_a_vit_with_a_projection_head():
   assert encoder.posemb == "learn" and encoder.hidden_dim == 32
 
   config.model.name = "convnext"
-  with pytest.raises(ValueError, match="'resnet', 'vit'"):
+  with pytest.raises(ValueError, match=r"available: \[.*'resnet'.*'vit'"):
     models.create_encoder(config.model)
 
 
