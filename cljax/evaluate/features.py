@@ -143,15 +143,6 @@ def split_features(
   return x, y
 
 
-def pixels(variables: Any, images: jax.Array) -> jax.Array:
-  """Raw pixels as features (the usual no-learning baseline): flattened images in [0, 1].
-
-  A feature function for ``extract`` (``variables`` unused).
-  """
-  del variables
-  return images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
-
-
 def save_features(path: str, features: np.ndarray, labels: np.ndarray, **meta: Any) -> None:
   """Caches features and labels (and scalar ``meta`` such as the step) in one ``.npz``."""
   directory = os.path.dirname(os.path.abspath(path))

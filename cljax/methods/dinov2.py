@@ -29,13 +29,12 @@ The optimiser is AdamW (``optim`` section, its weight decay 0.04 -> 0.4) with DI
 additions: each module's gradient clipped to ``dinov2.clip_grad`` by its own norm, the
 learning rate multiplied per parameter by ``layerwise_decay ** (depth + 1 - layer)`` and by
 ``patch_embed_lr_mult`` on the patch embedding, and the heads' last layers at learning rate
-0 for ``freeze_last_layer_epochs`` (``optim.dinov2_optimizer``). Departures from the
+0 for ``freeze_last_layer_epochs`` (``DINOv2.create_optimizer``). Departures from the
 official code are listed in docs/fidelity.md ("DINOv2").
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -224,12 +223,6 @@ class DINOv2(Method):
       ibot_head=head(cfg.ibot_head) if cfg.ibot_separate_head else None,
       eval_features=cfg.eval_features,
     )
-
-  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
-    model = self.create_model()
-    init = jax.jit(functools.partial(model.init, train=False))
-    variables = init(rng, jnp.zeros((2, *input_shape), jnp.float32))
-    return {"params": variables["params"], "batch_stats": {}}
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:
     del rng

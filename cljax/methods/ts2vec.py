@@ -26,7 +26,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -93,12 +92,6 @@ class TS2Vec(Method):
   def create_model(self, bn_axis_name: str | None = None) -> TS2VecModel:
     del bn_axis_name
     return TS2VecModel(models.create_tsencoder(self.config.model))
-
-  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
-    model = self.create_model()
-    init = jax.jit(functools.partial(model.init, train=False))
-    variables = init(rng, jnp.zeros((2, *input_shape), jnp.float32))
-    return {"params": variables["params"], "batch_stats": {}}
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:
     del rng

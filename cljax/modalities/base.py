@@ -25,6 +25,13 @@ import jax
 import ml_collections
 
 
+def _missing(modality: Modality, what: str) -> NotImplementedError:
+  return NotImplementedError(
+    f"{type(modality).__name__} does not define {what}(); a modality implements every method "
+    "of cljax.modalities.base.Modality that has no default (cljax.modalities.image.Image)."
+  )
+
+
 class Modality:
   """The interface; :class:`cljax.modalities.image.Image` is the reference implementation."""
 
@@ -37,7 +44,7 @@ class Modality:
   def input_shape(self, config: ml_collections.ConfigDict, source: Any = None) -> tuple:
     """The shape of one network input (no batch axis), from the config (and the source where
     the data set sets it)."""
-    raise NotImplementedError
+    raise _missing(self, "input_shape")
 
   def train_iterator(
     self,
@@ -51,7 +58,7 @@ class Modality:
   ) -> Any:
     """The training batches of ``source``: this process's rows (host arrays) or global
     device arrays, each with the entries of ``batch_keys`` the step needs."""
-    raise NotImplementedError
+    raise _missing(self, "train_iterator")
 
   def prepare_batch(self, config: ml_collections.ConfigDict, batch: dict) -> dict:
     """Inside the step, before the views: what the host left to the device (decode-only
@@ -64,14 +71,14 @@ class Modality:
   ) -> dict[str, jax.Array]:
     """The augmented network inputs of this device's batch: ``{"global": (2n, ...)}``
     ordered ``[view_a; view_b]`` (and ``"local"`` with multi-crop)."""
-    raise NotImplementedError
+    raise _missing(self, "views")
 
   def eval_iterator(
     self, config: ml_collections.ConfigDict, source: Any, *, num_workers: int = 0
   ) -> Any:
     """This process's batches of ``source``, once, in order: ``{input_key, "label", "mask",
     "index"}``, padding rows masked out."""
-    raise NotImplementedError
+    raise _missing(self, "eval_iterator")
 
   def network_inputs(self, x: jax.Array) -> jax.Array:
     """Evaluation batches' inputs as the network takes them (no augmentation)."""
