@@ -40,15 +40,18 @@ def _batches(config, num_steps, devices):
 
 def test_batches_are_one_global_stream_whatever_the_devices_and_resume_exactly():
   config = _config()
-  eight, it = _batches(config, 4, jax.devices())
-  one, _ = _batches(config, 4, jax.devices()[:1])
+  eight, it = _batches(config, 6, jax.devices())
+  one, _ = _batches(config, 6, jax.devices()[:1])
   for a, b in zip(eight, one, strict=True):
     for key in ("series", "label", "aug_seed"):
       np.testing.assert_array_equal(a[key], b[key])
   assert eight[0]["series"].shape == (N, 150, 1)  # GunPoint: 150 timestamps, 1 channel.
-  # 50 series, batches of 16: the first three batches hold 48 distinct series of epoch 0.
-  seen = np.concatenate([b["series"][:, :, 0] for b in eight[:3]])
-  assert len(np.unique(seen, axis=0)) == 48
+  # 50 series, batches of 16: an epoch is three batches of 48 distinct series, the last 2 of
+  # its order left out (drop_last), so no batch spans two epochs and holds a series twice
+  # (a stream running on into the next epoch would repeat series in steps 3 to 5).
+  for epoch in (eight[:3], eight[3:]):
+    seen = np.concatenate([b["series"][:, :, 0] for b in epoch])
+    assert len(np.unique(seen, axis=0)) == 48
   state = it.get_state()
   later = jax.device_get(next(it))
   it.set_state(state)
@@ -87,10 +90,11 @@ def test_ts2vec_step_on_8_devices_equals_1_device_in_float64(ts2vec_runs):
   assert max(jax.tree.leaves(moved)) > 0
 
 
-def test_evaluation_uses_the_mean_of_the_weights_after_each_step(ts2vec_runs):
+def test_evaluation_uses_the_mean_of_the_initial_weights_and_those_after_each_step(ts2vec_runs):
+  # AveragedModel is updated once before training: the initial weights count as one model.
   config, _, states, _ = ts2vec_runs
   average = states[-1].method_state["average_params"]
-  expected = jax.tree.map(lambda a, b: (a + b) / 2, states[1].params, states[2].params)
+  expected = jax.tree.map(lambda *p: sum(p) / 3, *(s.params for s in states))
   for a, b in zip(jax.tree.leaves(average), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   method = methods.create_method(config)

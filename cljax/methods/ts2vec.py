@@ -14,8 +14,9 @@ the shared sharded step, for ``data.modality = "series"``:
    terms against the series' other timestamps, max-pooled by 2 until one timestamp is left.
 
 The official code evaluates a stochastic weight average of the encoder
-(``torch.optim.swa_utils.AveragedModel``, updated after every step): the method keeps it
-as ``method_state["average_params"]`` (the mean of the parameters after each step) and
+(``torch.optim.swa_utils.AveragedModel``, updated once before training and after every
+step): the method keeps it as ``method_state["average_params"]`` (the mean of the initial
+parameters and those after each step) and
 evaluation embeds with it. The representation of a series is the encoder's output
 max-pooled over all its timestamps (the official ``encoding_window='full_series'``).
 
@@ -63,8 +64,9 @@ class TS2VecModel(nn.Module):
 class TS2Vec(Method):
   """TS2Vec; see the module docstring.
 
-  Method state ``{"average_params", "count"}``: the running mean of the parameters after
-  each step (the official SWA model), which evaluation uses.
+  Method state ``{"average_params", "count"}``: the running mean of the initial parameters
+  and those after each step (the official SWA model), which evaluation uses; ``count`` the
+  number of parameter sets averaged.
   """
 
   name = "ts2vec"
@@ -95,7 +97,9 @@ class TS2Vec(Method):
 
   def init_state(self, rng: jax.Array, variables: dict) -> Any:
     del rng
-    return {"average_params": copy_tree(variables["params"]), "count": jnp.zeros((), jnp.int32)}
+    # AveragedModel's first update_parameters, before training, copies the initial weights:
+    # they are the first of the averaged models.
+    return {"average_params": copy_tree(variables["params"]), "count": jnp.ones((), jnp.int32)}
 
   def state_specs(self) -> Any:
     return PartitionSpec()
@@ -171,7 +175,7 @@ class TS2Vec(Method):
     return loss, StepOutput({}, {"overlap_length": overlap}, h, h, pairs=(h1, h2))
 
   def update_state(self, state: Any, params: Any, out: StepOutput) -> Any:
-    """The running mean of the parameters after each step (``AveragedModel``'s default)."""
+    """The running mean of the parameters (``AveragedModel``'s default), this step's added."""
     ms = state.method_state
     count = ms["count"] + 1
     weight = 1.0 / count.astype(jnp.float32)

@@ -2,9 +2,10 @@
 
 The data are (T, C) float series (``cljax.data.timeseries``: the UCR/UEA archives' files,
 NaN where a value is missing or a shorter series is padded). Training batches are drawn on
-the device from the whole set, held on every device (the archives' sets are small): the
-order is the same global stream as the image path's device-resident data, so a batch does
-not depend on the device count and resumes exactly. The instance-level methods (SimCLR,
+the device from the whole set, held on every device (the archives' sets are small):
+shuffled epochs cut into whole batches (a ``DataLoader`` with ``drop_last=True``, as the
+official TS2Vec and TS-TCC train), a function of the step alone, so a batch does not depend
+on the device count and resumes exactly. The instance-level methods (SimCLR,
 BYOL, ...) see two views per series, TS-TCC's weak (scaling) and strong (permutation +
 jitter) augmentations (``cljax.data.ts_views``); TS2Vec draws its own overlapping crops.
 """
@@ -29,17 +30,21 @@ _DATA_TAG, _ORDER_TAG, _AUG_TAG = 53, 1, 2
 
 
 def _local_batch(series, labels, step, key, *, batch_size: int, num_shards: int) -> dict:
-  """This device's rows of the step's global batch; inside ``shard_map`` over 'data'."""
+  """This device's rows of the step's global batch; inside ``shard_map`` over 'data'.
+
+  Epoch e's batches are its shuffled order cut into ``N // batch_size`` batches, the last
+  ``N % batch_size`` series of the order left out (a PyTorch ``DataLoader`` with
+  ``shuffle=True, drop_last=True``, as TS2Vec and TS-TCC train): a batch never spans two
+  epochs, so it never holds one series twice, which would make a series its own negative.
+  """
   num_examples = series.shape[0]
   n = batch_size // num_shards
   index = jax.lax.axis_index(sharding.DATA_AXIS) * n + jnp.arange(n)
-  epoch, offset = device_data.stream_positions(step, index, batch_size, num_examples)
-  order_key = jax.random.fold_in(key, _ORDER_TAG)
-  # A batch spans at most two epochs (batch_size <= N).
-  orders = jax.vmap(lambda e: device_data.epoch_order(order_key, e, num_examples))(
-    jnp.stack([epoch.min(), epoch.min() + 1])
-  )
-  example = orders[epoch - epoch.min(), offset]
+  epoch, batch = jnp.divmod(jnp.asarray(step, jnp.int32), num_examples // batch_size)
+  offset = batch * batch_size + index
+  order = device_data.epoch_order(jax.random.fold_in(key, _ORDER_TAG), epoch, num_examples)
+  example = order[offset]
+  epoch = jnp.broadcast_to(epoch, offset.shape)
   aug_key = jax.random.fold_in(key, _AUG_TAG)
   seeds = jax.vmap(
     lambda e, j: jax.random.bits(
@@ -57,7 +62,8 @@ def create_series_iterator(
   source: Any, mesh: Any, *, seed: int, global_batch_size: int
 ) -> device_data.DeviceBatchIterator:
   """The training batches of a series source (its ``train_series``), drawn on the device:
-  ``{"series": (B, T, C), "label", "aug_seed"}`` as global arrays, epoch after shuffled epoch.
+  ``{"series": (B, T, C), "label", "aug_seed"}`` as global arrays, epoch after shuffled epoch
+  (the last ``N % B`` series of each epoch's order left out; see ``_local_batch``).
 
   Raises:
     ValueError: the batch does not split over the devices or exceeds the data set.
