@@ -164,37 +164,40 @@ def _whole(variables: dict, expected: Any, axis: str) -> dict:
   return {**variables, "params": jax.tree.map(gather, variables["params"], expected)}
 
 
-class _ScannedBlock(nn.Module):
-  """One block as a ``nn.scan`` body: (carry, unused) -> (carry, None).
+class ScannedLayer(nn.Module):
+  """One layer as a ``nn.scan`` body: (carry, unused) -> (carry, None).
 
-  Under FSDP (``mesh.state_sharding="fsdp"``) the stacked parameters reach the loop split
-  over the devices, and each iteration all-gathers its own layer's parameters just before
-  the block uses them (``_whole``): ZeRO-3 per layer. Differentiation turns each gather into
-  a reduce-scatter of that layer's gradients inside the backward loop, and with ``remat``
-  the backward pass gathers the layer again instead of keeping it, so one layer is whole at
-  a time (``step.train_step`` leaves these parameters to the model). Whole parameters
-  (data parallelism, evaluation) pass through unchanged.
+  ``layer(*args, name="block")`` is the layer (``Encoder1DBlock`` here, DINOv2's ``Block``),
+  its parameters stacked along the scan's leading axis. Under FSDP
+  (``mesh.state_sharding="fsdp"``) the stacked parameters reach the loop split over the
+  devices, and each iteration all-gathers its own layer's parameters just before the layer
+  uses them (``_whole``): ZeRO-3 per layer. Differentiation turns each gather into a
+  reduce-scatter of that layer's gradients inside the backward loop, and with ``remat`` the
+  backward pass gathers the layer again instead of keeping it, so one layer is whole at a
+  time (``step.train_step`` leaves these parameters to the model). Whole parameters (data
+  parallelism, evaluation) pass through unchanged. Scan it with ``split_rngs={"dropout":
+  True}`` where the layer draws dropout, so each layer draws its own masks.
   """
 
-  num_heads: int
-  mlp_dim: int
-  dtype: Any
-  remat: bool
+  layer: Any  # A flax Module class.
+  args: tuple
+  remat: bool = False
   axis_name: str = "data"
 
   @nn.compact
   def __call__(self, x, _):
-    make = lambda: Encoder1DBlock(self.num_heads, self.mlp_dim, self.dtype)
-    expected = jax.eval_shape(lambda: make().init(jax.random.key(0), x[:1]))["params"]
-    block = nn.map_variables(
-      Encoder1DBlock,
+    # One layer's parameter shapes; a 'dropout' key in case the layer draws masks.
+    keys = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+    expected = jax.eval_shape(lambda: self.layer(*self.args).init(keys, x[:1]))["params"]
+    layer = nn.map_variables(
+      self.layer,
       "params",
       trans_in_fn=lambda vs: _whole(vs, expected, self.axis_name),
       init=self.is_initializing(),
       mutable=self.is_initializing(),
     )
-    block = nn.remat(block) if self.remat else block
-    return block(self.num_heads, self.mlp_dim, self.dtype, name="block")(x), None
+    layer = nn.remat(layer) if self.remat else layer
+    return layer(*self.args, name="block")(x), None
 
 
 class Encoder(nn.Module):
@@ -206,7 +209,7 @@ class Encoder(nn.Module):
 
   ``scan``: the blocks run as one ``nn.scan`` loop over parameters stacked along a leading
   axis of size ``depth`` (module ``scan_encoderblocks``): XLA compiles one block instead of
-  ``depth``, and under FSDP each layer is gathered only while it is used (``_ScannedBlock``).
+  ``depth``, and under FSDP each layer is gathered only while it is used (``ScannedLayer``).
   Another parameter tree: checkpoints of one form do not restore into the other.
   """
 
@@ -221,13 +224,14 @@ class Encoder(nn.Module):
   def __call__(self, x):
     if self.scan:
       blocks = nn.scan(
-        _ScannedBlock,
+        ScannedLayer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         length=self.depth,
       )
+      args = (self.num_heads, self.mlp_dim, self.dtype)
       name = STACKED_PREFIX + "encoderblocks"
-      x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, self.remat, name=name)(x, None)
+      x, _ = blocks(Encoder1DBlock, args, self.remat, name=name)(x, None)
     else:
       block = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
       for i in range(self.depth):

@@ -253,45 +253,6 @@ class Block(nn.Module):
     return x + drop_path(ls2(y) if ls2 else y, self.drop_path_rate, rng())
 
 
-class _ScannedBlock(nn.Module):
-  """One ``Block`` as a ``nn.scan`` body: (carry, unused) -> (carry, None).
-
-  As ``vit._ScannedBlock``: under FSDP (inside ``shard_map``) the stacked parameters reach
-  the loop split over the devices along one dimension, and each iteration all-gathers its
-  own layer's parameters just before the block uses them (``vit._whole``): ZeRO-3 per
-  layer, one layer whole at a time (with ``remat`` the backward pass gathers it again
-  instead of keeping it). Whole parameters (data parallelism, evaluation) pass through
-  unchanged. The scan splits the 'dropout' stream per iteration, so each layer draws its
-  own stochastic-depth masks.
-  """
-
-  num_heads: int
-  mlp_ratio: float
-  ffn_layer: str
-  init_values: float | None
-  drop_path_rate: float
-  deterministic: bool
-  dtype: Any
-  remat: bool
-  axis_name: str = "data"
-
-  @nn.compact
-  def __call__(self, x, _):
-    args = (self.num_heads, self.mlp_ratio, self.ffn_layer, self.init_values)
-    # One layer's parameter shapes (evaluation mode: no 'dropout' stream needed to trace).
-    expected = jax.eval_shape(lambda: Block(*args).init(jax.random.key(0), x[:1]))["params"]
-    block = nn.map_variables(
-      Block,
-      "params",
-      trans_in_fn=lambda vs: vit._whole(vs, expected, self.axis_name),
-      init=self.is_initializing(),
-      mutable=self.is_initializing(),
-    )
-    block = nn.remat(block) if self.remat else block
-    block = block(*args, self.drop_path_rate, self.deterministic, dtype=self.dtype, name="block")
-    return block(x), None
-
-
 class DinoV2ViT(nn.Module):
   """DINOv2's ViT trunk: class, register and patch tokens after the final LayerNorm.
 
@@ -321,7 +282,7 @@ class DinoV2ViT(nn.Module):
     scan_blocks: the blocks run as one ``nn.scan`` loop over parameters stacked along a
       leading axis of size ``depth`` (module ``scan_blocks/block``): XLA compiles one block
       instead of ``depth``, and under FSDP each layer is gathered only while it is used
-      (``_ScannedBlock``). Another parameter tree: checkpoints of one layout do not restore
+      (``vit.ScannedLayer``). Another parameter tree: checkpoints of one layout do not restore
       into the other (``stack_blocks`` converts unscanned parameters). Every block must
       then have the same drop path rate: ``drop_path_uniform``, a rate of 0 or one block.
   """
@@ -374,14 +335,14 @@ class DinoV2ViT(nn.Module):
     args = (self.num_heads, self.mlp_ratio, self.ffn_layer, self.init_values)
     if self.scan_blocks:
       blocks = nn.scan(
-        _ScannedBlock,
+        vit.ScannedLayer,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},  # Each layer its own init and masks.
         length=self.depth,
       )
       rate = rates[0] if rates else 0.0  # One rate for all (checked above).
-      blocks = blocks(*args, rate, not train, self.dtype, self.remat, name=SCANNED_BLOCKS)
-      x, _ = blocks(x, None)
+      block_args = (*args, rate, not train, self.dtype)
+      x, _ = blocks(Block, block_args, self.remat, name=SCANNED_BLOCKS)(x, None)
     else:
       block = nn.remat(Block) if self.remat else Block
       for i, rate in enumerate(rates):
