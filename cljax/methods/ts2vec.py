@@ -130,7 +130,11 @@ class TS2Vec(Method):
     mask_key = jax.random.fold_in(jax.random.fold_in(rng, _MASK_STREAM), step)
     masks = [
       jax.lax.dynamic_slice_in_dim(
-        self._timestamp_masks(jax.random.fold_in(mask_key, i), (total, ts_l)), start, n
+        ts2vec_model.timestamp_mask(
+          self.config.model.tsencoder.mask_mode, jax.random.fold_in(mask_key, i), (total, ts_l)
+        ),
+        start,
+        n,
       )
       for i in (1, 2)
     ]
@@ -145,15 +149,6 @@ class TS2Vec(Method):
       # Dropout: this device's own key (its series are its own).
       "key": jax.random.fold_in(mask_key, sharding.device_index()),
     }
-
-  def _timestamp_masks(self, key: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """The encoder's training mask (``model.tsencoder.mask_mode``) for the global batch."""
-    mode = self.config.model.tsencoder.mask_mode
-    if mode == "binomial":
-      return ts2vec_model.binomial_mask(key, shape)
-    if mode == "continuous":
-      return ts2vec_model.continuous_mask(key, shape)
-    return jnp.full(shape, mode != "all_false")
 
   def loss(self, params: Any, state: Any, views: dict, batch: dict) -> tuple[jax.Array, StepOutput]:
     cfg = self.config.ts2vec

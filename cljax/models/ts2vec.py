@@ -131,6 +131,19 @@ def continuous_mask(
   return ~jnp.any((t >= starts) & (t < starts + length), axis=1)
 
 
+def timestamp_mask(mode: str, key: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+  """The (B, T) timestamps a mask mode of ``MASK_MODES`` keeps (True); ``key`` draws the
+  random modes ('binomial', 'continuous') and may be None for the others."""
+  if mode not in MASK_MODES:
+    raise ValueError(f"mask must be one of {MASK_MODES} or a (B, T) array, got {mode!r}.")
+  if mode == "binomial":
+    return binomial_mask(key, shape)
+  if mode == "continuous":
+    return continuous_mask(key, shape)
+  keep = jnp.full(shape, mode != "all_false")
+  return keep.at[:, -1].set(False) if mode == "mask_last" else keep
+
+
 class TSEncoder(nn.Module):
   """TS2Vec's encoder: (B, T, input_dims) series -> (B, T, output_dims) representations.
 
@@ -222,11 +235,5 @@ class TSEncoder(nn.Module):
       if mask.shape != shape:
         raise ValueError(f"mask must have shape (B, T) = {shape}, got {mask.shape}.")
       return jnp.asarray(mask, bool)
-    if mask not in MASK_MODES:
-      raise ValueError(f"mask must be one of {MASK_MODES} or a (B, T) array, got {mask!r}.")
-    if mask == "binomial":
-      return binomial_mask(self.make_rng("mask"), shape)
-    if mask == "continuous":
-      return continuous_mask(self.make_rng("mask"), shape)
-    keep = jnp.full(shape, mask != "all_false")
-    return keep.at[:, -1].set(False) if mask == "mask_last" else keep
+    random = mask in ("binomial", "continuous")
+    return timestamp_mask(mask, self.make_rng("mask") if random else None, shape)
