@@ -4,6 +4,8 @@
     python benchmarks/ucr_table.py --datasets=GunPoint,ArrowHead --seeds=3
     python benchmarks/ucr_table.py --datasets=MySet --data_dir=/path/to/folder
     python benchmarks/ucr_table.py --redraw=runs/a/ucr_table.json,runs/b/ucr_table.json
+    python benchmarks/ucr_table.py --redraw=runs/a/ucr_table.json \\
+        --official=runs/official_ts2vec/official_ts2vec.json   # + the official code's column
 
 For each set (bundled with sktime's wheel, or ``NAME_TRAIN/TEST.ts|.tsv`` in ``--data_dir``)
 and each seed, ``configs/ts2vec_ucr.py`` trains with ``cljax.run.create_run`` (the run
@@ -128,25 +130,36 @@ def evaluate_set(name: str, data_dir: str, seeds: int, steps: int) -> dict:
   return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], official: dict | None = None) -> str:
+  """The Markdown table; ``official``: rows of benchmarks/official_ts2vec.py by dataset,
+  shown as a column beside ours."""
+  official = official or {}
   fmt = lambda v: "" if v is None else f"{v:.3f}"
+  seeds = lambda r: f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} ({len(r['seeds'])})"
+  extra = " official code here (mean ± std, seeds) |" if official else ""
   lines = [
-    "| dataset | TS2Vec here (mean ± std, seeds) | TS2Vec published | 1-NN ED here | 1-NN ED "
-    "published | AUROC here | AUROC raw | seconds / seed |",
-    "|---|---|---|---|---|---|---|---|",
+    f"| dataset | TS2Vec here (mean ± std, seeds) |{extra} TS2Vec published | 1-NN ED here | "
+    "1-NN ED published | AUROC here | AUROC raw | seconds / seed |",
+    "|---|---|" + "---|" * (7 if official else 6),
   ]
   for r in rows:
+    cell = (f" {seeds(official[r['dataset']])} |" if r["dataset"] in official else " |") * bool(
+      official
+    )
     lines.append(
-      f"| {r['dataset']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} "
-      f"({len(r['seeds'])}) | "
+      f"| {r['dataset']} | {seeds(r)} |{cell} "
       f"{fmt(r['published'])} | {r['raw']['nn1_euclidean']:.3f} | {fmt(r['published_nn1'])} | "
       f"{r['auroc_mean']:.3f} | {r['raw']['auroc']:.3f} | {r['seconds_per_seed']:.0f} |"
     )
   published = [r for r in rows if r["published"] is not None]
   if published:
     mean = lambda get: np.mean([get(r) for r in published])
+    cell = ""
+    if official:
+      both = all(r["dataset"] in official for r in published)
+      cell = f" {mean(lambda r: official[r['dataset']]['accuracy_mean']):.3f} |" if both else " |"
     lines.append(
-      f"| mean of {len(published)} | {mean(lambda r: r['accuracy_mean']):.3f} | "
+      f"| mean of {len(published)} | {mean(lambda r: r['accuracy_mean']):.3f} |{cell} "
       f"{mean(lambda r: r['published']):.3f} | {mean(lambda r: r['raw']['nn1_euclidean']):.3f} | "
       f"{mean(lambda r: r['published_nn1']):.3f} | {mean(lambda r: r['auroc_mean']):.3f} | "
       f"{mean(lambda r: r['raw']['auroc']):.3f} | |"
@@ -154,23 +167,34 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def figure(rows: list[dict], path: str) -> None:
+def figure(rows: list[dict], path: str, official: dict | None = None) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  official = official or {}
   names = [r["dataset"] for r in rows]
   x = np.arange(len(rows))
-  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-  ax.bar(x - 0.27, [r["accuracy_mean"] for r in rows], 0.27, yerr=[r["accuracy_std"] for r in rows],
-         label="TS2Vec, cljax (mean ± std over seeds)")  # fmt: skip
-  ax.bar(x, [r["published"] or 0 for r in rows], 0.27, label="TS2Vec, published")
-  ax.bar(x + 0.27, [r["raw"]["nn1_euclidean"] for r in rows], 0.27, label="1-NN Euclidean")
+  bars = [
+    ("TS2Vec, cljax (mean ± std over seeds)", [r["accuracy_mean"] for r in rows],
+     [r["accuracy_std"] for r in rows]),
+  ]  # fmt: skip
+  if official:
+    get = lambda r, k: official[r["dataset"]][k] if r["dataset"] in official else 0
+    bars.append(("TS2Vec, official code here", [get(r, "accuracy_mean") for r in rows],
+                 [get(r, "accuracy_std") for r in rows]))  # fmt: skip
+  bars.append(("TS2Vec, published", [r["published"] or 0 for r in rows], None))
+  bars.append(("1-NN Euclidean", [r["raw"]["nn1_euclidean"] for r in rows], None))
+  width = 0.8 / len(bars)
+  fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.8))
+  for i, (label, heights, err) in enumerate(bars):
+    ax.bar(x + (i - (len(bars) - 1) / 2) * width, heights, width, yerr=err, label=label)
   ax.set_xticks(x, names, rotation=30, ha="right")
-  ax.set_ylabel("test accuracy")
-  ax.set_ylim(0, 1.05)
-  ax.legend(loc="lower right", fontsize=8)
+  ax.set_ylabel("test accuracy (axis from 0.5)")
+  ax.set_ylim(0.5, 1.0)
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8)
   ax.set_title("TS2Vec representations + RBF SVM (Yue et al. protocol)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -187,12 +211,23 @@ def main(argv=None) -> None:
   parser.add_argument(
     "--redraw", default="", help="comma-separated ucr_table.json files: only print and draw"
   )
+  parser.add_argument(
+    "--official",
+    default="",
+    help="comma-separated official_ts2vec.json files (benchmarks/official_ts2vec.py): a column",
+  )
   args = parser.parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
+  official = {
+    row["dataset"]: row
+    for path in args.official.split(",")
+    if path
+    for row in json.load(open(path))["rows"]
+  }
   if args.redraw:
     rows = [row for path in args.redraw.split(",") for row in json.load(open(path))["rows"]]
-    figure(rows, os.path.join(args.workdir, "ucr_table.png"))
-    print(table(rows))
+    figure(rows, os.path.join(args.workdir, "ucr_table.png"), official)
+    print(table(rows, official))
     return
   rows = []
   for name in [n for n in args.datasets.split(",") if n]:
@@ -201,8 +236,8 @@ def main(argv=None) -> None:
            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     with open(os.path.join(args.workdir, "ucr_table.json"), "w") as f:
       json.dump(out, f, indent=1)
-  figure(rows, os.path.join(args.workdir, "ucr_table.png"))
-  print(table(rows))
+  figure(rows, os.path.join(args.workdir, "ucr_table.png"), official)
+  print(table(rows, official))
 
 
 if __name__ == "__main__":
