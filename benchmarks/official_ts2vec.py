@@ -1,6 +1,6 @@
 """The official TS2Vec code (PyTorch) on the sets, seeds and protocol of ucr_table.py.
 
-    pip install torch scikit-learn          # in any Python 3 with NumPy; JAX is not needed
+    pip install torch scikit-learn sktime   # in any Python 3 with NumPy; JAX is not needed
     git clone https://github.com/yuezhihan/ts2vec OFFICIAL_DIR
     python benchmarks/official_ts2vec.py --official_dir=OFFICIAL_DIR --datasets=ArrowHead --seeds=10
     python benchmarks/ucr_table.py --redraw=runs/ucr_table/ucr_table.json \\
@@ -86,9 +86,13 @@ def import_official(official_dir: str) -> dict:
     raise SystemExit(f"--official_dir={official_dir!r} holds no ts2vec.py: clone "
                      "https://github.com/yuezhihan/ts2vec there.")  # fmt: skip
   sys.path[:0] = [official_dir, os.path.join(official_dir, "tasks")]
-  from _eval_protocols import fit_svm
-  from ts2vec import TS2Vec
-  from utils import init_dl_program
+  try:
+    from _eval_protocols import fit_svm
+    from ts2vec import TS2Vec
+    from utils import init_dl_program
+  except ImportError as e:
+    raise SystemExit(f"{e}: the official code needs PyTorch and scikit-learn (pip install "
+                     "torch scikit-learn).") from e  # fmt: skip
 
   return {"TS2Vec": TS2Vec, "init_dl_program": init_dl_program, "fit_svm": fit_svm}
 

@@ -242,8 +242,23 @@ def test_other_official_mask_modes():
   spans = np.asarray(ts2vec.continuous_mask(jax.random.key(0), (500, 20)))
   masked = (~spans).sum(axis=1)
   assert masked.min() >= 2 and masked.max() <= 10 and masked.max() == 10
-  with pytest.raises(ValueError, match="mask must be one of"):
+  with pytest.raises(ValueError, match="mask mode must be one of"):
     model.apply(params, x, train=False, mask="random")
+
+
+def test_timestamp_mask_of_each_mode():
+  # The function the encoder and TS2Vec's global-batch masks share.
+  shape = (4, 10)
+  last = np.asarray(ts2vec.timestamp_mask("mask_last", None, shape))
+  assert last[:, :-1].all() and not last[:, -1].any()
+  assert np.asarray(ts2vec.timestamp_mask("all_true", None, shape)).all()
+  assert not np.asarray(ts2vec.timestamp_mask("all_false", None, shape)).any()
+  kept = np.asarray(ts2vec.timestamp_mask("binomial", jax.random.key(0), (200, 100)))
+  assert abs(kept.mean() - 0.5) < 0.01
+  spans = np.asarray(ts2vec.timestamp_mask("continuous", jax.random.key(0), (200, 100)))
+  assert 0 < (~spans).mean() < 0.5
+  with pytest.raises(ValueError, match="mask mode must be one of"):
+    ts2vec.timestamp_mask("random", None, shape)
 
 
 # -- Parameters. --

@@ -16,9 +16,9 @@ the shared sharded step, for ``data.modality = "series"``:
 The official code evaluates a stochastic weight average of the encoder
 (``torch.optim.swa_utils.AveragedModel``, updated once before training and after every
 step): the method keeps it as ``method_state["average_params"]`` (the mean of the initial
-parameters and those after each step) and
-evaluation embeds with it. The representation of a series is the encoder's output
-max-pooled over all its timestamps (the official ``encoding_window='full_series'``).
+parameters and those after each step) and evaluation embeds with it. The representation
+of a series is the encoder's output max-pooled over all its timestamps (the official
+``encoding_window='full_series'``).
 
 References:
   Yue et al., "TS2Vec: Towards Universal Representation of Time Series", AAAI 2022.

@@ -94,8 +94,10 @@ def create_series_iterator(
   )
   key = jax.random.fold_in(jax.random.key(seed), _DATA_TAG)
   batch_fn = lambda step: jitted(series, labels, jnp.asarray(step, jnp.int32), key)
+  # "order": states saved before batches were whole epochs (2026-12-07) are refused, not
+  # continued on another order.
   signature = pipeline.state_signature(
-    "series", source, seed=int(seed), global_batch_size=int(global_batch_size)
+    "series", source, seed=int(seed), global_batch_size=int(global_batch_size), order="epochs"
   )
   return device_data.DeviceBatchIterator(batch_fn, signature)
 

@@ -135,7 +135,7 @@ def timestamp_mask(mode: str, key: jax.Array | None, shape: tuple[int, int]) -> 
   """The (B, T) timestamps a mask mode of ``MASK_MODES`` keeps (True); ``key`` draws the
   random modes ('binomial', 'continuous') and may be None for the others."""
   if mode not in MASK_MODES:
-    raise ValueError(f"mask must be one of {MASK_MODES} or a (B, T) array, got {mode!r}.")
+    raise ValueError(f"the mask mode must be one of {MASK_MODES}, got {mode!r}.")
   if mode == "binomial":
     return binomial_mask(key, shape)
   if mode == "continuous":
