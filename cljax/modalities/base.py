@@ -19,21 +19,18 @@ Adding a modality is a module with its :class:`Modality` here, its sources in
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import jax
 import ml_collections
 
 
-def _missing(modality: Modality, what: str) -> NotImplementedError:
-  return NotImplementedError(
-    f"{type(modality).__name__} does not define {what}(); a modality implements every method "
-    "of cljax.modalities.base.Modality that has no default (cljax.modalities.image.Image)."
-  )
+class Modality(abc.ABC):
+  """The interface; :class:`cljax.modalities.image.Image` is the reference implementation.
 
-
-class Modality:
-  """The interface; :class:`cljax.modalities.image.Image` is the reference implementation."""
+  A subclass implements the abstract methods (Python refuses to instantiate it otherwise,
+  naming the ones missing); the others have defaults."""
 
   name = "base"
   # The batch entries the train step reads; host batches may hold more (an index, a mask).
@@ -41,11 +38,12 @@ class Modality:
   # The entry of an evaluation batch holding the inputs (the others: label, mask, index).
   input_key = "input"
 
+  @abc.abstractmethod
   def input_shape(self, config: ml_collections.ConfigDict, source: Any = None) -> tuple:
     """The shape of one network input (no batch axis), from the config (and the source where
     the data set sets it)."""
-    raise _missing(self, "input_shape")
 
+  @abc.abstractmethod
   def train_iterator(
     self,
     config: ml_collections.ConfigDict,
@@ -58,7 +56,6 @@ class Modality:
   ) -> Any:
     """The training batches of ``source``: this process's rows (host arrays) or global
     device arrays, each with the entries of ``batch_keys`` the step needs."""
-    raise _missing(self, "train_iterator")
 
   def prepare_batch(self, config: ml_collections.ConfigDict, batch: dict) -> dict:
     """Inside the step, before the views: what the host left to the device (decode-only
@@ -66,19 +63,19 @@ class Modality:
     del config
     return batch
 
+  @abc.abstractmethod
   def views(
     self, config: ml_collections.ConfigDict, batch: dict, rng: jax.Array, step: jax.Array
   ) -> dict[str, jax.Array]:
     """The augmented network inputs of this device's batch: ``{"global": (2n, ...)}``
     ordered ``[view_a; view_b]`` (and ``"local"`` with multi-crop)."""
-    raise _missing(self, "views")
 
+  @abc.abstractmethod
   def eval_iterator(
     self, config: ml_collections.ConfigDict, source: Any, *, num_workers: int = 0
   ) -> Any:
     """This process's batches of ``source``, once, in order: ``{input_key, "label", "mask",
     "index"}``, padding rows masked out."""
-    raise _missing(self, "eval_iterator")
 
   def network_inputs(self, x: jax.Array) -> jax.Array:
     """Evaluation batches' inputs as the network takes them (no augmentation)."""
