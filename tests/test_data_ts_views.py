@@ -143,6 +143,33 @@ def test_views_hold_the_official_crops_at_their_valid_positions():
     assert np.all(np.isnan(views.view2[~views.valid2]))
 
 
+def test_bucket_lengths_and_the_switch_take_the_shortest_length_that_holds_n():
+  assert ts_views.bucket_lengths(427, 4) == (107, 214, 321, 427)
+  assert ts_views.bucket_lengths(3, 8) == (1, 2, 3)  # Lengths that coincide are kept once.
+  assert ts_views.bucket_lengths(150, 1) == (150,)
+  with pytest.raises(ValueError, match="count >= 1"):
+    ts_views.bucket_lengths(150, 0)
+  lengths = (5, 10, 15)
+  chosen = jax.jit(lambda n: ts_views.switch_on_length(lengths, n, lambda length: length))
+  assert [int(chosen(n)) for n in (1, 5, 6, 10, 11, 15)] == [5, 5, 10, 10, 15, 15]
+  # A masked loss at the chosen length equals it at the full length, gradients included.
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 15, 3)), jnp.float32)
+
+  def loss(z, n, lengths):
+    def at(length, z):
+      return ts2vec_losses.hierarchical_contrastive_loss(
+        z[0, :, :length], z[1, :, :length], mask=jnp.arange(length) < n
+      )
+
+    return ts_views.switch_on_length(lengths, n, at, z)
+
+  for n in (2, 7, 15):
+    value, grad = jax.value_and_grad(loss)(z, n, lengths)
+    full_value, full_grad = jax.value_and_grad(loss)(z, n, (15,))
+    np.testing.assert_allclose(value, full_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, full_grad, rtol=1e-5, atol=1e-7)
+
+
 # -- End to end: static shapes == the official variable-length crops. --
 
 

@@ -3,11 +3,12 @@
 
 import runpy
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from method_steps import _assert_8_devices_equal_1, _run
+from method_steps import _assert_8_devices_equal_1, _run, float64_model
 from sklearn import metrics
 
 from cljax import methods, modalities, sharding
@@ -77,6 +78,9 @@ def test_instance_views_are_the_ts_tcc_pair_and_do_not_depend_on_the_split():
 @pytest.fixture(scope="module")
 def ts2vec_runs():
   config = _config()
+  # Three static lengths (50, 100, 150): the instance loss's all-gather runs inside the
+  # lax.switch that picks one.
+  config.ts2vec.length_buckets = 3
   batches, _ = _batches(config, 2, jax.devices()[:1])
   states, history = _assert_8_devices_equal_1(config, batches, lr=1e-3)
   return config, batches, states, history
@@ -88,6 +92,20 @@ def test_ts2vec_step_on_8_devices_equals_1_device_in_float64(ts2vec_runs):
   assert all(2 <= m["overlap_length"] <= 150 for m in history)
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), states[2].params, states[0].params)
   assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_ts2vec_steps_do_not_depend_on_the_static_lengths(ts2vec_runs):
+  """Crops cut at the shortest of three static lengths (the fixture) and at the series
+  length give the same steps: padding a window or an overlap changes no output."""
+  config, batches, states, history = ts2vec_runs
+  # Both of the fixture's steps ran below the full length: the switch chose shorter branches.
+  assert min(m["overlap_length"] for m in history) <= 100
+  config = config.copy_and_resolve_references()
+  config.ts2vec.length_buckets = 1
+  with float64_model(config):
+    whole, whole_history = _run(config, jax.devices()[:1], batches, lr=1e-3, init=states[0])
+  chex.assert_trees_all_close(whole_history, history, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(whole[-1].params, states[-1].params, rtol=1e-6, atol=1e-6)
 
 
 def test_evaluation_uses_the_mean_of_the_initial_weights_and_those_after_each_step(ts2vec_runs):

@@ -8,22 +8,28 @@ crop_left`` and ``crop_eright >= crop_right``, and per series a shift ``crop_off
 and the loss compares only those.
 
 Static shapes. Every length above changes every step; under ``jax.jit`` each would be a
-new compilation. Here both views are windows of the series length ``ts_l``, and one frame
-serves both: window position p of either view holds the timestamp ``crop_offset +
-crop_eleft + p``. View 1 fills positions ``[0, crop_right - crop_eleft)``, view 2 ``[crop_left
-- crop_eleft, crop_eright - crop_eleft)`` (``crop_eright - crop_eleft <= ts_l`` always); the
-rest is invalid, filled with NaN (TS2Vec's mark of a missing value) and flagged by the
-``valid`` masks. Given ``valid``, ``cljax.models.ts2vec.TSEncoder`` treats positions outside
-it as the zero padding beyond the ends of a shorter series, so at the valid positions its
-outputs are the official encoder's on the variable-length crops. ``overlap`` then moves the
-shared positions ``[crop_left - crop_eleft, crop_right - crop_eleft)`` of both outputs to the
-front of (B, ts_l, C) arrays and returns the (ts_l,) mask of the first ``crop_l`` rows:
-``losses.hierarchical_contrastive_loss(z1, z2, mask=valid)`` equals the official loss on
-``out1[:, -crop_l:]`` and ``out2[:, :crop_l]``.
+new compilation. Here a view is cut as a window of a static ``length`` at least its own
+(``cut``): its ``size`` first positions hold the crop, the rest is invalid, filled with NaN
+(TS2Vec's mark of a missing value) and flagged by a ``valid`` mask. Given ``valid``,
+``cljax.models.ts2vec.TSEncoder`` treats positions outside it as the zero padding beyond the
+ends of a shorter series, so at the valid positions its outputs are the official encoder's
+on the variable-length crop. ``front`` then moves each output's overlap rows to the front
+of a (B, ts_l, C) array, zeros beyond ``crop_l``: ``losses.hierarchical_contrastive_loss``
+with ``mask = arange(length) < crop_l`` equals the official loss on ``out1[:, -crop_l:]``
+and ``out2[:, :crop_l]`` for any ``length >= crop_l``.
+
+Which static length. The series length ``ts_l`` fits every crop (``crop_views`` and
+``overlap`` cut both views and the overlap at ``ts_l``), but the official overlaps average
+half of ``ts_l`` and the temporal loss is quadratic in the overlap's length: at ``ts_l``
+it does three times the official work. ``bucket_lengths`` gives a few static lengths and
+``switch_on_length`` runs a computation at the shortest that fits this step's length (one
+``lax.switch``, every length compiled once): the loss on overlaps padded to the shortest
+of 4 lengths does 0.47 of the full-length work, of 8 lengths 0.40.
 
 Sharding: the scalars of ``Crops`` are shared by the whole global batch. Inside
 ``shard_map`` draw them on every device from the same key with the global batch size and
-keep this device's rows of ``crop_offset``; or draw and crop on global arrays.
+keep this device's rows of ``crop_offset``; or draw and crop on global arrays. Every device
+then takes the same branch of ``switch_on_length``, so collectives may run inside it.
 
 TS-TCC's augmentations (Eldele et al., IJCAI 2021, ``dataloader/augmentations.py``) for the
 methods that contrast two augmented views of a whole series: ``jitter``, ``scaling``,
@@ -33,7 +39,10 @@ series; ``jax.vmap`` them over a batch of keys and series.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +68,29 @@ class Crops(NamedTuple):
   crop_offset: jax.Array
 
 
-class CropViews(NamedTuple):
-  """The two crops as (B, ts_l, C) windows on one frame (see the module docstring).
+class Window(NamedTuple):
+  """Where one view lies in the series.
 
   Attributes:
-    view1: window position p holds timestamp ``crop_offset + crop_eleft + p`` where
-      ``valid1``, ``fill_value`` elsewhere.
-    view2: the same frame, where ``valid2``.
+    start: (B,) int32, each series' first timestamp of the view.
+    size: () int32, the view's length.
+    first: () int32, the view's position of the overlap's first timestamp.
+  """
+
+  start: jax.Array
+  size: jax.Array
+  first: jax.Array
+
+
+class CropViews(NamedTuple):
+  """The two crops as (B, ts_l, C) windows (see the module docstring).
+
+  Attributes:
+    view1: position p holds timestamp ``crop_offset + crop_eleft + p`` where ``valid1``,
+      ``fill_value`` elsewhere.
+    view2: position p holds timestamp ``crop_offset + crop_left + p`` where ``valid2``.
     valid1: (B, ts_l) bool, positions ``[0, crop_right - crop_eleft)``.
-    valid2: (B, ts_l) bool, positions ``[crop_left - crop_eleft, crop_eright - crop_eleft)``.
+    valid2: (B, ts_l) bool, positions ``[0, crop_eright - crop_left)``.
   """
 
   view1: jax.Array
@@ -131,8 +154,71 @@ def take_per_row(
   return jnp.where(inside, taken, jnp.asarray(fill_value, taken.dtype))
 
 
+def windows(crops: Crops) -> tuple[Window, Window]:
+  """The two views of ``crops``: view 1 ``[eleft, right)``, view 2 ``[left, eright)``,
+  both shifted by ``crop_offset``."""
+  view1 = Window(
+    crops.crop_offset + crops.crop_eleft,
+    crops.crop_right - crops.crop_eleft,
+    crops.crop_left - crops.crop_eleft,
+  )
+  view2 = Window(
+    crops.crop_offset + crops.crop_left,
+    crops.crop_eright - crops.crop_left,
+    jnp.zeros_like(crops.crop_l),
+  )
+  return view1, view2
+
+
+def cut(
+  x: jax.Array, window: Window, length: int, fill_value: float = jnp.nan
+) -> tuple[jax.Array, jax.Array]:
+  """One view of ``x`` as a window of static ``length`` (at least ``window.size``).
+
+  Args:
+    x: (B, ts_l, C) float series.
+    window: the view (``windows``), with ``window.start`` of shape (B,).
+    length: the window's static length.
+    fill_value: of the invalid positions (NaN: missing, for ``TSEncoder``).
+
+  Returns:
+    ``(view, valid)``: (B, length, C) with timestamp ``window.start + p`` at position p <
+    ``window.size`` and ``fill_value`` elsewhere, and the (B, length) bool mask of those
+    positions; encode ``view`` with ``valid=valid``.
+  """
+  if x.ndim != 3 or window.start.shape != (x.shape[0],):
+    raise ValueError(
+      f"x must be (B, ts_l, C) and the window's start (B,), got {x.shape} and "
+      f"{window.start.shape}."
+    )
+  taken = take_per_row(x, window.start, length, fill_value)
+  valid = jnp.broadcast_to(jnp.arange(length) < window.size, (x.shape[0], length))
+  return jnp.where(valid[..., None], taken, fill_value), valid
+
+
+def front(z: jax.Array, window: Window, crop_l: jax.Array, length: int) -> jax.Array:
+  """The overlap rows of one encoded view, moved to the front.
+
+  Args:
+    z: (B, L, C) outputs for the view ``cut`` at length L.
+    window: the view.
+    crop_l: the overlap's length.
+    length: the output's static length, at least ``crop_l``.
+
+  Returns:
+    (B, length, C): row i < crop_l is the timestamp ``crop_offset + crop_left + i`` (the
+    official ``out1[:, -crop_l:]`` for view 1, ``out2[:, :crop_l]`` for view 2), zeros beyond.
+  """
+  if z.ndim != 3:
+    raise ValueError(f"z must be (B, L, C), got {z.shape}.")
+  steps = jnp.arange(length)
+  # Rows past the end are clipped, then zeroed: the overlap never reaches past it.
+  z = jnp.take(z, jnp.minimum(window.first + steps, z.shape[1] - 1), axis=1)
+  return jnp.where((steps < crop_l)[:, None], z, 0)
+
+
 def crop_views(x: jax.Array, crops: Crops, fill_value: float = jnp.nan) -> CropViews:
-  """The two views of ``x`` for ``crops`` as fixed-length windows on one frame.
+  """The two views of ``x`` for ``crops`` as windows of the series length.
 
   Args:
     x: (B, ts_l, C) float series.
@@ -143,19 +229,7 @@ def crop_views(x: jax.Array, crops: Crops, fill_value: float = jnp.nan) -> CropV
     ``CropViews``; encode ``view1`` with ``valid=valid1`` and ``view2`` with
     ``valid=valid2``.
   """
-  if x.ndim != 3 or crops.crop_offset.shape != (x.shape[0],):
-    raise ValueError(
-      "x must be (B, ts_l, C) and crops.crop_offset (B,), got "
-      f"{x.shape} and {crops.crop_offset.shape}."
-    )
-  ts_l = x.shape[1]
-  window = take_per_row(x, crops.crop_offset + crops.crop_eleft, ts_l, fill_value)
-  p = jnp.arange(ts_l)
-  valid1 = p < crops.crop_right - crops.crop_eleft
-  valid2 = (p >= crops.crop_left - crops.crop_eleft) & (p < crops.crop_eright - crops.crop_eleft)
-  valid1, valid2 = (jnp.broadcast_to(v, x.shape[:2]) for v in (valid1, valid2))
-  view1 = jnp.where(valid1[..., None], window, fill_value)
-  view2 = jnp.where(valid2[..., None], window, fill_value)
+  (view1, valid1), (view2, valid2) = (cut(x, w, x.shape[1], fill_value) for w in windows(crops))
   return CropViews(view1, view2, valid1, valid2)
 
 
@@ -169,22 +243,52 @@ def overlap(z1: jax.Array, z2: jax.Array, crops: Crops) -> tuple[jax.Array, jax.
 
   Returns:
     ``(z1_overlap, z2_overlap, valid)``: (B, ts_l, C) arrays whose row i < crop_l is the
-    timestamp ``crop_offset + crop_left + i`` in both (the official ``out1[:, -crop_l:]`` and
-    ``out2[:, :crop_l]``), zeros beyond, and the (ts_l,) bool mask of those rows, for the
-    loss's ``mask``.
+    timestamp ``crop_offset + crop_left + i`` in both, zeros beyond, and the (ts_l,) bool
+    mask of those rows, for the loss's ``mask``.
   """
   if z1.ndim != 3 or z1.shape != z2.shape:
     raise ValueError(f"z1 and z2 must be (B, ts_l, C) of one shape, got {z1.shape}, {z2.shape}.")
-  steps = jnp.arange(z1.shape[1])
-  valid = steps < crops.crop_l
-  rows = crops.crop_left - crops.crop_eleft + steps
+  length = z1.shape[1]
+  w1, w2 = windows(crops)
+  valid = jnp.arange(length) < crops.crop_l
+  return front(z1, w1, crops.crop_l, length), front(z2, w2, crops.crop_l, length), valid
 
-  def front(z):
-    # Rows past the end are clipped, then zeroed: the valid rows never reach past it.
-    z = jnp.take(z, jnp.minimum(rows, z.shape[1] - 1), axis=1)
-    return jnp.where(valid[:, None], z, 0)
 
-  return front(z1), front(z2), valid
+def bucket_lengths(ts_l: int, count: int) -> tuple[int, ...]:
+  """``count`` static lengths for crops of at most ``ts_l``: ``ceil(ts_l * k / count)``
+  for k = 1 .. count (fewer where they coincide), the last ``ts_l``."""
+  if count < 1 or ts_l < 1:
+    raise ValueError(f"need count >= 1 and ts_l >= 1, got count={count}, ts_l={ts_l}.")
+  return tuple(sorted({math.ceil(ts_l * k / count) for k in range(1, count + 1)}))
+
+
+def switch_on_length(
+  lengths: tuple[int, ...], n: jax.Array, branch: Callable[..., Any], *operands: Any
+) -> Any:
+  """``branch(length, *operands)`` at the shortest of ``lengths`` that is at least ``n``.
+
+  The branches are rematerialised (``jax.checkpoint``): differentiating a ``lax.switch``
+  makes its forward pass return the residuals of every branch (zeros for those not taken),
+  and the temporal loss's (B, 2L, 2L) residuals at every length cost more than recomputing
+  the taken branch's forward pass (measured: its gradient at the shortest of 4 lengths took
+  94 ms without, 15 ms with, 183 ms at the full length).
+
+  Args:
+    lengths: increasing static lengths (``bucket_lengths``); the last must hold every ``n``.
+    n: () int, this step's length (the same on every device).
+    branch: called with one static length and the operands; every length's call must
+      return the same shapes and dtypes.
+    *operands: the branches' arguments.
+
+  Returns:
+    What the chosen branch returns; with one length, ``branch(lengths[0], *operands)``
+    without a ``lax.switch``.
+  """
+  if len(lengths) == 1:
+    return branch(lengths[0], *operands)
+  index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), n), len(lengths) - 1)
+  branches = [jax.checkpoint(functools.partial(branch, length)) for length in lengths]
+  return jax.lax.switch(index, branches, *operands)
 
 
 # -- TS-TCC's augmentations, on one (T, C) series. --

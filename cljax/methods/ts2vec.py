@@ -7,11 +7,18 @@ the shared sharded step, for ``data.modality = "series"``:
    the whole global batch, and a shift per series (``ts_views.sample_crops``, keyed by the
    step: the same crops on every device and after a resume);
 2. the two crops pass through the encoder (``models.ts2vec.TSEncoder``: input projection,
-   binomial timestamp masking, 11 dilated residual blocks, dropout) as fixed-length
-   windows with a validity mask (``ts_views.crop_views``);
+   binomial timestamp masking, 11 dilated residual blocks, dropout) as windows of the
+   series length with a validity mask (``ts_views.crop_views``);
 3. ``losses.hierarchical_contrastive_loss`` on their shared timestamps only
    (``ts_views.overlap``): instance terms against the global batch's other series, temporal
    terms against the series' other timestamps, max-pooled by 2 until one timestamp is left.
+
+Static lengths: the loss reads the overlap at the shortest of ``ts2vec.length_buckets``
+lengths that holds it (``ts_views.switch_on_length``); its temporal term is quadratic in
+that length, and the official overlaps average half the series. The result does not
+depend on the lengths (tests/test_modality_series.py), only the time does. The encoder
+keeps the series length: XLA's CPU backend computes a convolution's weight gradient inside
+a conditional ~20x slower than outside it, more than shorter windows would save.
 
 The official code evaluates a stochastic weight average of the encoder
 (``torch.optim.swa_utils.AveragedModel``, updated once before training and after every
@@ -79,6 +86,10 @@ class TS2Vec(Method):
     c = ml_collections.ConfigDict()
     c.alpha = 0.5  # Weight of the instance loss; the temporal loss has 1 - alpha.
     c.temporal_unit = 0  # The first level with a temporal loss.
+    # How many static lengths the loss's overlap is padded to (ts_views.bucket_lengths); 0:
+    # one per 128 timestamps of the series, 1 to 8 (each compiles the loss once more, seconds
+    # on a CPU; a full-length overlap does ~2x the official temporal-loss work on average).
+    c.length_buckets = 0
     return {"ts2vec": c}
 
   def __init__(self, config, num_steps: int = 0, steps_per_epoch: int = 0):
@@ -112,11 +123,22 @@ class TS2Vec(Method):
     cfg = self.config.ts2vec
     return f"; hierarchical loss, alpha {cfg.alpha}, temporal unit {cfg.temporal_unit}"
 
+  def lengths(self, ts_l: int) -> tuple[int, ...]:
+    """The static lengths of this run's windows and overlaps (``ts2vec.length_buckets``)."""
+    count = self.config.ts2vec.length_buckets
+    if count < 0:
+      raise ValueError(f"ts2vec.length_buckets must be >= 0 (0: automatic), got {count}.")
+    if count == 0:
+      # Below 512 timestamps the loss is too small a part of a step to repay the compilations.
+      count = 1 if ts_l < 512 else min(ts_l // 128, 8)
+    return ts_views.bucket_lengths(ts_l, count)
+
   # ---- One step.
 
   def views(self, batch: dict, rng: jax.Array, step: jax.Array) -> dict[str, Any]:
     """The two crops of this device's series: ``{"view1", "view2", "valid1", "valid2",
-    "crops"}`` (``ts_views``), drawn for the global batch from the step's key."""
+    "mask1", "mask2", "crops", "key"}`` (``ts_views.crop_views``), crops and timestamp
+    masks drawn for the global batch from the step's key."""
     x = batch["series"]
     n, ts_l = x.shape[0], x.shape[1]
     total = self.config.data.global_batch_size
@@ -158,15 +180,27 @@ class TS2Vec(Method):
     )
     z1 = encode(views["view1"], views["valid1"], views["mask1"], keys[0])
     z2 = encode(views["view2"], views["valid2"], views["mask2"], keys[1])
-    z1, z2, valid = ts_views.overlap(z1, z2, views["crops"])
-    loss = losses.hierarchical_contrastive_loss(
-      z1, z2, cfg.alpha, cfg.temporal_unit, self.axis_name, mask=valid
-    )
+    crops = views["crops"]
+    z1, z2, valid = ts_views.overlap(z1, z2, crops)
+
+    def contrasted(length, z1, z2):
+      # The overlap's first `length` rows (all of it: length >= crop_l).
+      return losses.hierarchical_contrastive_loss(
+        z1[:, :length],
+        z2[:, :length],
+        cfg.alpha,
+        cfg.temporal_unit,
+        self.axis_name,
+        mask=valid[:length],
+      )
+
+    lengths = self.lengths(z1.shape[1])
+    loss = ts_views.switch_on_length(lengths, crops.crop_l, contrasted, z1, z2)
     # Each series' overlap, max-pooled: the online probe's features and the health metrics.
     pooled = lambda z: jnp.max(jnp.where(valid[None, :, None], z, -jnp.inf), axis=1)
     h1, h2 = pooled(z1), pooled(z2)
     h = jnp.concatenate([h1, h2])
-    overlap = jnp.sum(valid).astype(jnp.float32)
+    overlap = crops.crop_l.astype(jnp.float32)
     return loss, StepOutput({}, {"overlap_length": overlap}, h, h, pairs=(h1, h2))
 
   def update_state(self, state: Any, params: Any, out: StepOutput) -> Any:
