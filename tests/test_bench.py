@@ -1,5 +1,7 @@
 """The benchmark harness: its rows, the FLOP count, and no retracing of the train step."""
 
+import runpy
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -156,6 +158,21 @@ def test_model_names():
   assert run.env_row(c)["model"] == run.model_name(c.model)
   c.model.name, c.model.variant = "vit_dinov2", "g/14"
   assert run.model_name(c.model) == "vit_dinov2_g14"
+
+
+def test_a_time_series_config_is_benchmarked_without_image_figures():
+  # The image FLOP count and the host JPEG rows do not describe a TS2Vec run: none are given.
+  c = runpy.run_path("configs/ts2vec_ucr.py")["get_config"]("ItalyPowerDemand")
+  c.model.tsencoder.depth, c.model.tsencoder.hidden_dims, c.model.tsencoder.output_dims = 1, 8, 16
+  c.train.log_every_steps = 2
+  rows = run.run_benchmark(
+    c, windows=1, steps_per_window=2, warmup_steps=1, parts=("step", "host_jpeg")
+  )
+  env, step_row = rows[0], rows[1]
+  assert (env["model"], env["modality"], env["image_size"]) == ("ts2vec", "series", None)
+  assert step_row["part"] == "step" and step_row["views_per_s"] > 0
+  assert step_row["gflop_per_view"] is None and step_row["tflops"] is None
+  assert [r["part"] for r in rows] == ["env", "step", "summary"]
 
 
 def test_unknown_parts_and_modes_are_refused():

@@ -13,12 +13,13 @@ Prints one JSON object per line (process 0 only), each with a "part":
   one row per mode, with ``ratio_to_step`` = (b)/(a).
 - ``input`` (c): the input pipeline alone: the host iterator as configured, the host
   iterator on one core (no workers, one read thread), or the device-resident batches.
-- ``host_jpeg``: the two host paths through grain workers on ImageNet-size JPEGs of real
-  photos (500x375, quality 90) encoded in memory, per worker count: ``pil_crops`` (Pillow
-  decodes, two random-resized crops on the host) and ``decode_only`` (libjpeg-turbo decodes
-  onto a canvas; the step crops, ``data.crop_on_device``), with images/s per core, views/s,
-  bytes sent to the device per image and the ratio of the paths; cores needed = accelerator
-  images/s divided by ``images_per_s_per_core``.
+- ``host_jpeg`` (image configs only): the two host paths through grain workers on
+  ImageNet-size JPEGs of real photos (500x375, quality 90) encoded in memory, per worker
+  count: ``pil_crops`` (Pillow decodes, two random-resized crops on the host) and
+  ``decode_only`` (libjpeg-turbo decodes onto a canvas; the step crops,
+  ``data.crop_on_device``), with images/s per core, views/s, bytes sent to the device per
+  image and the ratio of the paths; cores needed = accelerator images/s divided by
+  ``images_per_s_per_core``.
 - ``memory`` (only when named): the step compiled for the devices JAX sees from shapes
   alone, nothing allocated (``cljax.bench.memory``): per-device bytes of the state, the
   arguments and the temporaries from XLA's memory analysis, and the largest per-device batch

@@ -113,12 +113,16 @@ def forward_macs_per_view(config: ml_collections.ConfigDict) -> int:
   return macs + 2 * config.data.global_batch_size * config.head.output_dim
 
 
-def train_flops_per_view(config: ml_collections.ConfigDict) -> float:
-  """FLOPs of one augmented view through a training step.
+def train_flops_per_view(config: ml_collections.ConfigDict) -> float | None:
+  """FLOPs of one augmented view through a training step; None for the encoders of other
+  modalities than images (no hand count: the TS2Vec step's loss grows with the square of
+  the drawn overlap, and its encoder with the series length).
 
   2 FLOPs per forward MAC, times 3: the backward pass computes gradients with respect to
   both activations and weights, each about one forward pass. CIFAR ResNet-18 at 32 px:
   3.4 GFLOP; ResNet-50 at 224 px: 24.6 GFLOP (the reference's figures); ViT-B/16 at 224 px:
   17.6 G forward MACs, 105 GFLOP.
   """
+  if config.data.get("modality", "image") != "image":
+    return None
   return 3 * 2 * float(forward_macs_per_view(config))

@@ -84,9 +84,11 @@ class Trainer:
       train_iter.close()
 
 
-def _throughput(views_per_s: float, flops_per_view: float) -> Row:
-  tflops = views_per_s * flops_per_view / 1e12
+def _throughput(views_per_s: float, flops_per_view: float | None) -> Row:
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
+  if flops_per_view is None:  # No hand count for this encoder.
+    return {"tflops": None, "peak_tflops_per_chip": peak, "fraction_of_peak": None}
+  tflops = views_per_s * flops_per_view / 1e12
   return {
     "tflops": _sig(tflops),
     "peak_tflops_per_chip": peak,
@@ -203,7 +205,8 @@ def bench_training(
     row["peak_memory_bytes"] = timing.peak_memory_bytes()
     row["state_sharding"] = trainer.config.mesh.state_sharding
     row |= {f"compiled_{k}": v for k, v in _step_memory(trainer).items()}
-    row["gflop_per_view"] = _sig(trainer.flops_per_view / 1e9)
+    flop = trainer.flops_per_view
+    row["gflop_per_view"] = None if flop is None else _sig(flop / 1e9)
     rows.append(row | _throughput(row["views_per_s"], trainer.flops_per_view))
   for mode in modes:
     result = results[mode]
@@ -293,6 +296,8 @@ def model_name(model_config: ml_collections.ConfigDict) -> str:
   """
   if model_config.name in ("vit", "vit_dinov2"):
     return model_config.name + "_" + model_config.variant.replace("/", "").lower()
+  if model_config.name not in ("resnet", "", None):  # Another modality's encoder: "ts2vec".
+    return model_config.name
   name = f"resnet{model_config.depth}"
   if model_config.width_multiplier != 1:
     name += f"x{model_config.width_multiplier}"
@@ -318,7 +323,10 @@ def env_row(config: ml_collections.ConfigDict, views_per_step: int | None = None
     "host_cores": host.host_cores(),
     "model": model_name(config.model),
     "model_dtype": config.model.dtype,
-    "image_size": config.data.image_size,
+    "modality": config.data.get("modality", "image"),
+    "image_size": config.data.image_size
+    if config.data.get("modality", "image") == "image"
+    else None,
     "global_batch_size": config.data.global_batch_size,
     "views_per_step": views_per_step,
     "data_source": config.data.source,
@@ -413,7 +421,8 @@ def run_benchmark(
       add(row)
   if "memory" in parts:
     add(memory.memory_row(config))
-  if "host_jpeg" in parts:
+  # The host JPEG paths concern image configs (the rows use synthetic photos, not the data).
+  if "host_jpeg" in parts and config.data.get("modality", "image") == "image":
     counts = list(jpeg_workers) or sorted({0, host.host_cores()})
     # The decode-only rows decode as the config's training would (data.jpeg_fast_dct).
     options = {"fast_dct": config.data.jpeg_fast_dct, **(jpeg_options or {})}
