@@ -108,6 +108,24 @@ def test_ts2vec_steps_do_not_depend_on_the_static_lengths(ts2vec_runs):
   chex.assert_trees_all_close(whole[-1].params, states[-1].params, rtol=1e-6, atol=1e-6)
 
 
+def test_ts2vec_refuses_bad_settings_and_chooses_its_static_lengths():
+  config = _config()
+  method = methods.create_method(config)
+  # Automatic: one length below 512 timestamps, else one per 128 up to 8.
+  assert method.lengths(150) == (150,)
+  assert method.lengths(600) == (150, 300, 450, 600)
+  assert len(method.lengths(1460)) == 8 and method.lengths(1460)[-1] == 1460
+  config.ts2vec.length_buckets = 2
+  assert methods.create_method(config).lengths(150) == (75, 150)
+  config.ts2vec.length_buckets = -1
+  with pytest.raises(ValueError, match="length_buckets must be >= 0"):
+    methods.create_method(config)
+  config = _config()
+  config.model.name = "resnet"
+  with pytest.raises(ValueError, match="needs model.name='ts2vec'"):
+    methods.create_method(config)
+
+
 def test_evaluation_uses_the_mean_of_the_initial_weights_and_those_after_each_step(ts2vec_runs):
   # AveragedModel is updated once before training: the initial weights count as one model.
   config, _, states, _ = ts2vec_runs

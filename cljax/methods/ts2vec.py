@@ -101,6 +101,10 @@ class TS2Vec(Method):
       )
     if config.model.name != "ts2vec":
       raise ValueError(f"method 'ts2vec' needs model.name='ts2vec', got {config.model.name!r}.")
+    if config.ts2vec.length_buckets < 0:
+      raise ValueError(
+        f"ts2vec.length_buckets must be >= 0 (0: automatic), got {config.ts2vec.length_buckets}."
+      )
 
   def create_model(self, bn_axis_name: str | None = None) -> TS2VecModel:
     del bn_axis_name
@@ -124,10 +128,8 @@ class TS2Vec(Method):
     return f"; hierarchical loss, alpha {cfg.alpha}, temporal unit {cfg.temporal_unit}"
 
   def lengths(self, ts_l: int) -> tuple[int, ...]:
-    """The static lengths of this run's windows and overlaps (``ts2vec.length_buckets``)."""
+    """The static lengths the loss reads the overlap at (``ts2vec.length_buckets``)."""
     count = self.config.ts2vec.length_buckets
-    if count < 0:
-      raise ValueError(f"ts2vec.length_buckets must be >= 0 (0: automatic), got {count}.")
     if count == 0:
       # Below 512 timestamps the loss is too small a part of a step to repay the compilations.
       count = 1 if ts_l < 512 else min(ts_l // 128, 8)
