@@ -175,6 +175,14 @@ def test_a_time_series_config_is_benchmarked_without_image_figures():
   assert [r["part"] for r in rows] == ["env", "step", "summary"]
 
 
+def test_the_summary_of_a_step_without_a_flop_count_skips_its_fraction_of_the_matmul():
+  rows = [{"part": "step", "views_per_s": 10.0, "tflops": None}, {"part": "matmul", "tflops": 100}]
+  summary = run.summary_row(rows)
+  assert summary["step_tflops"] is None and "step_fraction_of_matmul" not in summary
+  rows[0]["tflops"] = 50.0
+  assert run.summary_row(rows)["step_fraction_of_matmul"] == round(50 / jax.device_count() / 100, 4)
+
+
 def test_unknown_parts_and_modes_are_refused():
   with pytest.raises(ValueError, match="unknown parts or modes"):
     run.run_benchmark(_bench_config(), parts=["steps"])

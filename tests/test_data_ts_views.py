@@ -139,8 +139,35 @@ def test_views_hold_the_official_crops_at_their_valid_positions():
     )
     np.testing.assert_array_equal(views.view1[views.valid1].reshape(official1.shape), official1)
     np.testing.assert_array_equal(views.view2[views.valid2].reshape(official2.shape), official2)
+    # Each view is a window of its own: its crop fills its first positions.
+    for view, valid, official in ((views.view1, views.valid1, official1),
+                                  (views.view2, views.valid2, official2)):  # fmt: skip
+      size = official.shape[1]
+      assert valid[:, :size].all() and not valid[:, size:].any()
+      np.testing.assert_array_equal(view[:, :size], official)
     assert np.all(np.isnan(views.view1[~views.valid1]))
     assert np.all(np.isnan(views.view2[~views.valid2]))
+
+
+def test_shorter_windows_and_fronts_are_prefixes_of_the_full_length_ones():
+  batch, ts_l = 4, 30
+  x = _stamped_series(batch, ts_l)
+  c = _draws(20, batch, ts_l, seed=5)
+  z = np.random.default_rng(0).normal(size=(batch, ts_l, 3)).astype(np.float32)
+  for i in range(20):
+    crops = jax.tree.map(lambda a, i=i: jnp.asarray(a[i]), c)
+    for window in ts_views.windows(crops):
+      full_view, full_valid = ts_views.cut(x, window, ts_l)
+      full_front = np.asarray(ts_views.front(jnp.asarray(z), window, crops.crop_l, ts_l))
+      for length in range(int(window.size), ts_l + 1, 7):
+        view, valid = ts_views.cut(x, window, length)
+        np.testing.assert_array_equal(valid, full_valid[:, :length])
+        np.testing.assert_array_equal(view, full_view[:, :length])
+        # The window's outputs at this length: the full-length ones where valid.
+        short = jnp.where(valid[..., None], z[:, :length], 0)
+        for out in (int(crops.crop_l), length):
+          fronted = np.asarray(ts_views.front(short, window, crops.crop_l, out))
+          np.testing.assert_array_equal(fronted, full_front[:, :out])
 
 
 def test_bucket_lengths_and_the_switch_take_the_shortest_length_that_holds_n():

@@ -95,10 +95,10 @@ def test_ts2vec_step_on_8_devices_equals_1_device_in_float64(ts2vec_runs):
 
 
 def test_ts2vec_steps_do_not_depend_on_the_static_lengths(ts2vec_runs):
-  """Crops cut at the shortest of three static lengths (the fixture) and at the series
-  length give the same steps: padding a window or an overlap changes no output."""
+  """The loss on overlaps padded to the shortest of three static lengths (the fixture) and
+  to the series length gives the same steps: the padding changes no output."""
   config, batches, states, history = ts2vec_runs
-  # Both of the fixture's steps ran below the full length: the switch chose shorter branches.
+  # A step of the fixture ran below the full length: the switch chose a shorter branch.
   assert min(m["overlap_length"] for m in history) <= 100
   config = config.copy_and_resolve_references()
   config.ts2vec.length_buckets = 1

@@ -4,9 +4,10 @@ Prints one JSON object per line (process 0 only), each with a "part":
 
 - ``env``: JAX version, devices, host cores, date, model and batch.
 - ``matmul`` (accelerators only): an 8192^3 bf16 matmul's TFLOP/s, the practical peak.
-- ``step`` (a): the run's compiled train step (``run.create_run``) alone on a synthetic uint8
-  batch already on the devices: views/s, compile time, peak device memory, achieved TFLOP/s
-  from a hand count of the model's FLOPs (``flops.py``) and its fraction of the chip's peak.
+- ``step`` (a): the run's compiled train step (``run.create_run``) alone on a synthetic batch
+  (random values in the real batch's keys, shapes and dtypes) on the devices: views/s,
+  compile time, peak device memory, achieved TFLOP/s from a hand count of the model's FLOPs
+  (``flops.py``; image encoders only, None for others) and its fraction of the chip's peak.
 - ``full`` (b): the training loop's per-step work on the config's data: next batch (host
   grain iterator + ``host_to_global``, or device-resident batches), the step, and every
   ``train.log_every_steps`` the metric average fetched and written (checkpoints excluded);

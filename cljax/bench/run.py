@@ -287,7 +287,7 @@ def bench_matmul(size: int = 8192, repeats: int = 20) -> Row:
 
 def model_name(model_config: ml_collections.ConfigDict) -> str:
   """The encoder's short name: "resnet50", "resnet50x2", "resnet18_cifar", "vit_b16",
-  "vit_dinov2_g14".
+  "vit_dinov2_g14", or another modality's encoder's ``model.name`` ("ts2vec").
 
   A ViT is named by ``model.variant`` ("S/16": "vit_s16"; a "custom:..." variant keeps its
   sizes). A ResNet by its depth, then "x" and the width multiplier when it is not 1 (SimCLR's
@@ -351,7 +351,7 @@ def summary_row(rows: Sequence[Row]) -> Row:
       summary[f"jpeg_{r['path']}_images_per_s_per_core"] = r["images_per_s_per_core"]
       for key in (k for k in r if k.startswith("over_")):
         summary[f"jpeg_{r['path']}_{key}"] = r[key]
-    elif r["part"] == "matmul" and step:
+    elif r["part"] == "matmul" and step.get("tflops") is not None:
       summary["step_fraction_of_matmul"] = round(
         step["tflops"] / jax.device_count() / r["tflops"], 4
       )

@@ -8,8 +8,9 @@ no normalisation, no temperature.
 
 Static shapes. In the official training loop the overlap length ``crop_l`` is drawn anew
 every step, so the loss sees a different T every step; under ``jax.jit`` that would be one
-compilation per length. Here the arrays keep a fixed maximum length T (the series length,
-see ``cljax.data.ts_views.overlap``) and a validity ``mask`` says which timestamps exist.
+compilation per length. Here the arrays keep a static length T at least the overlap's (the
+series length, ``cljax.data.ts_views.overlap``, or one of a few lengths,
+``ts_views.switch_on_length``) and a validity ``mask`` says which timestamps exist.
 The mask travels with the representations through the hierarchy: max-pooling by 2 pools
 positions (2k, 2k + 1) into k, valid when both are (for a prefix of length L that is a
 prefix of length floor(L / 2), what ``F.max_pool1d(kernel_size=2)`` does to an array of

@@ -87,8 +87,8 @@ class TS2Vec(Method):
     c.alpha = 0.5  # Weight of the instance loss; the temporal loss has 1 - alpha.
     c.temporal_unit = 0  # The first level with a temporal loss.
     # How many static lengths the loss's overlap is padded to (ts_views.bucket_lengths); 0:
-    # one per 128 timestamps of the series, 1 to 8 (each compiles the loss once more, seconds
-    # on a CPU; a full-length overlap does ~2x the official temporal-loss work on average).
+    # automatic, 1 below 512 timestamps, else one per 128 up to 8. Each compiles the loss once
+    # more (seconds on a CPU); a full-length overlap does ~3x the official temporal-loss work.
     c.length_buckets = 0
     return {"ts2vec": c}
 
@@ -133,7 +133,9 @@ class TS2Vec(Method):
     if count == 0:
       # Below 512 timestamps the loss is too small a part of a step to repay the compilations.
       count = 1 if ts_l < 512 else min(ts_l // 128, 8)
-    return ts_views.bucket_lengths(ts_l, count)
+    # No overlap is shorter than 2 ** (temporal_unit + 1): such lengths would never be taken.
+    shortest = 2 ** (self.config.ts2vec.temporal_unit + 1)
+    return tuple(n for n in ts_views.bucket_lengths(ts_l, count) if n >= shortest or n == ts_l)
 
   # ---- One step.
 
