@@ -3,6 +3,7 @@
     python benchmarks/ucr_table.py --workdir=runs/ucr_table            # the 7 bundled sets
     python benchmarks/ucr_table.py --datasets=GunPoint,ArrowHead --seeds=3
     python benchmarks/ucr_table.py --datasets=MySet --data_dir=/path/to/folder
+    python benchmarks/ucr_table.py --datasets=ACSF1 --seeds=1 --first_seed=2  # one more seed
     python benchmarks/ucr_table.py --redraw=runs/a/ucr_table.json,runs/b/ucr_table.json
     python benchmarks/ucr_table.py --redraw=runs/a/ucr_table.json \\
         --official=runs/official_ts2vec/official_ts2vec.json   # + the official code's column
@@ -22,6 +23,8 @@ The published TS2Vec accuracies and 1-NN Euclidean figures are printed beside th
 "Seconds" is one seed's setup, compile, training and evaluation on this machine.
 
 Writes ``WORKDIR/ucr_table.json`` and ``WORKDIR/ucr_table.png``, and prints a Markdown table.
+``--redraw`` draws from earlier JSON files instead, joining a set's rows from several runs
+by seed number.
 """
 
 from __future__ import annotations
@@ -99,9 +102,9 @@ def raw_baselines(config) -> dict:
   return {"nn1_euclidean": float(np.mean(y_train[nearest] == y_test)), "auroc": auroc["mean"]}
 
 
-def evaluate_set(name: str, data_dir: str, seeds: int, steps: int) -> dict:
+def evaluate_set(name: str, data_dir: str, seeds: int, steps: int, first_seed: int = 0) -> dict:
   row = {"dataset": name, "seeds": []}
-  for seed in range(seeds):
+  for seed in range(first_seed, first_seed + seeds):
     t0 = time.perf_counter()
     config = recipe(name, data_dir, seed, steps)
     train, test, info = train_and_encode(config)
@@ -114,20 +117,43 @@ def evaluate_set(name: str, data_dir: str, seeds: int, steps: int) -> dict:
       steps=config.train.num_steps,
       seconds=time.perf_counter() - t0,
     )
-    row["seeds"].append(info)
+    row["seeds"].append(info | {"seed": seed})
     print(f"{name} seed {seed}: accuracy {accuracy['top1']:.3f}, AUROC {auroc['mean']:.3f}, "
           f"{info['seconds']:.0f} s", flush=True)  # fmt: skip
-  accs = [s["svm_top1"] for s in row["seeds"]]
   row.update(
-    accuracy_mean=float(np.mean(accs)),
-    accuracy_std=float(np.std(accs)),
-    auroc_mean=float(np.mean([s["auroc"] for s in row["seeds"]])),
-    seconds_per_seed=float(np.mean([s["seconds"] for s in row["seeds"]])),
     published=PUBLISHED.get(name, (None, None))[0],
     published_nn1=PUBLISHED.get(name, (None, None))[1],
     raw=raw_baselines(recipe(name, data_dir, 0, 1)),
   )
-  return row
+  return summarised(row)
+
+
+def summarised(row: dict) -> dict:
+  """``row`` with the mean and std of its seeds' accuracies, their mean AUROC and seconds."""
+  accs = [s["svm_top1"] for s in row["seeds"]]
+  return row | dict(
+    accuracy_mean=float(np.mean(accs)),
+    accuracy_std=float(np.std(accs)),
+    auroc_mean=float(np.mean([s["auroc"] for s in row["seeds"]])),
+    seconds_per_seed=float(np.mean([s["seconds"] for s in row["seeds"]])),
+  )
+
+
+def merged(rows: list[dict]) -> list[dict]:
+  """The rows of each dataset joined into one, in the order first seen: their seeds by seed
+  number (a later row's seed replaces an earlier row's of the same number; rows written
+  before seeds were numbered held seeds 0, 1, ...), the summary recomputed."""
+  by_name: dict[str, dict] = {}
+  for row in rows:
+    seeds = {s.get("seed", i): s for i, s in enumerate(row["seeds"])}
+    if row["dataset"] in by_name:
+      by_name[row["dataset"]]["seeds"].update(seeds)
+    else:
+      by_name[row["dataset"]] = row | {"seeds": seeds}
+  return [
+    summarised(row | {"seeds": [s | {"seed": k} for k, s in sorted(row["seeds"].items())]})
+    for row in by_name.values()
+  ]
 
 
 def table(rows: list[dict], official: dict | None = None) -> str:
@@ -213,10 +239,13 @@ def main(argv=None) -> None:
   parser.add_argument("--datasets", default=",".join(BUNDLED), help="comma-separated names")
   parser.add_argument("--data_dir", default="", help="folder of the sets' files; '': bundled")
   parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--first_seed", type=int, default=0, help="seeds first_seed, +1, ...")
   parser.add_argument("--steps", type=int, default=0, help="<= 0: the official 200 or 600")
   parser.add_argument("--workdir", default="runs/ucr_table")
   parser.add_argument(
-    "--redraw", default="", help="comma-separated ucr_table.json files: only print and draw"
+    "--redraw",
+    default="",
+    help="comma-separated ucr_table.json files: only print and draw (a set's rows joined)",
   )
   parser.add_argument(
     "--official",
@@ -229,13 +258,13 @@ def main(argv=None) -> None:
     row["dataset"]: row for path in args.official.split(",") if path for row in _rows(path)
   }
   if args.redraw:
-    rows = [row for path in args.redraw.split(",") for row in _rows(path)]
+    rows = merged([row for path in args.redraw.split(",") for row in _rows(path)])
     figure(rows, os.path.join(args.workdir, "ucr_table.png"), official)
     print(table(rows, official))
     return
   rows = []
   for name in [n for n in args.datasets.split(",") if n]:
-    rows.append(evaluate_set(name, args.data_dir, args.seeds, args.steps))
+    rows.append(evaluate_set(name, args.data_dir, args.seeds, args.steps, args.first_seed))
     out = {"rows": rows, "jax": jax.__version__, "devices": jax.device_count(),
            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     with open(os.path.join(args.workdir, "ucr_table.json"), "w") as f:
