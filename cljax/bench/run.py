@@ -312,6 +312,7 @@ def model_name(model_config: ml_collections.ConfigDict) -> str:
 
 def env_row(config: ml_collections.ConfigDict, views_per_step: int | None = None) -> Row:
   """What ran where: versions, devices, host cores, the model and batch."""
+  modality = config.data.get("modality", "image")
   return {
     "part": "env",
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -323,10 +324,8 @@ def env_row(config: ml_collections.ConfigDict, views_per_step: int | None = None
     "host_cores": host.host_cores(),
     "model": model_name(config.model),
     "model_dtype": config.model.dtype,
-    "modality": config.data.get("modality", "image"),
-    "image_size": config.data.image_size
-    if config.data.get("modality", "image") == "image"
-    else None,
+    "modality": modality,
+    "image_size": config.data.image_size if modality == "image" else None,
     "global_batch_size": config.data.global_batch_size,
     "views_per_step": views_per_step,
     "data_source": config.data.source,
