@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# One pytest-xdist worker per core (the suite is mostly XLA compiling, one thread at a
+# time), each module on one worker (its fixtures set up once), the modules handed out in
+# the order tests/conftest.py gives them: the longest first.
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n auto --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check cljax tests configs benchmarks

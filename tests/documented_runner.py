@@ -34,8 +34,9 @@ MARK = "documented-command-result"  # Starts each result line (the programs prin
 
 def shrink(config) -> None:
   """The run at tiny size, whatever the recipe: 2 steps of 16 synthetic 32 px images (time
-  series: 16 of the smallest bundled set), a one-block encoder and small heads. The method,
-  the encoder's kind, the optimiser and every other choice of the recipe stay."""
+  series: 16 of the smallest bundled set), at most 2 local crops, a one-block encoder and
+  small heads. The method, the encoder's kind, the optimiser and every other choice of the
+  recipe stay."""
   c = config
   c.train.num_steps, c.train.log_every_steps = 2, 1
   c.train.checkpoint_every_steps = 1000
@@ -50,6 +51,8 @@ def shrink(config) -> None:
   c.data.num_workers, c.data.global_batch_size = 0, 16
   c.data.image_size, c.data.canvas_size = 32, 64
   c.data.augment.local_crop_size = min(c.data.augment.local_crop_size, 16)
+  if c.data.augment.get("num_local_crops"):
+    c.data.augment.num_local_crops = min(c.data.augment.num_local_crops, 2)
   c.evals.knn_at_end, c.evals.batch_size = False, 32
   c.model.dtype = "float32"
   if c.model.name == "resnet":
