@@ -2,12 +2,12 @@
 
 Each documented command is parsed exactly as its program's command line parses it: absl
 flags, the config file and its ``--config.a.b=v`` overrides; every flag name it shows must
-be one the program knows. One command per recipe, per evaluation and per benchmark then
-runs at tiny size (``documented_runner.shrink``: 2 steps of 16 synthetic 32 px images, a
-one-block encoder, small heads; the method, encoder kind, optimiser and the recipe's other
-choices stay). Commands that share a workdir run in order, so a recipe whose docstring
-prints ``python -m cljax.evaluate`` is trained, then evaluated; an evaluation with no
-documented training of its own gets one. ``make`` targets must exist (``make -n``); the
+be one the program knows. One command per recipe, per evaluation and per benchmark then runs
+at tiny size (``documented_runner.shrink``: 2 steps of 16 synthetic 32 px images, at most 2
+local crops, a one-block encoder, small heads; the method, encoder kind, optimiser and the
+recipe's other choices stay). Commands that share a workdir run in order, so a recipe whose
+docstring prints ``python -m cljax.evaluate`` is trained, then evaluated; an evaluation with
+no documented training of its own gets one. ``make`` targets must exist (``make -n``); the
 cljax commands they run join the others, and ``make lint`` runs.
 
 Where the documents hold a stand-in (``DIR``, ``<data_dir>``, ``N``), a workdir or output
