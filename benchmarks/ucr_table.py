@@ -61,6 +61,9 @@ PUBLISHED = {
   "JapaneseVowels": (0.984, 0.924),
 }
 BUNDLED = tuple(PUBLISHED)
+# The sets above from the UEA (multivariate) archive; the others are UCR sets. The issue's
+# bar is the mean over the UCR sets, so the table gives it a row of its own.
+UEA = ("BasicMotions", "JapaneseVowels")
 
 
 def recipe(name: str, data_dir: str, seed: int, steps: int):
@@ -178,19 +181,27 @@ def table(rows: list[dict], official: dict | None = None) -> str:
       f"{r['auroc_mean']:.3f} | {r['raw']['auroc']:.3f} | {r['seconds_per_seed']:.0f} |"
     )
   published = [r for r in rows if r["published"] is not None]
+  ucr = [r for r in published if r["dataset"] not in UEA]
+  if 0 < len(ucr) < len(published):
+    lines.append(_mean_row(ucr, f"mean of the {len(ucr)} UCR sets", official))
   if published:
-    mean = lambda get: np.mean([get(r) for r in published])
-    cell = ""
-    if official:
-      both = all(r["dataset"] in official for r in published)
-      cell = f" {mean(lambda r: official[r['dataset']]['accuracy_mean']):.3f} |" if both else " |"
-    lines.append(
-      f"| mean of {len(published)} | {mean(lambda r: r['accuracy_mean']):.3f} |{cell} "
-      f"{mean(lambda r: r['published']):.3f} | {mean(lambda r: r['raw']['nn1_euclidean']):.3f} | "
-      f"{mean(lambda r: r['published_nn1']):.3f} | {mean(lambda r: r['auroc_mean']):.3f} | "
-      f"{mean(lambda r: r['raw']['auroc']):.3f} | |"
-    )
+    lines.append(_mean_row(published, f"mean of {len(published)}", official))
   return "\n".join(lines)
+
+
+def _mean_row(rows: list[dict], label: str, official: dict) -> str:
+  """The table's row of means over ``rows`` (sets with a published figure)."""
+  mean = lambda get: np.mean([get(r) for r in rows])
+  cell = ""
+  if official:
+    both = all(r["dataset"] in official for r in rows)
+    cell = f" {mean(lambda r: official[r['dataset']]['accuracy_mean']):.3f} |" if both else " |"
+  return (
+    f"| {label} | {mean(lambda r: r['accuracy_mean']):.3f} |{cell} "
+    f"{mean(lambda r: r['published']):.3f} | {mean(lambda r: r['raw']['nn1_euclidean']):.3f} | "
+    f"{mean(lambda r: r['published_nn1']):.3f} | {mean(lambda r: r['auroc_mean']):.3f} | "
+    f"{mean(lambda r: r['raw']['auroc']):.3f} | |"
+  )
 
 
 def figure(rows: list[dict], path: str, official: dict | None = None) -> None:
